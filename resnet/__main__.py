@@ -1,0 +1,3 @@
+from resnet.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,198 @@
+"""The typed configuration tree: defaults < YAML file(s) < dotted ``key=value`` overrides.
+
+Built on OmegaConf structured configs, so unknown keys and wrong types are refused by the
+library; `load_config` only turns those refusals into messages that name the key and its
+closest matches.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING is part of the public API)
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # a packed data set (DEST of `resnet pack`): local path, s3:// or http(s)://
+    val: str = ""  # a packed data set whose "val" split is evaluated; may equal `train`
+    image_size: int = 224
+    eval_crop_ratio: float = 0.875  # eval resizes the shorter side to image_size / ratio
+    scale_min: float = 0.08  # RandomResizedCrop area range
+    scale_max: float = 1.0
+    ratio_min: float = 0.75  # RandomResizedCrop aspect-ratio range
+    ratio_max: float = 1.3333333333333333
+    hflip: float = 0.5
+    workers: int = 4  # DataLoader worker processes per rank
+    decode: str = "cpu"  # cpu: workers decode; device: workers hand over bytes + crop boxes
+    prefetch_factor: int = 2
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"
+    num_classes: int = 0  # 0: take it from the packed data set's manifest
+    zero_init_residual: bool = True
+    channels_last: bool = True  # applied only where the engine supports it
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 90
+    batch_size: int = 256  # per device, per micro-step
+    global_batch_size: int = 0  # 0: batch_size x world size; else kept across elastic restarts
+    precision: str = "bf16"  # bf16, fp16, fp32
+    label_smoothing: float = 0.1
+    grad_clip: float = 0.0  # max global grad norm; 0 disables
+    max_steps: int = 0  # stop after this many optimizer steps in total; 0: run all epochs
+    eval_every_steps: int = 0  # 0: evaluate at each epoch end only
+    log_every_steps: int = 10
+    compile: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1  # per 256 images; scaled linearly to the global batch
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-5
+    bn_bias_decay: bool = False  # apply weight decay to BatchNorm and bias parameters too
+    schedule: str = "cosine"  # onecycle, cosine, linear, constant
+    warmup_epochs: float = 5.0  # cosine / linear warmup
+    final_lr_ratio: float = 0.0  # cosine / linear end, as a fraction of the peak
+    onecycle_pct_start: float = 0.25
+    onecycle_div_factor: float = 25.0
+    onecycle_final_div_factor: float = 1e4
+
+
+@dataclass
+class DeepSpeedConfig:
+    engine: str = "deepspeed"  # deepspeed or ddp
+    zero_stage: int = 0  # 0 resumes on any world size; 1/2 partition optimizer state
+    config_file: str = ""  # a DeepSpeed JSON; our keys fill what it leaves "auto"
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: not by step count
+    every_minutes: float = 30.0  # 0: not by time
+    keep: int = 3
+    mirror: str = ""  # s3://bucket/prefix: every checkpoint is copied there; restarts read it
+    resume: bool = True  # resume from the newest complete checkpoint in run.dir
+
+
+@dataclass
+class AuditConfig:
+    sample_keys: bool = False  # write every sample key of every step to run.dir/audit/
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # online, offline, disabled
+    project: str = "resnet"
+    entity: str = ""
+    name: str = ""
+    val_table_rows: int = 32
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    name: str = ""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    seed: int = 0
+
+
+CHOICES = {
+    "data.decode": ("cpu", "device"),
+    "train.precision": ("bf16", "fp16", "fp32"),
+    "optim.schedule": ("onecycle", "cosine", "linear", "constant"),
+    "deepspeed.engine": ("deepspeed", "ddp"),
+    "deepspeed.zero_stage": (0, 1, 2),
+    "wandb.mode": ("online", "offline", "disabled"),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is wrong; the message names the key."""
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        keys.append(dotted)
+        if OmegaConf.is_config(value):
+            keys.extend(_all_keys(value, dotted + "."))
+    return keys
+
+
+def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
+    if isinstance(exc, ConfigKeyError):
+        known = _all_keys(OmegaConf.structured(Config))
+        close = difflib.get_close_matches(str(key), known, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        return ConfigError(f"{source}: unknown config key {key!r}{hint}")
+    if isinstance(exc, ValidationError):
+        detail = str(exc).splitlines()[0]
+        return ConfigError(f"{source}: wrong value for {key!r}: {detail}")
+    return ConfigError(f"{source}: {exc}")
+
+
+def _check_choices(cfg: Any) -> None:
+    for dotted, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, dotted)
+        if value not in allowed:
+            raise ConfigError(f"{dotted}={value!r} is not one of {list(allowed)}")
+
+
+def load_config(
+    files: Sequence[str | Path] = (), overrides: Sequence[str] = ()
+) -> Config:
+    """Merge defaults, then each YAML file, then ``key=value`` overrides; validate."""
+    cfg = OmegaConf.structured(Config)
+    for path in files:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, str(path)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, f"override {item!r}") from None
+    _check_choices(cfg)
+    return OmegaConf.to_object(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(to_yaml(cfg))

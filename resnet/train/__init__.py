@@ -1,0 +1,1 @@
+"""Distributed training: engine set-up, the loop, checkpoints, metrics."""

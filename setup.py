@@ -1,0 +1,34 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="resnet",
+    version="0.1.0",
+    description="Distributed ResNet-50 training on ImageNet from WebDataset shards "
+    "(Accelerate + DeepSpeed, exact mid-epoch resume)",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["resnet", "resnet.*"]),
+    install_requires=[
+        # No exact torch pins: users bring the CUDA build that matches their driver.
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "accelerate>=1.0",
+        "deepspeed>=0.15",
+        # accelerate's DeepSpeedPlugin.select() imports transformers unconditionally
+        # (accelerate 1.15): without it any DeepSpeed use through Accelerate fails.
+        "transformers>=4.40",
+        "webdataset>=0.2.90",
+        "wandb>=0.17",
+        "boto3>=1.28",  # 1.28 honours AWS_ENDPOINT_URL (S3-compatible stores, moto in tests)
+        "omegaconf>=2.3",
+        "tqdm>=4.66",
+        "pillow>=10",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "matplotlib>=3.7",  # `resnet report`
+    ],
+    extras_require={
+        "test": ["pytest>=8", "moto[server]>=5", "hypothesis>=6"],
+    },
+    entry_points={"console_scripts": ["resnet=resnet.cli:main"]},
+)
