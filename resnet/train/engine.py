@@ -1,0 +1,166 @@
+"""Accelerate + DeepSpeed (or DDP) set-up. Every CPU/GPU and engine difference lives here.
+
+Measured on an H200 (see docs/gpu.md and ../shared/GUIDE.md): DeepSpeed crashes with
+channels_last *weights* and with its own bf16 module cast (BatchNorm running stats), so under
+DeepSpeed precision comes from its ``torch_autocast`` section and only the *input* is
+channels_last; plain DDP takes channels_last weights and input.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from resnet.config import Config
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class SetupError(ValueError):
+    """The run cannot start as configured; raised before any process group exists."""
+
+
+def launched_world_size() -> int:
+    """World size from the launcher's environment (1 when started as a plain process)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def ensure_single_process_env() -> None:
+    """A plain `resnet train` (no launcher) still needs a rendezvous for DeepSpeed and gloo."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
+                      LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+
+
+def gradient_accumulation(global_batch: int, batch_size: int, world_size: int) -> int:
+    per_step = batch_size * world_size
+    if global_batch % per_step:
+        raise SetupError(
+            f"the global batch {global_batch} is not divisible by train.batch_size {batch_size} "
+            f"x world size {world_size} = {per_step}; change train.batch_size or "
+            f"train.global_batch_size"
+        )
+    return global_batch // per_step
+
+
+def deepspeed_config(cfg: Config, accumulation: int, world_size: int) -> dict:
+    """Our config keys fill a DeepSpeed JSON; a user file (deepspeed.config_file) is the base."""
+    ds: dict = {}
+    if cfg.deepspeed.config_file:
+        path = Path(cfg.deepspeed.config_file)
+        if not path.is_file():
+            raise SetupError(f"deepspeed.config_file not found: {path}")
+        ds = json.loads(path.read_text())
+    micro = cfg.train.batch_size
+    ds.update(
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=accumulation,
+        train_batch_size=micro * accumulation * world_size,
+        gradient_clipping=cfg.train.grad_clip,
+        zero_allow_untested_optimizer=True,  # our SGD is a client optimizer
+        steps_per_print=10**9,  # we log ourselves
+    )
+    ds.setdefault("zero_optimization", {})["stage"] = cfg.deepspeed.zero_stage
+    for key in ("bf16", "fp16"):  # its module cast breaks BatchNorm: we use torch_autocast
+        ds.pop(key, None)
+    if cfg.train.precision in AUTOCAST_DTYPES:
+        if cfg.train.precision == "fp16" and cfg.deepspeed.zero_stage > 0:
+            raise SetupError("train.precision=fp16 under DeepSpeed needs deepspeed.zero_stage=0 "
+                             "(its autocast loss scaler exists only there); use bf16")
+        dtype = "bfloat16" if cfg.train.precision == "bf16" else "float16"
+        ds["torch_autocast"] = {"enabled": True, "dtype": dtype}
+    return ds
+
+
+@dataclass
+class Engine:
+    accelerator: object
+    device: torch.device
+    uses_deepspeed: bool
+    channels_last_weights: bool
+    channels_last_input: bool
+    precision: str
+    control_group: object  # a gloo group for small CPU-side agreements (no GPU sync)
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def autocast(self):
+        """Autocast for the DDP engine's eval path and for eval of the unwrapped model."""
+        dtype = AUTOCAST_DTYPES.get(self.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def agree(self, *flags: float) -> list[float]:
+        """Max of each flag over all ranks, on the CPU: ranks stop or save at the same step."""
+        values = torch.tensor(flags, dtype=torch.float64)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX,
+                                         group=self.control_group)
+        return values.tolist()
+
+
+def create_engine(cfg: Config, accumulation: int) -> Engine:
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    ensure_single_process_env()
+    world_size = launched_world_size()
+    on_gpu = torch.cuda.is_available()
+    use_ds = cfg.deepspeed.engine == "deepspeed"
+    # Without the explicit gloo kwarg on CPU, Accelerate reports one process (GUIDE.md).
+    kwargs = [InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo",
+                                     timeout=timedelta(minutes=30))]
+    plugin = None
+    mixed = "no"
+    if use_ds:
+        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, accumulation, world_size))
+    elif cfg.train.precision in AUTOCAST_DTYPES:
+        mixed = cfg.train.precision
+    accelerator = Accelerator(
+        deepspeed_plugin=plugin,
+        mixed_precision=mixed,
+        gradient_accumulation_steps=accumulation,
+        kwargs_handlers=kwargs,
+        log_with=_tracker(cfg),
+        project_dir=cfg.run.dir,
+        step_scheduler_with_optimizer=False,
+    )
+    control = None
+    if accelerator.num_processes > 1:
+        control = torch.distributed.new_group(backend="gloo")
+    return Engine(
+        accelerator=accelerator,
+        device=accelerator.device,
+        uses_deepspeed=use_ds,
+        channels_last_weights=cfg.model.channels_last and not use_ds,
+        channels_last_input=cfg.model.channels_last,
+        precision=cfg.train.precision,
+        control_group=control,
+    )
+
+
+def _tracker(cfg: Config):
+    from resnet.train.metrics import tracker_for
+
+    return tracker_for(cfg)

@@ -1,0 +1,139 @@
+"""Top-1/top-5 over a whole validation split, and the exported final weights.
+
+Each rank evaluates its own share (every sample exactly once, shares may differ in size);
+only sums are reduced afterwards, so unequal counts never hang a collective.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from resnet.data.format import Manifest
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]) * 255
+STD = torch.tensor([0.229, 0.224, 0.225]) * 255
+WEIGHTS_FILE = "model.safetensors"
+CLASSES_FILE = "classes.json"
+
+
+def normalize(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 [N,3,H,W] on the device -> normalised float; done on the device, not in workers."""
+    mean = MEAN.to(images.device).view(1, 3, 1, 1)
+    std = STD.to(images.device).view(1, 3, 1, 1)
+    x = (images.float() - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, autocast, reduce_sum,
+             channels_last: bool = False, on_batch=None) -> dict:
+    """`reduce_sum(tensor)` sums over ranks; `on_batch(batch, logits)` sees each batch."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    for batch in loader:
+        labels = batch.labels.to(device)
+        if labels.numel() == 0:
+            continue
+        with autocast():
+            logits = model(normalize(batch.images.to(device), channels_last)).float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top5 == labels[:, None]
+        totals += torch.stack([
+            nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
+            hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+            torch.tensor(float(labels.numel()), dtype=torch.float64, device=device)])
+        if on_batch is not None:
+            on_batch(batch, logits)
+    totals = reduce_sum(totals)
+    model.train(was_training)
+    loss, top1, top5, count = totals.tolist()
+    count = max(count, 1.0)
+    return {"val_loss": loss / count, "val_top1": top1 / count, "val_top5": top5 / count,
+            "val_samples": int(count)}
+
+
+def export_final(model: nn.Module, manifest: Manifest, out_dir: Path) -> Path:
+    """torchvision-compatible weights + the class list next to them."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point()
+             else v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = out_dir / f".{WEIGHTS_FILE}.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt", "arch_hint": "torchvision"})
+    tmp.replace(out_dir / WEIGHTS_FILE)
+    classes = [{"index": c.index, "id": c.id, "name": c.name} for c in manifest.classes]
+    (out_dir / CLASSES_FILE).write_text(json.dumps(classes, indent=1))
+    return out_dir / WEIGHTS_FILE
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Final weights (a .safetensors file or its folder) or a training checkpoint folder."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir() and (path / WEIGHTS_FILE).is_file():
+        path = path / WEIGHTS_FILE
+    if path.is_file() and path.suffix == ".safetensors":
+        return load_file(str(path))
+    deepspeed_file = path / "pytorch_model" / "mp_rank_00_model_states.pt"
+    if deepspeed_file.is_file():
+        return torch.load(deepspeed_file, map_location="cpu", weights_only=False)["module"]
+    for name in ("model.safetensors", "pytorch_model.bin"):  # accelerate's DDP layout
+        if (path / name).is_file():
+            return load_weights(path / name) if name.endswith("safetensors") else \
+                torch.load(path / name, map_location="cpu")
+    raise FileNotFoundError(f"no weights at {path}: expected a .safetensors file, a run's "
+                            f"final/ folder or a checkpoint folder")
+
+
+def _arch_from_run(weights: Path) -> tuple[str, int] | None:
+    """A run's final/ or checkpoint folder sits under run.dir, whose config.yaml names the arch."""
+    from resnet.config import load_config
+
+    for folder in (weights, *weights.parents)[:4]:
+        if (folder / "config.yaml").is_file():
+            cfg = load_config([folder / "config.yaml"])
+            return cfg.model.arch, cfg.data.image_size
+    return None
+
+
+def evaluate_weights(weights: str, data: str, *, arch: str = "", image_size: int = 0,
+                     batch_size: int = 64, workers: int = 2, split: str = "val") -> dict:
+    """`resnet eval`: one process, or several under a launcher (each evaluates its share)."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    from resnet.data.stream import AugmentParams, ShardLoader
+    from resnet.model import build_model
+    from resnet.train.engine import ensure_single_process_env
+
+    path = Path(weights)
+    if not path.exists():
+        raise FileNotFoundError(f"--weights {weights}: no such file or folder")
+    found = _arch_from_run(path.resolve() if path.is_dir() else path.resolve().parent)
+    arch = arch or (found[0] if found else "resnet50")
+    image_size = image_size or (found[1] if found else 224)
+    state = load_weights(path)
+    ensure_single_process_env()
+    acc = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(
+        backend="nccl" if torch.cuda.is_available() else "gloo")])
+    loader = ShardLoader(data, split, rank=acc.process_index, world_size=acc.num_processes,
+                         batch_size=batch_size, global_batch=batch_size, workers=workers,
+                         seed=0, train=False, augment=AugmentParams(image_size=image_size))
+    num_classes = state["fc.weight"].shape[0]
+    if num_classes < loader.manifest.num_classes:
+        raise ValueError(f"the weights have {num_classes} classes, the data set "
+                         f"{loader.manifest.num_classes}")
+    model = build_model(arch, num_classes)
+    model.load_state_dict(state, strict=True)
+    model.to(acc.device)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if acc.device.type == "cuda" \
+        else (lambda: torch.autocast("cpu", enabled=False))
+    result = evaluate(model, loader, acc.device, autocast, lambda t: acc.reduce(t, "sum"))
+    result.update(arch=arch, weights=str(path), data=data, processes=acc.num_processes)
+    return result

@@ -1,0 +1,78 @@
+"""Everything that can be checked before a process group starts, checked there.
+
+A mistyped key, a missing data set, an unlabelled val split or a batch the world size does
+not divide must fail in seconds with one clear line, not after DeepSpeed has started.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from resnet.config import Config
+from resnet.data.format import Manifest, ManifestError, load_manifest
+from resnet.model import ARCHS
+from resnet.train.checkpoint import find_latest, read_state
+from resnet.train.engine import SetupError, gradient_accumulation, launched_world_size
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    train_manifest: Manifest
+    val_manifest: Manifest | None
+    num_classes: int
+    world_size: int
+    global_batch: int
+    accumulation: int
+
+
+def _manifest(source: str, split: str, key: str) -> Manifest:
+    if not source:
+        raise SetupError(f"{key} is empty: give the DEST of `resnet pack` (a path or s3://...)")
+    if "://" not in source and not Path(source).exists():
+        raise SetupError(f"{key}={source}: no such directory")
+    try:
+        manifest = load_manifest(source)
+        info = manifest.split(split)
+    except (ManifestError, OSError) as exc:
+        raise SetupError(f"{key}={source}: {exc}") from None
+    if not info.labelled:
+        raise SetupError(f"{key}={source}: its {split!r} split has no labels and cannot be used "
+                         f"for {'training' if split == 'train' else 'evaluation'}")
+    if info.samples == 0:
+        raise SetupError(f"{key}={source}: its {split!r} split is empty")
+    return manifest
+
+
+def _saved_global_batch(cfg: Config) -> int | None:
+    if not cfg.checkpoint.resume:
+        return None
+    latest = find_latest(Path(cfg.run.dir) / "checkpoints")
+    if latest is None:
+        return None
+    return read_state(latest).get("progress", {}).get("global_batch")
+
+
+def preflight(cfg: Config, world_size: int | None = None) -> RunPlan:
+    world_size = world_size or launched_world_size()
+    if cfg.model.arch not in ARCHS:
+        raise SetupError(f"model.arch={cfg.model.arch!r} is not one of {sorted(ARCHS)}")
+    if cfg.train.batch_size < 1 or cfg.train.epochs < 1:
+        raise SetupError("train.batch_size and train.epochs must be at least 1")
+    train_manifest = _manifest(cfg.data.train, "train", "data.train")
+    val_manifest = _manifest(cfg.data.val, "val", "data.val") if cfg.data.val else None
+    if val_manifest and val_manifest.fingerprint != train_manifest.fingerprint:
+        if [c.id for c in val_manifest.classes] != [c.id for c in train_manifest.classes]:
+            raise SetupError("data.train and data.val have different class lists")
+    num_classes = cfg.model.num_classes or train_manifest.num_classes
+    if num_classes < train_manifest.num_classes:
+        raise SetupError(f"model.num_classes={num_classes} is smaller than the data set's "
+                         f"{train_manifest.num_classes} classes")
+    # An elastic restart keeps the global batch it started with (the schedule depends on it).
+    global_batch = (_saved_global_batch(cfg) or cfg.train.global_batch_size
+                    or cfg.train.batch_size * world_size)
+    accumulation = gradient_accumulation(global_batch, cfg.train.batch_size, world_size)
+    if global_batch > train_manifest.split("train").samples:
+        raise SetupError(f"the global batch {global_batch} is larger than the training set "
+                         f"({train_manifest.split('train').samples} samples)")
+    return RunPlan(train_manifest, val_manifest, num_classes, world_size, global_batch,
+                   accumulation)

@@ -1,0 +1,336 @@
+"""`resnet train`: fit -> train_step -> evaluate, with checkpoints that resume mid-epoch.
+
+Read top to bottom: `train()` wires the parts, `Trainer.fit()` is the loop. Every schedule is
+a function of the optimizer step and the data order a function of the loader's state, so a
+restart (torchrun elastic, SLURM requeue, spot replacement) continues exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from resnet.config import Config, save_config, to_dict
+from resnet.data.stream import AugmentParams, ShardLoader
+from resnet.model import build_model
+from resnet.train.checkpoint import CheckpointManager, read_state
+from resnet.train.engine import Engine, SetupError, create_engine
+from resnet.train.evaluate import evaluate, export_final, normalize
+from resnet.train.metrics import RunLogger, system_metrics
+from resnet.train.optim import Schedule, build_optimizer, peak_lr, set_lr
+from resnet.train.preflight import RunPlan, preflight
+from resnet.train.progress import ProgressBar, RateLimitedLogger
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (non-finite loss, ...); the last good checkpoint stays."""
+
+
+@dataclass
+class Progress:
+    """The trainer's own resumable state, checkpointed as JSON next to the loader's."""
+
+    step: int = 0  # optimizer steps done
+    samples_seen: int = 0
+    global_batch: int = 0
+    world_size: int = 0
+    zero_stage: int = 0
+    fingerprint: str = ""
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.samples_seen = state["samples_seen"]
+
+
+class AuditLog:
+    """Per rank and restart, the keys of every sample of every step (JSON lines)."""
+
+    def __init__(self, run_dir: Path, rank: int, restart: int) -> None:
+        folder = run_dir / "audit"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.file = open(folder / f"restart{restart:03d}-rank{rank:03d}.jsonl", "a")
+        self.rank = rank
+
+    def write(self, step: int, micro: int, epoch: int, keys: list[str]) -> None:
+        record = {"step": step, "micro": micro, "epoch": epoch, "rank": self.rank, "keys": keys}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step and exits."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+
+class Trainer:
+    def __init__(self, cfg: Config, plan: RunPlan, engine: Engine) -> None:
+        self.cfg, self.plan, self.engine = cfg, plan, engine
+        self.run_dir = Path(cfg.run.dir)
+        self.log = RateLimitedLogger(engine.rank)
+        augment = AugmentParams(
+            image_size=cfg.data.image_size, scale=(cfg.data.scale_min, cfg.data.scale_max),
+            ratio=(cfg.data.ratio_min, cfg.data.ratio_max), hflip=cfg.data.hflip,
+            eval_crop_ratio=cfg.data.eval_crop_ratio)
+        common = dict(rank=engine.rank, world_size=engine.world_size, seed=cfg.seed,
+                      workers=cfg.data.workers, augment=augment, decode="cpu",
+                      prefetch_factor=cfg.data.prefetch_factor)
+        self.loader = ShardLoader(cfg.data.train, "train", batch_size=cfg.train.batch_size,
+                                  global_batch=plan.global_batch, train=True, **common)
+        self.val_loader = None
+        if cfg.data.val:
+            self.val_loader = ShardLoader(cfg.data.val, "val", batch_size=cfg.train.batch_size,
+                                          global_batch=cfg.train.batch_size, train=False,
+                                          **common)
+        self.accum = plan.accumulation
+        self.steps_per_epoch = self.loader.batches_per_epoch // self.accum
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        if cfg.train.max_steps:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        self.schedule = Schedule(cfg.optim, peak_lr(cfg.optim, plan.global_batch),
+                                 self.total_steps, self.steps_per_epoch)
+        self.progress = Progress(global_batch=plan.global_batch, world_size=engine.world_size,
+                                 zero_stage=cfg.deepspeed.zero_stage,
+                                 fingerprint=plan.train_manifest.fingerprint)
+        model = build_model(cfg.model.arch, plan.num_classes,
+                            zero_init_residual=cfg.model.zero_init_residual)
+        if engine.channels_last_weights:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(model, cfg.optim, plan.global_batch)
+        self.model, self.optimizer = engine.accelerator.prepare(model, optimizer)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+        self.checkpoints = CheckpointManager(
+            engine.accelerator, self.run_dir, {"progress": self.progress, "loader": self.loader},
+            keep=cfg.checkpoint.keep, mirror=cfg.checkpoint.mirror)
+        self.logger = RunLogger(engine.accelerator, cfg, self.run_dir)
+        self.restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        self.audit = (AuditLog(self.run_dir, engine.rank, self.restart)
+                      if cfg.audit.sample_keys else None)
+        self.stop = StopFlag()
+        self.skipped = 0
+
+    # -- resume ---------------------------------------------------------------------------
+    def resume(self) -> None:
+        latest = self.checkpoints.prepare()
+        if latest is None or not self.cfg.checkpoint.resume:
+            return
+        saved = read_state(latest)["progress"]
+        if saved["fingerprint"] != self.progress.fingerprint:
+            raise SetupError(f"{latest} was trained on another data set (fingerprint "
+                             f"{saved['fingerprint'][:12]}, data.train has "
+                             f"{self.progress.fingerprint[:12]}); use a new run.dir")
+        if saved["global_batch"] != self.plan.global_batch:
+            raise SetupError(f"{latest} was trained with global batch {saved['global_batch']}; "
+                             f"set train.global_batch_size={saved['global_batch']}")
+        if saved["zero_stage"] > 0 and saved["world_size"] != self.engine.world_size:
+            raise SetupError(
+                f"{latest} holds ZeRO-{saved['zero_stage']} optimizer shards for "
+                f"{saved['world_size']} processes, and this run has {self.engine.world_size}. "
+                f"Restart with {saved['world_size']} processes, or convert it with DeepSpeed's "
+                f"universal checkpoint (python -m deepspeed.checkpoint.ds_to_universal) into a "
+                f"new run. The default deepspeed.zero_stage=0 resumes on any world size.")
+        self.checkpoints.load(latest)
+        self.log.info(f"resumed from {latest.name}: step {self.progress.step}, "
+                      f"epoch {self.loader.epoch}, world size {self.engine.world_size}")
+
+    # -- the loop -------------------------------------------------------------------------
+    def fit(self) -> Path:
+        self.resume()
+        if self.engine.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        self.logger.start(to_dict(self.cfg))
+        self.bar = ProgressBar(self.total_steps, self.progress.step, enabled=self.engine.is_main)
+        self.last_save = time.monotonic()
+        self.nonfinite_at = torch.full((), -1, dtype=torch.long, device=self.engine.device)
+        while self.progress.step < self.total_steps and self.loader.epoch < self.cfg.train.epochs:
+            if self.run_epoch():  # False: max_steps reached inside the epoch
+                self.save()
+                self.run_eval()
+        return self.finish()
+
+    def run_epoch(self) -> bool:
+        """Train until the loader's epoch ends (True) or the step budget is spent (False)."""
+        batches, epoch, window = iter(self.loader), self.loader.epoch, _Window()
+        every = self.cfg.checkpoint.every_steps
+        while self.progress.step < self.total_steps:
+            window.start_wait()
+            micro = [b for _, b in zip(range(self.accum), batches)]
+            window.end_wait()
+            if not micro:
+                return True
+            loss = self.train_step(micro, epoch)
+            self.progress.step += 1
+            step = self.progress.step
+            self._note_nonfinite(loss)
+            samples = sum(len(b.keys) for b in micro)
+            self.progress.samples_seen += samples * self.engine.world_size
+            window.add(loss.detach(), samples, sum(b.skipped for b in micro))
+            due = (self.cfg.checkpoint.every_minutes > 0 and
+                   time.monotonic() - self.last_save > 60 * self.cfg.checkpoint.every_minutes)
+            stop, save_now = self.engine.agree(float(self.stop.signum), float(due))
+            if step % self.cfg.train.log_every_steps == 0 or stop:
+                self._log_train(window)
+            if (every and step % every == 0) or save_now or stop:
+                self.save()
+            if stop:
+                self.log.warning(f"stopped by signal {int(stop)} at step {step}; "
+                                 f"checkpoint saved, run again to resume")
+                self.checkpoints.close()
+                raise SystemExit(128 + int(stop))
+            if self.cfg.train.eval_every_steps and step % self.cfg.train.eval_every_steps == 0:
+                self.run_eval()
+        return False
+
+    def save(self) -> None:
+        self._check_finite()  # never checkpoint weights that a NaN already reached
+        self.checkpoints.save(self.progress.step)
+        self.last_save = time.monotonic()
+
+    def train_step(self, micro: list, epoch: int) -> torch.Tensor:
+        """One optimizer step over `accum` micro-batches; returns the mean loss (on device)."""
+        acc, device = self.engine.accelerator, self.engine.device
+        set_lr(self.optimizer, self.schedule(self.progress.step))
+        total = torch.zeros((), device=device)
+        for i, batch in enumerate(micro):
+            if self.audit:
+                self.audit.write(self.progress.step + 1, i, epoch, batch.keys)
+            images = normalize(batch.images.to(device, non_blocking=True),
+                               self.engine.channels_last_input)
+            labels = batch.labels.to(device, non_blocking=True)
+            with acc.accumulate(self.model):
+                loss = self.criterion(self.model(images).float(), labels)
+                acc.backward(loss)
+                if acc.sync_gradients and self.cfg.train.grad_clip and \
+                        not self.engine.uses_deepspeed:
+                    acc.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            total += loss.detach()
+        return total / len(micro)
+
+    def run_eval(self) -> dict | None:
+        if self.val_loader is None:
+            return None
+        model = self.engine.accelerator.unwrap_model(self.model)
+        shown: list = []
+
+        def keep_examples(batch, logits):
+            if self.engine.is_main and len(shown) < 1:
+                shown.append((batch.images[:32], batch.labels[:32],
+                              logits[:32].topk(min(5, logits.shape[1]), dim=1).indices.cpu()))
+
+        result = evaluate(model, self.val_loader, self.engine.device, self.engine.autocast,
+                          lambda t: self.engine.accelerator.reduce(t, "sum"),
+                          self.engine.channels_last_input, keep_examples)
+        self.logger.log(result, step=self.progress.step)
+        if shown:
+            names = [c.name for c in self.plan.train_manifest.classes]
+            self.logger.log_predictions(self.progress.step, *shown[0], names)
+        self.log.info(f"step {self.progress.step}: val top-1 {result['val_top1']:.4f} "
+                      f"top-5 {result['val_top5']:.4f} on {result['val_samples']} samples")
+        return result
+
+    def finish(self) -> Path:
+        self.save()
+        self.checkpoints.close()
+        final = self.run_dir / "final"
+        if self.engine.is_main:
+            export_final(self.engine.accelerator.unwrap_model(self.model),
+                         self.plan.train_manifest, final)
+            self.log.info(f"final weights: {final}")
+        self.bar.close()
+        if self.audit:
+            self.audit.close()
+        self.logger.finish()
+        self.engine.accelerator.wait_for_everyone()
+        return final
+
+    # -- helpers --------------------------------------------------------------------------
+    def _note_nonfinite(self, loss: torch.Tensor) -> None:
+        """Remember the first non-finite step on the device: no GPU sync per step."""
+        bad = ~torch.isfinite(loss) & (self.nonfinite_at < 0)
+        self.nonfinite_at = torch.where(bad, torch.full_like(self.nonfinite_at, self.progress.step),
+                                        self.nonfinite_at)
+
+    def _check_finite(self) -> None:
+        worst = self.engine.accelerator.reduce(self.nonfinite_at.clone(), "max").item()
+        if worst >= 0:
+            raise TrainingError(f"non-finite loss at step {worst}; stopping. The last good "
+                                f"checkpoint is kept in {self.checkpoints.dir}; lower optim.lr "
+                                f"or use train.precision=fp32 / bf16")
+
+    def _log_train(self, window: "_Window") -> None:
+        acc = self.engine.accelerator
+        loss = acc.reduce(window.loss_sum.clone(), "mean").item() / max(window.steps, 1)
+        skipped = int(acc.reduce(torch.tensor(window.skipped, device=self.engine.device),
+                                 "sum").item())
+        self.skipped += skipped
+        elapsed = max(window.elapsed(), 1e-9)
+        img_s = window.samples * self.engine.world_size / elapsed
+        metrics = {
+            "loss": loss, "lr": self.schedule(self.progress.step - 1),
+            "img_per_s": img_s, "img_per_s_per_device": img_s / self.engine.world_size,
+            "data_wait_frac": window.wait / elapsed, "step_time_s": elapsed / max(window.steps, 1),
+            "epoch": self.loader.epoch, "samples_seen": self.progress.samples_seen,
+            "skipped_samples": self.skipped, "restart_count": self.restart,
+            **system_metrics(self.engine.device),
+        }
+        self._check_finite()
+        self.logger.log(metrics, step=self.progress.step)
+        self.bar.update(self.progress.step, loss=loss, img_per_s=img_s,
+                        epoch=self.progress.step / max(self.steps_per_epoch, 1))
+        window.reset()
+
+
+class _Window:
+    """Throughput and loss over the steps since the last log line."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0 = time.perf_counter()
+        self.loss_sum = torch.zeros(())
+        self.steps = self.samples = self.skipped = 0
+        self.wait = 0.0
+        self._wait_start = 0.0
+
+    def start_wait(self) -> None:
+        self._wait_start = time.perf_counter()
+
+    def end_wait(self) -> None:
+        self.wait += time.perf_counter() - self._wait_start
+
+    def add(self, loss: torch.Tensor, samples: int, skipped: int) -> None:
+        self.loss_sum = self.loss_sum.to(loss.device) + loss
+        self.steps += 1
+        self.samples += samples
+        self.skipped += skipped
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def train(cfg: Config) -> Path:
+    plan = preflight(cfg)  # bad input fails here, before any process group
+    engine = create_engine(cfg, plan.accumulation)
+    return Trainer(cfg, plan, engine).fit()
