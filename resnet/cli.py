@@ -7,6 +7,7 @@ To add a subcommand: write `_add_<name>(sub)` that registers its parser with
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -22,7 +23,206 @@ def _add_env(sub) -> None:
     p.set_defaults(handler=_env)
 
 
-COMMANDS = [_add_env]
+def _report(args: argparse.Namespace) -> int:
+    from resnet.report import ReportError, write_report
+
+    try:
+        out = write_report(args.run_dir, args.out)
+    except ReportError as exc:
+        print(f"resnet report: error: {exc}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report", help="draw a run's metrics.jsonl (loss, accuracy, lr, img/s) to a PNG"
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (run.dir) of a run")
+    p.add_argument("--out", metavar="PNG", help="output file (default: RUN_DIR/report.png)")
+    p.set_defaults(handler=_report)
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from resnet.data.layouts import LayoutError
+    from resnet.data.pack import PackError, PackOptions, pack
+    from resnet.data.storage import StorageError
+
+    splits = tuple(s for s in (args.splits or "").split(",") if s)
+    opts = PackOptions(samples_per_shard=args.samples_per_shard, max_side=args.max_side,
+                       quality=args.quality, workers=args.workers, seed=args.seed,
+                       splits=splits, strict=args.strict, fresh=args.fresh)
+    try:
+        result = pack(args.src, args.dest, args.layout, opts, progress=not args.quiet)
+    except (LayoutError, PackError, StorageError, ValueError) as exc:
+        print(f"resnet pack: error: {exc}", file=sys.stderr)
+        return 1
+    m = result.manifest
+    for s in m.skipped:
+        print(f"skipped {s['split']}/{s['path']}: {s['reason']}", file=sys.stderr)
+    rate = result.files / max(result.seconds, 1e-9)
+    mbps = result.in_bytes / 1e6 / max(result.seconds, 1e-9)
+    counts = ", ".join(f"{n} {info.samples} samples in {len(info.shards)} shards"
+                       for n, info in m.splits.items())
+    print(f"packed {args.dest}: {counts}; {len(m.skipped)} skipped; "
+          f"{result.shards_written} shards written, {result.shards_kept} kept; "
+          f"{rate:.0f} img/s, {mbps:.1f} MB/s; fingerprint {m.fingerprint[:16]}")
+    return 0
+
+
+def _add_pack(sub) -> None:
+    p = sub.add_parser("pack", help="pack an image data set into WebDataset shards + manifest")
+    p.add_argument("src", help="the downloaded source tree")
+    p.add_argument("dest", help="output: a local directory or s3://bucket/prefix")
+    p.add_argument("--layout", required=True, choices=["imagenet", "tinyimagenet", "imagefolder"])
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--max-side", type=int, default=0,
+                   help="downscale so the longer side is at most N px (0: keep)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
+    p.add_argument("--workers", type=int, default=0, help="processes (0: one per CPU)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample-to-shard order")
+    p.add_argument("--splits", default="", help="comma-separated, e.g. train,val "
+                   "(default: train,val; imagefolder: every folder)")
+    p.add_argument("--strict", action="store_true", help="fail if any source file is skipped")
+    p.add_argument("--fresh", action="store_true",
+                   help="rewrite every shard, ignoring those an earlier run completed")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_pack)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from resnet.data.format import ManifestError
+    from resnet.data.storage import StorageError
+    from resnet.data.verify import verify
+
+    try:
+        report = verify(args.dest, decode=args.decode, workers=args.workers,
+                        progress=not args.quiet)
+    except (ManifestError, StorageError) as exc:
+        print(f"resnet verify: error: {exc}", file=sys.stderr)
+        return 1
+    for line in report.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    for line in report.problems:
+        print(f"MISMATCH {line}", file=sys.stderr)
+    verdict = "OK" if report.ok else f"FAILED: {len(report.problems)} problem(s)"
+    print(f"verify {args.dest}: {report.shards} shards, {report.samples} samples: {verdict}")
+    return 0 if report.ok else 1
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="check every shard of a packed data set against its manifest")
+    p.add_argument("dest", help="a packed data set: local directory, s3:// or http(s)://")
+    p.add_argument("--decode", action="store_true", help="also decode every image")
+    p.add_argument("--workers", type=int, default=4, help="shards checked in parallel")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_verify)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from resnet.config import ConfigError, load_config
+    from resnet.train.engine import SetupError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from resnet.train.trainer import TrainingError, train
+
+        final = train(cfg)
+    except (ConfigError, SetupError) as exc:
+        print(f"resnet train: error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingError as exc:
+        print(f"resnet train: {exc}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"final weights: {final}")
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train (single process, accelerate launch or torchrun)")
+    p.add_argument("--config", action="append", default=[], metavar="YAML",
+                   help="config file(s), applied in order over the defaults")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. train.epochs=3 optim.lr=0.2")
+    p.set_defaults(handler=_train)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from resnet.data.format import ManifestError
+    from resnet.train.evaluate import evaluate_weights
+
+    try:
+        result = evaluate_weights(args.weights, args.data, arch=args.arch,
+                                  image_size=args.image_size, batch_size=args.batch_size,
+                                  workers=args.workers, split=args.split)
+    except (FileNotFoundError, ManifestError, ValueError) as exc:
+        print(f"resnet eval: error: {exc}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result))
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="top-1/top-5 of weights on a packed split")
+    p.add_argument("--weights", required=True,
+                   help="final weights (.safetensors or run.dir/final) or a checkpoint folder")
+    p.add_argument("--data", required=True, help="a packed data set (path or s3://)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--arch", default="", help="default: from the run's config.yaml, else resnet50")
+    p.add_argument("--image-size", type=int, default=0, help="default: from the run's config")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(handler=_eval)
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from resnet.quickstart import quickstart
+
+    quickstart(Path(args.dir), processes=args.processes, overrides=args.overrides)
+    return 0
+
+
+def _add_quickstart(sub) -> None:
+    p = sub.add_parser("quickstart", help="generate data, pack, train 2 processes "
+                       "(DeepSpeed on CPU), evaluate: the whole product in ~2 minutes")
+    p.add_argument("--dir", default="runs/quickstart", help="where everything goes")
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="training overrides")
+    p.set_defaults(handler=_quickstart)
+
+
+def _bench_data(args: argparse.Namespace) -> int:
+    from resnet.data.bench import run
+
+    return run(args)
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks (`resnet bench data SHARDS`)")
+    kinds = p.add_subparsers(dest="bench", metavar="KIND")
+    d = kinds.add_parser("data", help="shard loader img/s vs ImageFolder + PIL, or resume cost")
+    d.add_argument("shards", metavar="SHARDS", help="a packed data set (local, s3://, http(s)://)")
+    d.add_argument("--split", default="train")
+    d.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    d.add_argument("--batch-size", type=int, default=64)
+    d.add_argument("--steps", type=int, default=40, help="timed batches")
+    d.add_argument("--warmup", type=int, default=4, help="batches before timing starts")
+    d.add_argument("--image-size", type=int, default=224)
+    d.add_argument("--no-baseline", action="store_true", help="time the shard loader only")
+    d.add_argument("--resume-cost", action="store_true",
+                   help="time to the first batch: fresh vs resumed at 50%% of the epoch")
+    d.set_defaults(handler=_bench_data)
+
+
+COMMANDS = [_add_env, _add_report, _add_pack, _add_verify, _add_train, _add_eval,
+            _add_quickstart, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ def _run(command: list[str]) -> None:
     subprocess.run(command, check=True)
 
 
-def quickstart(out: Path, processes: int = 2, classes: int = 10, per_class: int = 160,
+def quickstart(out: Path, processes: int = 2, classes: int = 10, per_class: int = 120,
                overrides: list[str] = ()) -> Path:
     out = out.resolve()
     source, packed, run_dir = out / "source", out / "data", out / "run"
@@ -32,7 +32,10 @@ def quickstart(out: Path, processes: int = 2, classes: int = 10, per_class: int 
                                     size=(80, 64), seed=0)
         _run([sys.executable, "-m", "resnet", "pack", str(source), str(packed),
               "--layout", "imagefolder", "--samples-per-shard", "200"])
-    _run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+    # --use_deepspeed is what makes `accelerate launch` start N processes on a CPU-only machine;
+    # the DeepSpeed settings themselves come from our config (resnet/train/engine.py).
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed",
+          "--num_processes", str(processes),
           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
           "-m", "resnet", "train", "--config", str(CONFIG),
           f"data.train={packed}", f"data.val={packed}", f"run.dir={run_dir}", *overrides])

@@ -291,7 +291,7 @@ class Trainer:
             "img_per_s": img_s, "img_per_s_per_device": img_s / self.engine.world_size,
             "data_wait_frac": window.wait / elapsed, "step_time_s": elapsed / max(window.steps, 1),
             "epoch": self.loader.epoch, "samples_seen": self.progress.samples_seen,
-            "skipped_samples": self.skipped, "restart_count": self.restart,
+            "skipped_samples": self.skipped,
             **system_metrics(self.engine.device),
         }
         self._check_finite()

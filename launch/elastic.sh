@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Elastic, fault-tolerant training with torchrun: nodes may join, leave or fail and come back.
+set -euo pipefail
+
+usage() {
+  cat <<'USAGE'
+Usage: launch/elastic.sh CONFIG [key=value ...]
+
+Run on every node. torchrun's c10d rendezvous at RDZV_ENDPOINT gathers between MIN_NODES and
+MAX_NODES nodes; when a worker or a node fails, all workers restart (up to MAX_RESTARTS times)
+and training resumes from the newest checkpoint in run.dir, which must be on shared storage
+(or mirrored with checkpoint.mirror=s3://...). `accelerate launch` cannot express MIN:MAX,
+so this calls torchrun directly; `resnet train` sets up DeepSpeed itself.
+
+Required environment:
+  MIN_NODES           fewest nodes to train with
+  RDZV_ENDPOINT       HOST:PORT of the rendezvous store (a host every node reaches; the
+                      first node started there hosts it)
+
+Optional environment:
+  MAX_NODES           most nodes (default: MIN_NODES)
+  NPROC_PER_NODE      workers per node (default: the GPUs nvidia-smi lists)
+  MAX_RESTARTS        restarts of the worker group before giving up (default: 3)
+  RDZV_ID             job id shared by all nodes (default: resnet)
+  DRY_RUN=1           print the command instead of running it
+
+Example:
+  MIN_NODES=2 MAX_NODES=4 RDZV_ENDPOINT=10.0.0.1:29400 launch/elastic.sh configs/imagenet1k.yaml
+USAGE
+}
+
+die() { echo "$(basename "$0"): error: $*" >&2; exit 2; }
+
+run() {
+  if [[ "${DRY_RUN:-0}" == 1 ]]; then
+    printf '%q' "$1"; shift; printf ' %q' "$@"; printf '\n'
+  else
+    exec "$@"
+  fi
+}
+
+need() {
+  local name
+  for name in "$@"; do
+    [[ -n "${!name:-}" ]] || die "$name is not set (launch/elastic.sh -h lists the variables)"
+  done
+}
+
+need_int() {
+  [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a non-negative integer, got '$2'"
+}
+
+count_gpus() {
+  command -v nvidia-smi >/dev/null 2>&1 || die "NPROC_PER_NODE is not set and nvidia-smi is not found"
+  nvidia-smi -L | grep -c '^GPU'
+}
+
+check_overrides() {
+  local item
+  for item in "$@"; do
+    [[ "$item" == *=* ]] || die "override '$item' is not of the form key=value"
+  done
+}
+
+main() {
+  if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then usage; exit 0; fi
+  [[ $# -ge 1 ]] || { usage >&2; die "missing CONFIG (a YAML file under configs/)"; }
+  local config=$1; shift
+  [[ -f "$config" ]] || die "config file not found: $config"
+  check_overrides "$@"
+  need MIN_NODES RDZV_ENDPOINT
+  [[ "$RDZV_ENDPOINT" =~ ^[^:]+:[0-9]+$ ]] || die "RDZV_ENDPOINT must be HOST:PORT, got '$RDZV_ENDPOINT'"
+
+  local max_nodes nproc restarts
+  max_nodes=${MAX_NODES:-$MIN_NODES}
+  need_int MIN_NODES "$MIN_NODES"
+  need_int MAX_NODES "$max_nodes"
+  (( MIN_NODES >= 1 && MIN_NODES <= max_nodes )) || die "need 1 <= MIN_NODES <= MAX_NODES, got $MIN_NODES:$max_nodes"
+  nproc=${NPROC_PER_NODE:-$(count_gpus)}
+  need_int NPROC_PER_NODE "$nproc"
+  restarts=${MAX_RESTARTS:-3}
+  need_int MAX_RESTARTS "$restarts"
+
+  run torchrun --nnodes "$MIN_NODES:$max_nodes" --nproc-per-node "$nproc" \
+    --max-restarts "$restarts" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" \
+    --rdzv-id "${RDZV_ID:-resnet}" \
+    -m resnet.cli train --config "$config" "$@"
+}
+
+main "$@"

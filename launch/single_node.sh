@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Train on one machine with all its GPUs: accelerate launch with DeepSpeed.
+set -euo pipefail
+
+usage() {
+  cat <<'USAGE'
+Usage: launch/single_node.sh CONFIG [key=value ...]
+
+Train on this machine's GPUs with `accelerate launch` (DeepSpeed through Accelerate).
+Overrides are passed to `resnet train` as they are, e.g. train.epochs=10 run.dir=runs/r50.
+
+Environment:
+  NUM_GPUS            processes to start (default: the GPUs nvidia-smi lists)
+  ACCELERATE_CONFIG   accelerate config file (default: configs/accelerate/deepspeed_single_node.yaml)
+  MAIN_PORT           local rendezvous port (default: 29500)
+  DRY_RUN=1           print the command instead of running it
+
+Example:
+  launch/single_node.sh configs/imagenet1k.yaml train.epochs=10
+USAGE
+}
+
+die() { echo "$(basename "$0"): error: $*" >&2; exit 2; }
+
+# Print the command (shell-quoted, one line) under DRY_RUN=1, else replace this shell with it.
+run() {
+  if [[ "${DRY_RUN:-0}" == 1 ]]; then
+    printf '%q' "$1"; shift; printf ' %q' "$@"; printf '\n'
+  else
+    exec "$@"
+  fi
+}
+
+count_gpus() {
+  command -v nvidia-smi >/dev/null 2>&1 || die "NUM_GPUS is not set and nvidia-smi is not found"
+  nvidia-smi -L | grep -c '^GPU'
+}
+
+check_overrides() {
+  local item
+  for item in "$@"; do
+    [[ "$item" == *=* ]] || die "override '$item' is not of the form key=value"
+  done
+}
+
+main() {
+  if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then usage; exit 0; fi
+  [[ $# -ge 1 ]] || { usage >&2; die "missing CONFIG (a YAML file under configs/)"; }
+  local config=$1; shift
+  [[ -f "$config" ]] || die "config file not found: $config"
+  check_overrides "$@"
+
+  local repo accelerate_config num_gpus port
+  repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  accelerate_config=${ACCELERATE_CONFIG:-$repo/configs/accelerate/deepspeed_single_node.yaml}
+  [[ -f "$accelerate_config" ]] || die "accelerate config not found: $accelerate_config"
+  num_gpus=${NUM_GPUS:-$(count_gpus)}
+  [[ "$num_gpus" =~ ^[1-9][0-9]*$ ]] || die "NUM_GPUS must be a positive integer, got '$num_gpus'"
+  port=${MAIN_PORT:-29500}
+
+  run accelerate launch --config_file "$accelerate_config" \
+    --num_machines 1 --num_processes "$num_gpus" --main_process_port "$port" \
+    -m resnet.cli train --config "$config" "$@"
+}
+
+main "$@"

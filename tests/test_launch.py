@@ -1,0 +1,224 @@
+"""Launch scripts: dry runs print the exact command, missing variables fail, SLURM requeues."""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+SCRIPTS = sorted(LAUNCH.glob("*.sh")) + [LAUNCH / "slurm.sbatch"]
+# Variables the scripts read; cleared so the caller's environment cannot leak into a test.
+SCRIPT_VARS = ("NUM_GPUS", "ACCELERATE_CONFIG", "MAIN_PORT", "MAIN_ADDR", "NUM_MACHINES",
+               "MACHINE_RANK", "GPUS_PER_NODE", "MIN_NODES", "MAX_NODES", "NPROC_PER_NODE",
+               "MAX_RESTARTS", "RDZV_ENDPOINT", "RDZV_ID", "SLURM_JOB_ID", "SLURM_NNODES",
+               "SLURM_JOB_NODELIST", "SLURM_GPUS_ON_NODE", "CONFIG", "CHECKPOINT_MIRROR",
+               "REPO_URL", "EBS_DEVICE", "EBS_VOLUME_ID", "TRAIN_OVERRIDES", "DATA_TRAIN",
+               "DATA_VAL", "WANDB_API_KEY", "DRY_RUN")
+
+
+@pytest.fixture
+def config(tmp_path) -> str:
+    path = tmp_path / "tiny.yaml"
+    path.write_text("train:\n  epochs: 1\n")
+    return str(path)
+
+
+def _run(script, *args, dry=True, path_prepend=None, **env):
+    full = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS}
+    if dry:
+        full["DRY_RUN"] = "1"
+    if path_prepend:
+        full["PATH"] = f"{path_prepend}:{full['PATH']}"
+    full.update(env)
+    return subprocess.run(["bash", str(LAUNCH / script), *args], env=full, capture_output=True,
+                          text=True, timeout=30)
+
+
+def _command(result) -> list[str]:
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, result.stdout
+    return shlex.split(lines[0])
+
+
+def _fake(bin_dir: Path, name: str, body: str) -> None:
+    bin_dir.mkdir(exist_ok=True)
+    exe = bin_dir / name
+    exe.write_text("#!/usr/bin/env bash\n" + body)
+    exe.chmod(0o755)
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+def test_shellcheck_clean():
+    result = subprocess.run(["shellcheck", *map(str, SCRIPTS)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("script", [p.name for p in SCRIPTS])
+def test_help(script):
+    result = _run(script, "-h", dry=False)
+    assert result.returncode == 0 and "Usage:" in result.stdout
+
+
+@pytest.mark.parametrize("script", ["single_node.sh", "multi_node.sh", "elastic.sh",
+                                    "slurm.sbatch"])
+def test_missing_config_and_bad_override(script, config):
+    result = _run(script)
+    assert result.returncode != 0 and "missing CONFIG" in result.stderr
+    result = _run(script, "nope.yaml")
+    assert result.returncode != 0 and "config file not found: nope.yaml" in result.stderr
+    result = _run(script, config, "--epochs", NUM_GPUS="2", GPUS_PER_NODE="2", NPROC_PER_NODE="2")
+    assert result.returncode != 0 and "'--epochs' is not of the form key=value" in result.stderr
+
+
+def test_single_node_dry_run(config):
+    cmd = _command(_run("single_node.sh", config, "train.epochs=10", "run.name=a b",
+                        NUM_GPUS="8"))
+    assert cmd == ["accelerate", "launch", "--config_file",
+                   str(REPO / "configs/accelerate/deepspeed_single_node.yaml"),
+                   "--num_machines", "1", "--num_processes", "8", "--main_process_port", "29500",
+                   "-m", "resnet.cli", "train", "--config", config, "train.epochs=10",
+                   "run.name=a b"]
+
+
+def test_single_node_detects_gpus(tmp_path, config):
+    _fake(tmp_path / "bin", "nvidia-smi", 'printf "GPU 0: H100\\nGPU 1: H100\\n"\n')
+    cmd = _command(_run("single_node.sh", config, path_prepend=tmp_path / "bin"))
+    assert cmd[cmd.index("--num_processes") + 1] == "2"
+
+
+def test_multi_node_dry_run(config):
+    cmd = _command(_run("multi_node.sh", config, "train.epochs=1", NUM_MACHINES="2",
+                        MACHINE_RANK="1", MAIN_ADDR="10.0.0.1", GPUS_PER_NODE="8",
+                        MAIN_PORT="29501"))
+    assert cmd == ["accelerate", "launch", "--config_file",
+                   str(REPO / "configs/accelerate/multi_node.yaml"),
+                   "--num_machines", "2", "--machine_rank", "1",
+                   "--main_process_ip", "10.0.0.1", "--main_process_port", "29501",
+                   "--num_processes", "16", "-m", "resnet.cli", "train", "--config", config,
+                   "train.epochs=1"]
+
+
+def test_multi_node_missing_and_bad_variables(config):
+    result = _run("multi_node.sh", config, NUM_MACHINES="2", GPUS_PER_NODE="8")
+    assert result.returncode == 2 and "MACHINE_RANK is not set" in result.stderr
+    result = _run("multi_node.sh", config, NUM_MACHINES="2", MACHINE_RANK="2",
+                  MAIN_ADDR="h", GPUS_PER_NODE="8")
+    assert result.returncode == 2 and "is not below NUM_MACHINES" in result.stderr
+
+
+def test_elastic_dry_run(config):
+    cmd = _command(_run("elastic.sh", config, "train.epochs=3", MIN_NODES="1", MAX_NODES="4",
+                        RDZV_ENDPOINT="10.0.0.1:29400", NPROC_PER_NODE="8", RDZV_ID="job7"))
+    assert cmd == ["torchrun", "--nnodes", "1:4", "--nproc-per-node", "8", "--max-restarts", "3",
+                   "--rdzv-backend", "c10d", "--rdzv-endpoint", "10.0.0.1:29400",
+                   "--rdzv-id", "job7", "-m", "resnet.cli", "train", "--config", config,
+                   "train.epochs=3"]
+
+
+def test_elastic_missing_and_bad_variables(config):
+    result = _run("elastic.sh", config, MIN_NODES="1", NPROC_PER_NODE="2")
+    assert result.returncode == 2 and "RDZV_ENDPOINT is not set" in result.stderr
+    result = _run("elastic.sh", config, MIN_NODES="3", MAX_NODES="2", RDZV_ENDPOINT="h:1",
+                  NPROC_PER_NODE="2")
+    assert result.returncode == 2 and "MIN_NODES <= MAX_NODES" in result.stderr
+
+
+SLURM_ENV = dict(SLURM_JOB_ID="123", SLURM_NNODES="2", SLURM_JOB_NODELIST="gpu[07-08]",
+                 SLURM_GPUS_ON_NODE="4")
+
+
+def test_slurm_dry_run(tmp_path, config):
+    _fake(tmp_path / "bin", "scontrol", 'echo gpu07; echo gpu08\n')
+    cmd = _command(_run("slurm.sbatch", config, "train.epochs=2", path_prepend=tmp_path / "bin",
+                        **SLURM_ENV))
+    assert cmd == ["srun", "--kill-on-bad-exit=1", "--ntasks-per-node=1",
+                   "torchrun", "--nnodes", "2", "--nproc-per-node", "4", "--max-restarts", "2",
+                   "--rdzv-backend", "c10d", "--rdzv-endpoint", "gpu07:29500", "--rdzv-id", "123",
+                   "-m", "resnet.cli", "train", "--config", config, "train.epochs=2"]
+
+
+def test_slurm_outside_a_job(config):
+    result = _run("slurm.sbatch", config)
+    assert result.returncode == 2 and "submit this script with sbatch" in result.stderr
+
+
+def test_slurm_time_limit_signal_checkpoints_then_requeues(tmp_path, config):
+    """SIGUSR1 (sent by --signal=B:USR1@120): SIGTERM reaches the step, then `scontrol requeue`."""
+    log = tmp_path / "calls.log"
+    _fake(tmp_path / "bin", "scontrol", f'echo "scontrol $*" >> {log}\n')
+    _fake(tmp_path / "bin", "srun",
+          f'trap \'echo "srun got TERM" >> {log}; exit 0\' TERM\n'
+          f'echo "srun started" >> {log}\n'
+          'for _ in $(seq 300); do sleep 0.1; done\nexit 1\n')
+    env = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS}
+    env.update(SLURM_ENV, MAIN_ADDR="gpu07", PATH=f"{tmp_path / 'bin'}:{env['PATH']}")
+    proc = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), config], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while not (log.exists() and "srun started" in log.read_text()):
+            assert time.monotonic() < deadline and proc.poll() is None, "fake srun did not start"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)
+        _out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert log.read_text().splitlines() == ["srun started", "srun got TERM", "scontrol requeue 123"]
+    assert "time limit near" in err
+
+
+EC2_ENV = dict(REPO_URL="https://git.example.invalid/resnet.git",
+               CHECKPOINT_MIRROR="s3://bucket/runs/r50", EBS_DEVICE="/dev/nvme1n1")
+
+
+def test_ec2_bootstrap_dry_run(config):
+    result = _run("ec2_bootstrap.sh", config, "train.epochs=2", DATA_TRAIN="s3://bucket/shards",
+                  WANDB_API_KEY="secret-key", **EC2_ENV)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "mkfs.ext4 -L resnet-data /dev/nvme1n1   # only when blkid finds no file system" in out
+    assert "/data ext4 defaults,nofail" in out
+    assert "+ git clone --branch main https://git.example.invalid/resnet.git /opt/resnet/src" in out
+    assert "+ /opt/resnet/venv/bin/pip install -e /opt/resnet/src" in out
+    exec_line = next(line for line in out.splitlines() if line.startswith("exec "))
+    assert shlex.split(exec_line) == [
+        "exec", "/opt/resnet/src/launch/single_node.sh", config, "run.dir=/data/runs/resnet",
+        "checkpoint.mirror=s3://bucket/runs/r50", "data.train=s3://bucket/shards",
+        "train.epochs=2"]
+    assert "Restart=on-failure" in out and "WantedBy=multi-user.target" in out
+    assert "+ systemctl enable --now resnet-spot-watch.service resnet-train.service" in out
+    assert "secret-key" not in out  # a dry run never prints the key
+
+
+def test_ec2_bootstrap_overrides_from_environment(config):
+    result = _run("ec2_bootstrap.sh", CONFIG=config, TRAIN_OVERRIDES="a.b=1 c.d=2", **EC2_ENV)
+    exec_line = next(line for line in result.stdout.splitlines() if line.startswith("exec "))
+    assert shlex.split(exec_line)[-2:] == ["a.b=1", "c.d=2"]
+
+
+def test_ec2_bootstrap_missing_variables(config):
+    env = dict(EC2_ENV, CHECKPOINT_MIRROR="")
+    result = _run("ec2_bootstrap.sh", config, **env)
+    assert result.returncode == 2 and "CHECKPOINT_MIRROR is not set" in result.stderr
+    result = _run("ec2_bootstrap.sh", config, **dict(EC2_ENV, CHECKPOINT_MIRROR="/local/dir"))
+    assert result.returncode == 2 and "must be an s3:// URL" in result.stderr
+    result = _run("ec2_bootstrap.sh", **EC2_ENV)
+    assert result.returncode == 2 and "CONFIG is not set" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["deepspeed_single_node.yaml", "multi_node.yaml"])
+def test_accelerate_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(REPO / "configs/accelerate" / name))
+    assert cfg.distributed_type in ("MULTI_GPU", "DEEPSPEED")
