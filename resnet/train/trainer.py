@@ -217,7 +217,7 @@ class Trainer:
                                self.engine.channels_last_input)
             labels = batch.labels.to(device, non_blocking=True)
             with acc.accumulate(self.model):
-                loss = self.criterion(self.model(images).float(), labels)
+                loss = self._loss(images, labels)
                 acc.backward(loss)
                 if acc.sync_gradients and self.cfg.train.grad_clip and \
                         not self.engine.uses_deepspeed:
@@ -226,6 +226,18 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
             total += loss.detach()
         return total / len(micro)
+
+    def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if labels.numel():
+            return self.criterion(self.model(images).float(), labels)
+        # Every sample of this micro-batch was corrupt. The rank must still join the gradient
+        # all-reduce (others would hang): an eval-mode forward of the empty batch gives zero
+        # gradients for every parameter and leaves BatchNorm's running statistics untouched.
+        self.model.eval()
+        try:
+            return self.model(images).float().sum() * 0.0
+        finally:
+            self.model.train()
 
     def run_eval(self) -> dict | None:
         if self.val_loader is None:
