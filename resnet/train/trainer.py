@@ -169,7 +169,8 @@ class Trainer:
 
     def run_epoch(self) -> bool:
         """Train until the loader's epoch ends (True) or the step budget is spent (False)."""
-        batches, epoch, window = iter(self.loader), self.loader.epoch, _Window()
+        batches, epoch = iter(self.loader), self.loader.epoch
+        window = self.window = _Window()
         every = self.cfg.checkpoint.every_steps
         while self.progress.step < self.total_steps:
             window.start_wait()
@@ -217,7 +218,7 @@ class Trainer:
                                self.engine.channels_last_input)
             labels = batch.labels.to(device, non_blocking=True)
             with acc.accumulate(self.model):
-                loss = self._loss(images, labels)
+                loss, logits = self._loss(images, labels)
                 acc.backward(loss)
                 if acc.sync_gradients and self.cfg.train.grad_clip and \
                         not self.engine.uses_deepspeed:
@@ -225,17 +226,20 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             total += loss.detach()
+            self.window.add_hits(logits.detach(), labels)
         return total / len(micro)
 
-    def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if labels.numel():
-            return self.criterion(self.model(images).float(), labels)
+            logits = self.model(images).float()
+            return self.criterion(logits, labels), logits
         # Every sample of this micro-batch was corrupt. The rank must still join the gradient
         # all-reduce (others would hang): an eval-mode forward of the empty batch gives zero
         # gradients for every parameter and leaves BatchNorm's running statistics untouched.
         self.model.eval()
         try:
-            return self.model(images).float().sum() * 0.0
+            logits = self.model(images).float()
+            return logits.sum() * 0.0, logits
         finally:
             self.model.train()
 
@@ -293,13 +297,16 @@ class Trainer:
     def _log_train(self, window: "_Window") -> None:
         acc = self.engine.accelerator
         loss = acc.reduce(window.loss_sum.clone(), "mean").item() / max(window.steps, 1)
-        skipped = int(acc.reduce(torch.tensor(window.skipped, device=self.engine.device),
-                                 "sum").item())
+        counts = torch.cat([window.hits, torch.tensor([window.skipped], device=window.hits.device,
+                                                      dtype=window.hits.dtype)])
+        top1, top5, seen, skipped = acc.reduce(counts, "sum").tolist()
+        skipped = int(skipped)
         self.skipped += skipped
         elapsed = max(window.elapsed(), 1e-9)
         img_s = window.samples * self.engine.world_size / elapsed
         metrics = {
             "loss": loss, "lr": self.schedule(self.progress.step - 1),
+            "top1": top1 / max(seen, 1), "top5": top5 / max(seen, 1),
             "img_per_s": img_s, "img_per_s_per_device": img_s / self.engine.world_size,
             "data_wait_frac": window.wait / elapsed, "step_time_s": elapsed / max(window.steps, 1),
             "epoch": self.loader.epoch, "samples_seen": self.progress.samples_seen,
@@ -322,6 +329,7 @@ class _Window:
     def reset(self) -> None:
         self.t0 = time.perf_counter()
         self.loss_sum = torch.zeros(())
+        self.hits = torch.zeros(3, dtype=torch.float64)  # top-1 hits, top-5 hits, samples
         self.steps = self.samples = self.skipped = 0
         self.wait = 0.0
         self._wait_start = 0.0
@@ -337,6 +345,14 @@ class _Window:
         self.steps += 1
         self.samples += samples
         self.skipped += skipped
+
+    def add_hits(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        if labels.numel() == 0:
+            return
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+        counts = torch.stack([top5[:, 0].sum(), top5.any(dim=1).sum(),
+                              torch.tensor(labels.numel(), device=labels.device)]).double()
+        self.hits = self.hits.to(counts.device) + counts
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
