@@ -1,0 +1,194 @@
+"""Reading the samples a worker needs from one WebDataset tar shard, and nothing else.
+
+The reader walks the tar's 512-byte headers itself (no tarfile stream state to corrupt), so it
+always knows the byte offset of the member it is reading:
+- members of samples that are not needed are skipped without being read (local files: seek;
+  remote: read-and-drop for small gaps, a new Range request for large ones), and reading
+  stops after the last needed sample, so resuming never fetches consumed parts of a shard;
+- on a transient failure (storage gave up, the stream ended early) the shard is reopened at the
+  current member's header and parsing continues there, with backoff, a bounded number of times.
+Samples are the runs of consecutive members sharing a key (WebDataset's convention); the i-th
+run is sample i, the index the plan uses.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import tarfile
+import time
+from typing import Callable, Iterator
+
+from resnet.data import storage
+
+log = logging.getLogger(__name__)
+
+BLOCK = 512
+REOPEN_GAP = 1 << 20  # remote gaps larger than this are skipped with a new Range request
+
+
+class ShardError(RuntimeError):
+    """A shard cannot be read (missing, or still failing after the retries); names its URL."""
+
+
+class _Interrupted(Exception):
+    """The stream ended or failed in the middle; reopen at the current member."""
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """WebDataset's key/extension split: the key ends at the first dot of the basename."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1:].lower()
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The `path` record of a pax extended header, if any."""
+    while data:
+        space = data.find(b" ")
+        if space <= 0:
+            return None
+        length = int(data[:space])
+        key, _, value = data[space + 1:length - 1].partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8", "surrogateescape")
+        data = data[length:]
+    return None
+
+
+class _Cursor:
+    """A stream positioned at a known byte offset, that can skip forward cheaply."""
+
+    def __init__(self, url: str, offset: int, opener: Callable):
+        self.url, self.pos, self.opener = url, offset, opener
+        self.stream = opener(url, offset)
+        self.seekable = bool(getattr(self.stream, "seekable", lambda: False)())
+
+    def read(self, n: int) -> bytes:
+        try:
+            data = self.stream.read(n)
+        except (OSError, ValueError) as exc:  # storage gave up, or a connection broke
+            raise _Interrupted(str(exc)) from exc
+        if len(data) != n:
+            raise _Interrupted(f"stream ended at byte {self.pos + len(data)}")
+        self.pos += n
+        return data
+
+    def skip(self, n: int) -> None:
+        if n <= 0:
+            return
+        if self.seekable:
+            self.stream.seek(self.pos + n)
+            self.pos += n
+        elif n > REOPEN_GAP:
+            self.close()
+            self.pos += n
+            self.stream = self.opener(self.url, self.pos)
+        else:
+            self.read(n)
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        except Exception:  # noqa: BLE001  (a broken connection may fail to close)
+            pass
+
+
+def _open(url: str, offset: int, opener: Callable, attempts: int) -> _Cursor:
+    """Open with retries; a shard still missing after them is a ShardError naming the URL."""
+    for attempt in range(attempts):
+        try:
+            return _Cursor(url, offset, opener)
+        except FileNotFoundError:
+            if attempt == attempts - 1:
+                raise ShardError(f"shard {url} is missing (checked {attempts} times); the "
+                                 f"packed data set is incomplete: re-run `resnet pack`") from None
+        except OSError as exc:  # StorageError after storage's own retries, or a local error
+            if attempt == attempts - 1:
+                raise ShardError(f"cannot open shard {url}: {exc}") from exc
+        time.sleep(_backoff(attempt))
+    raise AssertionError("unreachable")
+
+
+def _backoff(attempt: int) -> float:
+    return 0.25 * (2 ** attempt) * (0.5 + random.random())
+
+
+def read_samples(url: str, needed: set[int], *, opener: Callable = storage.open_read,
+                 attempts: int = 4) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """Yield (sample index, key, {ext: bytes}) for each needed sample, in tar order."""
+    if not needed:
+        return
+    last = max(needed)
+    state = {"index": -1, "key": None, "files": {}}
+    offset, failures = 0, 0
+    cursor = _open(url, 0, opener, attempts)
+    try:
+        while True:
+            try:
+                for item in _walk(cursor, state, needed, last):
+                    failures = 0
+                    yield item
+                return
+            except _Interrupted as exc:
+                failures += 1
+                offset = state["member"]
+                if failures >= attempts:
+                    raise ShardError(f"shard {url}: still failing at byte {offset} after "
+                                     f"{attempts} reopenings: {exc}") from None
+                log.warning("shard %s: %s; reopening at byte %d", url, exc, offset)
+                cursor.close()
+                time.sleep(_backoff(failures - 1))
+                cursor = _open(url, offset, opener, attempts)
+    finally:
+        cursor.close()
+
+
+def _walk(cursor: _Cursor, state: dict, needed: set[int], last: int):
+    """Parse members from the cursor; `state` survives reopenings (index, key, files, member)."""
+    while True:
+        state["member"] = cursor.pos  # a reopening restarts at this member's first header
+        name, size, kind = _next_header(cursor)
+        if name is None:  # end of archive
+            break
+        key, ext = split_name(name)
+        if key != state["key"]:
+            if state["index"] in needed:
+                yield state["index"], state["key"], state["files"]
+            if state["index"] >= last:
+                return
+            state.update(index=state["index"] + 1, key=key, files={})
+        padded = -(-size // BLOCK) * BLOCK
+        if kind in (tarfile.REGTYPE, tarfile.AREGTYPE) and state["index"] in needed:
+            state["files"][ext] = cursor.read(size)
+            cursor.skip(padded - size)
+        else:
+            cursor.skip(padded)
+    if state["index"] in needed:
+        yield state["index"], state["key"], state["files"]
+
+
+def _next_header(cursor: _Cursor) -> tuple[str | None, int, bytes]:
+    """The next member's (name, size, type), folding pax and GNU long-name headers in."""
+    long_name = None
+    while True:
+        block = cursor.read(BLOCK)
+        if block.count(0) == BLOCK:
+            return None, 0, b""
+        try:
+            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as exc:
+            raise _Interrupted(f"bad tar header at byte {cursor.pos - BLOCK}: {exc}") from None
+        padded = -(-info.size // BLOCK) * BLOCK
+        if info.type in (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME):
+            data = cursor.read(padded)[: info.size]
+            if info.type == tarfile.XHDTYPE:
+                long_name = _pax_path(data) or long_name
+            else:
+                long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            continue
+        if info.type == tarfile.XGLTYPE:
+            cursor.skip(padded)
+            continue
+        return long_name or info.name, info.size, info.type

@@ -1,0 +1,356 @@
+"""The one place that does I/O: local paths, ``s3://bucket/key`` and ``http(s)://`` (read only).
+
+Every other module reads and writes through these functions, so retries, error messages and the
+S3 client live here only.
+
+- S3 uses boto3 with the standard credential chain; boto3 >= 1.28 honours ``AWS_ENDPOINT_URL``
+  (and ``AWS_ENDPOINT_URL_S3``) by itself, which is how S3-compatible stores and the tests'
+  ``moto_server`` are reached. One client per process, made lazily: boto3 clients must not cross
+  a ``fork`` (DataLoader workers, pack workers).
+- Errors: a missing object is ``FileNotFoundError``; a missing bucket, denied access or any other
+  refusal is ``StorageError`` naming the URL. Transient failures (5xx, throttling, resets,
+  timeouts, truncated bodies) are retried with exponential backoff and jitter by `retry`.
+- `open_read` returns a stream that, on a transient error in the middle of a remote body,
+  reopens at the byte it had reached (a Range request), so long shard reads survive a dropped
+  connection without the caller knowing.
+"""
+from __future__ import annotations
+
+import io
+import os
+import random
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from typing import Optional
+
+from resnet.data.remote import (  # noqa: F401  (re-exported: part of the storage API)
+    StorageError, _s3_call, _s3_error, is_s3, is_transient, reset_clients, retry, s3_client,
+    split_s3)
+
+REMOTE_SCHEMES = ("s3://", "http://", "https://")
+
+
+# ----------------------------------------------------------------------------- URLs
+
+
+def is_remote(url: str) -> bool:
+    return str(url).startswith(REMOTE_SCHEMES)
+
+
+def join(root: str, *names: str) -> str:
+    """Join path parts; remote URLs always use ``/`` whatever the OS."""
+    root = str(root)
+    if not is_remote(root):
+        return os.path.join(root, *names)
+    parts = [root.rstrip("/")] + [n.strip("/") for n in names if n]
+    return "/".join(parts)
+
+
+def _require_not_http(url: str, what: str) -> None:
+    if url.startswith(("http://", "https://")):
+        raise StorageError(f"cannot {what} {url}: http(s) storage is read-only")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _open_remote_once(url: str, offset: int):
+    """One attempt at a raw body stream starting at ``offset``."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        kwargs = {"Range": f"bytes={offset}-"} if offset else {}
+        try:
+            return s3_client().get_object(Bucket=bucket, Key=key, **kwargs)["Body"]
+        except Exception as exc:  # noqa: BLE001
+            translated = _s3_error(exc, url, "read")
+            if _is_range_past_end(exc):
+                return io.BytesIO(b"")
+            if translated is exc:
+                raise
+            raise translated from None
+    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise FileNotFoundError(f"no such object: {url}") from None
+        if exc.code == 416:
+            return io.BytesIO(b"")
+        if exc.code in (401, 403):
+            raise StorageError(f"cannot read {url}: access denied (HTTP {exc.code})") from None
+        raise
+    if offset and response.status != 206:
+        response.close()
+        raise StorageError(f"cannot read {url} from byte {offset}: the server ignores Range")
+    return response
+
+
+def _is_range_past_end(exc: Exception) -> bool:
+    import botocore.exceptions as bce
+
+    return isinstance(exc, bce.ClientError) and exc.response.get("Error", {}).get("Code") in (
+        "InvalidRange", "416"
+    )
+
+
+class _ResumingReader(io.RawIOBase):
+    """A remote body that reopens at its current offset after a transient read error."""
+
+    def __init__(self, url: str, offset: int, attempts: int = 5):
+        self.url, self.pos, self.attempts = url, offset, attempts
+        self.body = retry(lambda: _open_remote_once(url, offset), what=f"open {url}")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        for attempt in range(self.attempts):
+            try:
+                data = self.body.read(len(view))
+                break
+            except Exception as exc:  # noqa: BLE001
+                if not is_transient(exc) or attempt == self.attempts - 1:
+                    raise
+                self._close_body()
+                time.sleep(0.2 * (2**attempt) * (0.5 + random.random()))
+                self.body = retry(
+                    lambda: _open_remote_once(self.url, self.pos), what=f"reopen {self.url}"
+                )
+        n = len(data)
+        view[:n] = data
+        self.pos += n
+        return n
+
+    def _close_body(self) -> None:
+        try:
+            self.body.close()
+        except Exception:  # noqa: BLE001  (closing a broken connection may fail too)
+            pass
+
+    def close(self) -> None:
+        if not self.closed:
+            self._close_body()
+        super().close()
+
+
+def open_read(url: str, offset: int = 0) -> io.BufferedIOBase:
+    """A streaming binary reader starting at byte ``offset`` (local seek, or a Range request)."""
+    url = str(url)
+    if not is_remote(url):
+        f = open(url, "rb")  # FileNotFoundError names the path by itself
+        if offset:
+            f.seek(offset)
+        return f
+    return io.BufferedReader(_ResumingReader(url, offset), buffer_size=1 << 20)
+
+
+def read_bytes(url: str) -> bytes:
+    # open_read retries the open and resumes a broken body itself.
+    with open_read(url) as f:
+        return f.read()
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _local_tmp(path: str) -> str:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the result should read like any written file
+    return tmp
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write a whole object atomically: readers see the old content or the new, never a part."""
+    url = str(url)
+    _require_not_http(url, "write")
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        _s3_call(url, "write", lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data))
+        return
+    tmp = _local_tmp(url)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, url)
+    except BaseException:
+        _silent_remove(tmp)
+        raise
+
+
+def upload_file(local_path: str, url: str) -> None:
+    """Copy a local file to ``url`` (S3: multipart for big files; the object appears whole)."""
+    url = str(url)
+    _require_not_http(url, "write")
+    if not os.path.isfile(local_path):
+        raise FileNotFoundError(f"no such file to upload: {local_path}")
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        _s3_call(url, "upload to", lambda: s3_client().upload_file(str(local_path), bucket, key))
+        return
+    tmp = _local_tmp(url)
+    try:
+        shutil.copyfile(local_path, tmp)
+        os.replace(tmp, url)
+    except BaseException:
+        _silent_remove(tmp)
+        raise
+
+
+def _silent_remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+# ----------------------------------------------------------------------------- listing
+
+
+def size(url: str) -> int:
+    """Size in bytes of a file/object; FileNotFoundError if there is none."""
+    url = str(url)
+    if not is_remote(url):
+        return os.path.getsize(url)
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        head = _s3_call(url, "stat", lambda: s3_client().head_object(Bucket=bucket, Key=key))
+        return int(head["ContentLength"])
+    request = urllib.request.Request(url, method="HEAD")
+    try:
+        with retry(lambda: urllib.request.urlopen(request, timeout=30), what=f"stat {url}") as r:
+            return int(r.headers["Content-Length"])
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise FileNotFoundError(f"no such object: {url}") from None
+        raise
+
+
+def _s3_keys(url: str, delimiter: Optional[str]) -> tuple[list[str], list[str]]:
+    """(object keys, common prefixes) under ``url`` treated as a directory."""
+    bucket, key = split_s3(url)
+    prefix = key.rstrip("/") + "/" if key else ""
+    keys: list[str] = []
+    prefixes: list[str] = []
+
+    def list_all() -> None:
+        keys.clear()
+        prefixes.clear()
+        kwargs = {"Bucket": bucket, "Prefix": prefix}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        for page in s3_client().get_paginator("list_objects_v2").paginate(**kwargs):
+            keys.extend(o["Key"] for o in page.get("Contents", ()))
+            prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", ()))
+
+    _s3_call(url, "list", list_all)
+    return keys, prefixes
+
+
+def exists(url: str) -> bool:
+    """True if ``url`` is an object/file or a non-empty prefix/directory."""
+    url = str(url)
+    if not is_remote(url):
+        return os.path.exists(url)
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        if not key:
+            return bool(_s3_keys(url, "/")[0] or _s3_keys(url, "/")[1])
+        # LIST rather than HEAD: a HEAD's 404 cannot tell a missing key from a missing bucket.
+        for prefix in (key, key.rstrip("/") + "/"):
+            page = _s3_call(url, "check", lambda p=prefix: s3_client().list_objects_v2(
+                Bucket=bucket, Prefix=p, MaxKeys=1))
+            first = [o["Key"] for o in page.get("Contents", ())]
+            if first and (first[0] == key or first[0].startswith(key.rstrip("/") + "/")):
+                return True
+        return False
+    try:
+        request = urllib.request.Request(url, method="HEAD")
+        retry(lambda: urllib.request.urlopen(request, timeout=30).close(), what=f"check {url}")
+        return True
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return False
+        raise
+
+
+def listdir(url: str) -> list[str]:
+    """Sorted names directly under a directory / prefix (files and sub-directories)."""
+    url = str(url)
+    _require_not_http(url, "list")
+    if not is_s3(url):
+        return sorted(os.listdir(url))
+    _, key = split_s3(url)
+    base = key.rstrip("/") + "/" if key else ""
+    keys, prefixes = _s3_keys(url, "/")
+    names = {k[len(base):] for k in keys} | {p[len(base):].rstrip("/") for p in prefixes}
+    names.discard("")
+    return sorted(names)
+
+
+def remove(url: str, missing_ok: bool = True) -> None:
+    """Remove a file/object, or a whole directory/prefix."""
+    url = str(url)
+    _require_not_http(url, "remove")
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        if not missing_ok and not exists(url):
+            raise FileNotFoundError(f"no such object: {url}")
+        keys, _ = _s3_keys(url, None)
+        # Deleting a key that does not exist is a no-op in S3, so the object itself is included.
+        targets = keys + ([key] if key else [])
+        for i in range(0, len(targets), 1000):  # delete_objects takes at most 1000 keys
+            batch = [{"Key": k} for k in targets[i:i + 1000]]
+            _s3_call(url, "remove", lambda b=batch: s3_client().delete_objects(
+                Bucket=bucket, Delete={"Objects": b, "Quiet": True}))
+        return
+    if os.path.isdir(url) and not os.path.islink(url):
+        shutil.rmtree(url)
+    elif os.path.lexists(url):
+        os.remove(url)
+    elif not missing_ok:
+        raise FileNotFoundError(f"no such file: {url}")
+
+
+def upload_dir(local_dir: str, url: str) -> None:
+    """Copy a local directory tree to ``url`` (files only; existing objects are overwritten)."""
+    if not os.path.isdir(local_dir):
+        raise FileNotFoundError(f"no such directory to upload: {local_dir}")
+    for dirpath, _, files in os.walk(local_dir):
+        rel = os.path.relpath(dirpath, local_dir)
+        for name in sorted(files):
+            parts = [p for p in rel.split(os.sep) if p not in ("", ".")] + [name]
+            upload_file(os.path.join(dirpath, name), join(url, *parts))
+
+
+def download_dir(url: str, local_dir: str) -> None:
+    """Copy everything under ``url`` into ``local_dir`` (created if needed)."""
+    url = str(url)
+    if not is_s3(url):
+        _require_not_http(url, "download a directory from")
+        shutil.copytree(url, local_dir, dirs_exist_ok=True)
+        return
+    bucket, key = split_s3(url)
+    base = key.rstrip("/") + "/" if key else ""
+    keys, _ = _s3_keys(url, None)
+    if not keys:
+        raise FileNotFoundError(f"nothing under {url}")
+    for k in keys:
+        rel = k[len(base):]
+        if not rel or rel.endswith("/"):
+            continue
+        target = os.path.join(local_dir, *rel.split("/"))
+        tmp = _local_tmp(target)
+        source = f"s3://{bucket}/{k}"
+        try:
+            _s3_call(source, "download", lambda k=k, t=tmp: s3_client().download_file(bucket, k, t))
+            os.replace(tmp, target)
+        except BaseException:
+            _silent_remove(tmp)
+            raise

@@ -1,0 +1,348 @@
+"""Streaming packed shards on every rank, with exact and elastic mid-epoch resume.
+
+    loader = ShardLoader(source, "train", rank=r, world_size=W, batch_size=b, global_batch=G,
+                         workers=K, seed=s, train=True, augment=AugmentParams())
+    while loader.epoch < epochs:
+        for batch in loader:          # the REST of the current epoch
+            ...
+            state = loader.state_dict()   # after the optimizer step
+
+Who calls what: every rank builds its own loader and reads only its own part of each epoch
+(`plan.py` says which). The position part of the state is identical on all ranks, so the
+trainer saves rank 0's `state_dict()` in the checkpoint, and on restart every rank calls
+`load_state_dict` with that same dict before iterating. `skipped` in the state is the count of
+corrupt samples the saving rank met (informational; it does not move positions).
+
+A loader iterates one epoch per `for`: a torch DataLoader whose workers each produce the
+batches `plan.EpochPlan.schedule` gives them, so the DataLoader's round-robin yields the rank's
+batch sequence. Workers collate: a batch is built from one worker's samples. Resume is
+"regenerate the plan, skip the consumed positions": consumed samples are never fetched,
+decoded or augmented.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from resnet.data import augment as A
+from resnet.data import format as fmt
+from resnet.data import plan as P
+from resnet.data import storage
+from resnet.data.augment import AugmentParams
+from resnet.data.shardio import ShardError, read_samples
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+__all__ = ["ShardLoader", "Batch", "AugmentParams", "ShardError", "STATE_VERSION"]
+
+
+@dataclass
+class Batch:
+    labels: torch.Tensor  # int64 [n]; -1 for unlabelled splits
+    keys: list[str]
+    skipped: int = 0  # corrupt samples left out of this batch
+    images: Optional[torch.Tensor] = None  # uint8 [n, 3, S, S] (decode="cpu")
+    jpegs: Optional[list[torch.Tensor]] = None  # decode="device": encoded bytes ...
+    boxes: Optional[torch.Tensor] = None  # ... float [n, 4] x0, y0, x1, y1 in source pixels
+    flips: Optional[torch.Tensor] = None  # ... bool [n]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
+        pin = lambda t: t.pin_memory() if t is not None else None  # noqa: E731
+        return Batch(pin(self.labels), self.keys, self.skipped, pin(self.images), self.jpegs,
+                     pin(self.boxes), pin(self.flips))
+
+
+class CorruptSample(ValueError):
+    pass
+
+
+class RateLimitedLog:
+    """At most one warning per `interval` seconds, with the count of those held back."""
+
+    def __init__(self, interval: float = 10.0):
+        self.interval, self.last, self.held = interval, -float("inf"), 0
+
+    def warn(self, msg: str, *args) -> None:
+        now = time.monotonic()  # the clock only paces logging, never data
+        if now - self.last < self.interval:
+            self.held += 1
+            return
+        extra = f" ({self.held} more since the last report)" if self.held else ""
+        log.warning(msg + extra, *args)
+        self.last, self.held = now, 0
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What one rank's workers need for one epoch (pickled into each worker)."""
+
+    root: str
+    shards: tuple[fmt.ShardInfo, ...]
+    order: P.EpochOrder
+    schedule: tuple[tuple[tuple[P.Interval, ...], int], ...]  # per physical worker
+    batch_size: int
+    train: bool
+    labelled: bool
+    num_classes: int
+    decode: str
+    augment: AugmentParams = field(default_factory=AugmentParams)
+
+
+def _label(files: dict[str, bytes], job: _Job) -> int:
+    raw = files.get(fmt.LABEL_EXT)
+    if raw is None:
+        if job.labelled:
+            raise CorruptSample(f"no .{fmt.LABEL_EXT}")
+        return -1
+    try:
+        label = int(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise CorruptSample(f"bad .{fmt.LABEL_EXT} {raw[:20]!r}") from None
+    if not 0 <= label < job.num_classes:
+        raise CorruptSample(f"label {label} outside 0..{job.num_classes - 1}")
+    return label
+
+
+def _prepare(key: str, files: dict[str, bytes], job: _Job):
+    """(payload, label): an augmented uint8 image, or (jpeg, box, flip) for device decoding."""
+    label = _label(files, job)
+    data = files.get(fmt.IMAGE_EXT)
+    if data is None:
+        raise CorruptSample(f"no .{fmt.IMAGE_EXT}")
+    p, seed, epoch = job.augment, job.order.seed, job.order.epoch
+    try:
+        if job.decode == "device":
+            jpeg, w, h = A.for_device(data)
+            box, flip = A.train_view(w, h, p, seed, epoch, key) if job.train else (
+                A.eval_box(w, h, p), False)
+            return (jpeg, box, flip), label
+        img = A.decode(data)
+    except A.DecodeError as exc:
+        raise CorruptSample(str(exc)) from None
+    if job.train:
+        box, flip = A.train_view(img.shape[2], img.shape[1], p, seed, epoch, key)
+        return A.cpu_train(img, box, flip, p.image_size), label
+    return A.cpu_eval(img, p), label
+
+
+def _samples(job: _Job, positions, log_: RateLimitedLog) -> Iterator[tuple[str, object]]:
+    """(key, (payload, label) or None for a corrupt/missing sample), in position order."""
+    for shard, indices in job.order.reads(positions):
+        info = job.shards[shard]
+        url = storage.join(job.root, info.name)
+        wanted = [int(i) for i in indices]
+        pending: dict[int, tuple[str, dict]] = {}
+        nxt = 0
+        for index, key, files in read_samples(url, set(wanted)):
+            pending[index] = (key, files)
+            # Emit in the shuffled order as soon as the next one is in: at most one shard's
+            # needed samples are ever held, as raw bytes.
+            while nxt < len(wanted) and wanted[nxt] in pending:
+                yield _one(url, wanted[nxt], *pending.pop(wanted[nxt]), job, log_)
+                nxt += 1
+        for index in wanted[nxt:]:
+            log_.warn("shard %s: sample %d is missing (the shard is shorter than its manifest "
+                      "says); skipped", url, index)
+            yield f"{info.name}#{index}", None
+
+
+def _one(url, index, key, files, job, log_):
+    try:
+        return key, _prepare(key, files, job)
+    except CorruptSample as exc:
+        log_.warn("shard %s: corrupt sample %s (#%d): %s; skipped", url, key, index, exc)
+        return key, None
+
+
+def _collate(items: list[tuple[str, object]], job: _Job) -> Batch:
+    good = [(k, v) for k, v in items if v is not None]
+    keys = [k for k, _ in good]
+    labels = torch.tensor([v[1] for _, v in good], dtype=torch.int64)
+    skipped = len(items) - len(good)
+    if job.decode == "device":
+        payload = [v[0] for _, v in good]
+        return Batch(labels, keys, skipped, jpegs=[x[0] for x in payload],
+                     boxes=torch.tensor([x[1] for x in payload],
+                                        dtype=torch.float32).reshape(-1, 4),
+                     flips=torch.tensor([x[2] for x in payload], dtype=torch.bool))
+    images = [v[0] for _, v in good]
+    if images:
+        stacked = torch.stack(images)
+    else:
+        size = job.augment.image_size  # an all-corrupt batch still counts: equal batch counts
+        stacked = torch.empty(0, 3, size, size, dtype=torch.uint8)
+    return Batch(labels, keys, skipped, images=stacked)
+
+
+class _EpochStream(IterableDataset):
+    def __init__(self, job: _Job):
+        self.job = job
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        positions, count = self.job.schedule[info.id if info else 0]
+        yield from _batches(self.job, positions, count)
+
+
+def _batches(job: _Job, positions, count: int) -> Iterator[Batch]:
+    log_ = RateLimitedLog()
+    items: list = []
+    produced = 0
+    for item in _samples(job, positions, log_):
+        items.append(item)
+        if len(items) == job.batch_size:
+            yield _collate(items, job)
+            produced, items = produced + 1, []
+    if items:
+        yield _collate(items, job)
+        produced += 1
+    if produced != count:  # the plan and the reader disagree: never hand out a wrong epoch
+        raise RuntimeError(f"worker produced {produced} batches, the plan says {count}")
+
+
+def _init_worker(_: int) -> None:
+    torch.set_num_threads(1)  # one decode per core; intra-op threads only oversubscribe
+
+
+class ShardLoader:
+    """The rank's stream over a packed split; see the module docstring for the protocol."""
+
+    def __init__(self, source: str, split: str, *, rank: int, world_size: int,
+                 batch_size: int, global_batch: int, workers: int, seed: int, train: bool,
+                 augment: AugmentParams = AugmentParams(), decode: str = "cpu",
+                 prefetch_factor: int = 2, pin_memory: bool = False):
+        if decode not in ("cpu", "device"):
+            raise ValueError(f"decode must be 'cpu' or 'device', got {decode!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        if batch_size < 1 or workers < 0:
+            raise ValueError(f"batch_size must be >= 1 and workers >= 0 "
+                             f"(got {batch_size}, {workers})")
+        if train and global_batch % (world_size * batch_size):
+            raise ValueError(f"global_batch {global_batch} is not a multiple of world_size x "
+                             f"batch_size = {world_size} x {batch_size}")
+        self.source, self.split, self.rank = source, split, rank
+        self.train, self.seed, self.decode = train, seed, decode
+        self.global_batch = global_batch if train else max(1, global_batch)
+        self.workers, self.prefetch_factor, self.pin_memory = workers, prefetch_factor, pin_memory
+        self.augment = augment
+        self.manifest = fmt.load_manifest(source)
+        self._split = self.manifest.split(split)
+        self._sizes = tuple(s.samples for s in self._split.shards)
+        self._topology = P.Segment(world_size, max(1, workers), batch_size)
+        self.skipped = 0
+        self._start(0, ())
+
+    # ------------------------------------------------------------------ plan bookkeeping
+    def _start(self, epoch: int, segments: tuple[P.Segment, ...]) -> None:
+        order = P.EpochOrder(self._sizes, self.seed, epoch, shuffle=self.train)
+        self._plan = P.EpochPlan(order, self.global_batch, self.train, segments).resume(
+            self._topology)
+        self.epoch = epoch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        order = P.EpochOrder(self._sizes, self.seed, self.epoch, shuffle=self.train)
+        fresh = P.EpochPlan(order, self.global_batch, self.train).resume(self._topology)
+        return fresh.batches_total(self.rank)
+
+    @property
+    def batches_remaining(self) -> int:
+        return self._plan.batches_remaining(self.rank)
+
+    @property
+    def samples_consumed(self) -> int:
+        """Positions of the current epoch consumed by all ranks together."""
+        return P.usable(self._plan.order.total, self.global_batch, self.train) \
+            - sum(s.dropped for s in self._plan.segments) - P.length(self._plan.remaining())
+
+    # ------------------------------------------------------------------ iteration
+    def _job(self) -> _Job:
+        schedule = tuple((tuple(pos), n) for pos, n in self._plan.schedule(self.rank))
+        return _Job(self.source, self._split.shards, self._plan.order, schedule,
+                    self._topology.batch_size, self.train, self._split.labelled,
+                    self.manifest.num_classes, self.decode, self.augment)
+
+    def __iter__(self) -> Iterator[Batch]:
+        expected = self.batches_remaining
+        if expected:
+            job = self._job()
+            if self.workers == 0:
+                batches = _batches(job, *job.schedule[0])
+            else:
+                batches = iter(DataLoader(
+                    _EpochStream(job), batch_size=None, num_workers=self.workers,
+                    prefetch_factor=self.prefetch_factor, worker_init_fn=_init_worker,
+                    pin_memory=self.pin_memory, persistent_workers=False))
+            try:
+                for batch in batches:
+                    self._plan = self._plan.advance(1)
+                    self.skipped += batch.skipped
+                    yield batch
+            finally:
+                del batches  # shuts the workers down when the caller stops early
+        if self._plan.batches_remaining(self.rank) == 0:
+            self._start(self.epoch + 1, ())
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Small, JSON-serialisable; reflects the batches handed out so far."""
+        return {
+            "version": STATE_VERSION,
+            "split": self.split,
+            "train": self.train,
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "fingerprint": self.manifest.fingerprint,
+            "global_batch": self.global_batch,
+            "samples_consumed": self.samples_consumed,
+            "skipped": self.skipped,
+            "segments": [asdict(s) for s in self._plan.segments if s.batches or s.dropped],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state`: exactly at the same topology, elastically at another."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r} is not "
+                             f"{STATE_VERSION}; it was written by another resnet version")
+        if state["fingerprint"] != self.manifest.fingerprint:
+            raise ValueError(
+                f"the checkpoint's data loader state belongs to another data set (fingerprint "
+                f"{state['fingerprint'][:12]}...), not {self.source} "
+                f"({self.manifest.fingerprint[:12]}...); resume with the data set it was "
+                f"trained on, or start a new run")
+        for name in ("seed", "split", "train"):
+            if state[name] != getattr(self, name):
+                raise ValueError(f"the loader state has {name}={state[name]!r} but this "
+                                 f"loader has {name}={getattr(self, name)!r}; the epoch order "
+                                 f"would differ")
+        segments = tuple(P.Segment(**s) for s in state["segments"])
+        if state["global_batch"] != self.global_batch and segments:
+            raise ValueError(
+                f"the loader state was saved mid-epoch with global_batch {state['global_batch']}"
+                f", this loader has {self.global_batch}; keep the global batch (the trainer "
+                f"accumulates gradients to do so) or resume from an epoch boundary")
+        self.skipped = int(state.get("skipped", 0))
+        self._start(int(state["epoch"]), segments)
+        if self._plan.current.dropped:
+            log.warning("the loader state was not saved at an optimizer-step boundary: resuming "
+                        "under a new topology leaves %d samples of this epoch out",
+                        self._plan.current.dropped)
+
+
+def eval_loader(source: str, split: str = "val", *, batch_size: int, workers: int = 2,
+                rank: int = 0, world_size: int = 1, augment: AugmentParams = AugmentParams(),
+                decode: str = "cpu") -> ShardLoader:
+    """A standalone validation loader: stored order, every sample once across ranks."""
+    return ShardLoader(source, split, rank=rank, world_size=world_size, batch_size=batch_size,
+                       global_batch=1, workers=workers, seed=0, train=False, augment=augment,
+                       decode=decode)

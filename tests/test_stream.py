@@ -1,0 +1,234 @@
+"""The shard loader end to end on local shards: exactly once, resume, elastic, faults, decode."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+import torch
+
+from resnet.data import augment as A
+from resnet.data import shardio
+from resnet.data.stream import AugmentParams, ShardError, ShardLoader, eval_loader
+from shards_helper import make_shards
+
+AUG = AugmentParams(image_size=16)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    return str(make_shards(root, [9, 6, 11], extra_splits={"val": [5, 4]}))
+
+
+def loader(root, rank=0, world=1, b=2, g=None, k=0, seed=0, train=True, **kw):
+    return ShardLoader(root, "train" if train else "val", rank=rank, world_size=world,
+                       batch_size=b, global_batch=g or world * b, workers=k, seed=seed,
+                       train=train, augment=AUG, **kw)
+
+
+def epoch_keys(loaders):
+    """One epoch of every rank: {rank: [batch keys]} (ranks run one after the other)."""
+    return {i: [tuple(b.keys) for b in ld] for i, ld in enumerate(loaders)}
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("world,k,b,gmul", [(1, 0, 4, 1), (2, 2, 2, 2), (3, 3, 1, 1), (4, 1, 3, 1)])
+def test_every_sample_once_and_equal_counts(shards, world, k, b, gmul):
+    g = world * b * gmul
+    loaders = [loader(shards, r, world, b, g, k) for r in range(world)]
+    got = epoch_keys(loaders)
+    assert len({len(v) for v in got.values()}) == 1
+    assert all(len(v) == loaders[0].batches_per_epoch for v in got.values())
+    keys = [key for v in got.values() for batch in v for key in batch]
+    assert len(keys) == len(set(keys)) == 26 // g * g
+    assert all(ld.epoch == 1 for ld in loaders)
+
+
+def test_epochs_differ_and_repeat_with_the_seed(shards):
+    a, b = loader(shards, k=1), loader(shards, k=1)
+    first = [x.keys for x in a]
+    assert [x.keys for x in a] != first
+    assert [x.keys for x in b] == first
+
+
+@pytest.mark.parametrize("k,stop", [(0, 3), (2, 5)])
+def test_resume_same_topology_is_identical(shards, k, stop):
+    world, b = 2, 2
+    full = [list(loader(shards, r, world, b, 8, k)) for r in range(world)]
+    for r in range(world):
+        ld = loader(shards, r, world, b, 8, k)
+        it = iter(ld)
+        for _ in range(stop):
+            next(it)
+        state = json.loads(json.dumps(ld.state_dict()))
+        it.close()
+        resumed = loader(shards, r, world, b, 8, k)
+        resumed.load_state_dict(state)
+        assert resumed.batches_remaining == len(full[r]) - stop
+        rest = list(resumed)
+        assert [x.keys for x in rest] == [x.keys for x in full[r][stop:]]
+        for x, y in zip(rest, full[r][stop:]):
+            assert torch.equal(x.images, y.images) and torch.equal(x.labels, y.labels)
+        assert resumed.epoch == 1
+
+
+@pytest.mark.parametrize("before,after", [((2, 2, 2), (1, 0, 4)), ((1, 1, 4), (4, 2, 1))])
+def test_elastic_resume_uses_each_sample_once(shards, before, after):
+    (w1, k1, b1), (w2, k2, b2), g = before, after, 8
+    steps = 1
+    first = [loader(shards, r, w1, b1, g, k1) for r in range(w1)]
+    used, state = [], None
+    for ld in first:
+        it = iter(ld)
+        for _ in range(steps * g // (w1 * b1)):
+            used += next(it).keys
+        state = ld.state_dict()
+        it.close()
+    assert state["samples_consumed"] == steps * g
+    second = [loader(shards, r, w2, b2, g, k2) for r in range(w2)]
+    for ld in second:
+        ld.load_state_dict(state)
+    got = epoch_keys(second)
+    assert len({len(v) for v in got.values()}) == 1
+    used += [key for v in got.values() for batch in v for key in batch]
+    assert len(used) == len(set(used)) == 24
+    nxt = second[0].state_dict()
+    assert nxt["epoch"] == 1 and nxt["segments"] == []
+
+
+def test_refuses_another_data_set_or_seed(shards, tmp_path):
+    other = str(make_shards(tmp_path / "other", [9, 6, 11], seed=1))
+    state = loader(shards).state_dict()
+    with pytest.raises(ValueError, match="another data set"):
+        loader(other).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed"):
+        loader(shards, seed=1).load_state_dict(state)
+
+
+def test_refuses_a_global_batch_that_does_not_split(shards):
+    with pytest.raises(ValueError, match="multiple of world_size"):
+        loader(shards, world=2, b=3, g=8)
+
+
+def test_corrupt_samples_skipped_with_equal_counts(tmp_path, caplog):
+    bad = {1: "jpeg", 4: "nojpg", 7: "nocls", 8: "badcls", 12: "range"}
+    root = str(make_shards(tmp_path / "bad", [6, 5, 4], corrupt=bad))
+    loaders = [loader(root, r, 2, 2, 4, k=1) for r in range(2)]
+    with caplog.at_level(logging.WARNING):
+        got = [list(ld) for ld in loaders]
+    assert len(got[0]) == len(got[1]) == 3
+    keys = [k for batches in got for b in batches for k in b.keys]
+    skipped = sum(b.skipped for batches in got for b in batches)
+    assert len(keys) + skipped == 12 and len(set(keys)) == len(keys)
+    assert sum(ld.skipped for ld in loaders) == skipped
+    assert all(len(b.keys) + b.skipped == 2 for bs in got for b in bs)
+
+
+def test_eval_every_sample_once_across_ranks(shards):
+    for world in (1, 2, 3):
+        got = [list(eval_loader(shards, batch_size=2, workers=r % 2, rank=r, world_size=world,
+                                augment=AUG))
+               for r in range(world)]
+        keys = [k for bs in got for b in bs for k in b.keys]
+        assert sorted(keys) == sorted(set(keys)) and len(keys) == 9
+        assert all(b.images.shape[1:] == (3, 16, 16) for bs in got for b in bs)
+
+
+def test_missing_shard_names_its_url(tmp_path, monkeypatch):
+    root = make_shards(tmp_path / "m", [4, 4])
+    (root / "train-000001.tar").unlink()
+    monkeypatch.setattr(shardio, "_backoff", lambda attempt: 0.0)
+    with pytest.raises(ShardError, match="train-000001.tar"):
+        list(loader(str(root), b=4))
+
+
+class _Flaky(io.RawIOBase):
+    """A file that raises a connection reset after `limit` bytes (once per open)."""
+
+    def __init__(self, path, offset, limit):
+        self.f = open(path, "rb")
+        self.f.seek(offset)
+        self.left = limit
+
+    def readable(self):
+        return True
+
+    def read(self, n=-1):
+        if self.left is not None and n > self.left:
+            raise ConnectionResetError("connection reset by peer (test)")
+        if self.left is not None:
+            self.left -= n
+        return self.f.read(n)
+
+    def close(self):
+        self.f.close()
+        super().close()
+
+
+def test_transient_error_reopens_at_the_member(tmp_path, monkeypatch):
+    root = make_shards(tmp_path / "f", [8])
+    url = str(root / "train-000000.tar")
+    monkeypatch.setattr(shardio, "_backoff", lambda attempt: 0.0)
+    opened = []
+
+    def flaky(path, offset=0):
+        opened.append(offset)
+        return _Flaky(path, offset, 3000 if len(opened) < 3 else None)
+
+    clean = list(shardio.read_samples(url, set(range(8))))
+    got = list(shardio.read_samples(url, set(range(8)), opener=flaky))
+    assert got == clean
+    assert len(opened) == 3 and opened[1] > 0 and opened[1] % 512 == 0
+
+
+def test_a_truncated_stream_is_retried_then_reported(tmp_path, monkeypatch):
+    root = make_shards(tmp_path / "t", [6])
+    url = str(root / "train-000000.tar")
+    monkeypatch.setattr(shardio, "_backoff", lambda attempt: 0.0)
+    data = (root / "train-000000.tar").read_bytes()
+    with pytest.raises(ShardError, match="train-000000.tar"):
+        list(shardio.read_samples(url, {5}, opener=lambda u, o=0: io.BytesIO(data[o:2000])))
+
+
+def test_reading_stops_after_the_last_needed_sample(tmp_path):
+    root = make_shards(tmp_path / "s", [10])
+    url = str(root / "train-000000.tar")
+    reads = []
+
+    class Counting(io.FileIO):
+        def read(self, n=-1):
+            out = super().read(n)
+            reads.append(len(out))
+            return out
+
+    def opener(path, offset=0):
+        f = Counting(path)
+        f.seek(offset)
+        return f
+
+    got = list(shardio.read_samples(url, {0, 2}, opener=opener))
+    assert [i for i, _, _ in got] == [0, 2]
+    assert sum(reads) < (root / "train-000000.tar").stat().st_size / 2
+
+
+def test_device_decode_matches_cpu_shapes_and_content(shards):
+    cpu = next(iter(loader(shards, b=4, train=False)))
+    dev = next(iter(loader(shards, b=4, train=False, decode="device")))
+    assert dev.images is None and len(dev.jpegs) == 4 and dev.boxes.shape == (4, 4)
+    out = A.decode_on_device(dev, "cpu", AUG)
+    assert out.dtype == torch.uint8 and out.shape == cpu.images.shape
+    assert (out.float() - cpu.images.float()).abs().mean() < 20
+    train = next(iter(loader(shards, b=4, decode="device")))
+    assert A.decode_on_device(train, "cpu", AUG).shape == (4, 3, 16, 16)
+
+
+def test_crop_parameters_are_a_function_of_seed_epoch_key():
+    p = AugmentParams()
+    a = A.train_view(500, 375, p, 0, 3, "n01/abc")
+    assert a == A.train_view(500, 375, p, 0, 3, "n01/abc")
+    assert a != A.train_view(500, 375, p, 0, 4, "n01/abc")
+    for key in range(50):
+        (x0, y0, x1, y1), _ = A.train_view(50, 40, p, 1, 0, str(key))
+        assert 0 <= x0 < x1 <= 50 and 0 <= y0 < y1 <= 40

@@ -1,0 +1,114 @@
+"""verify: a clean pack passes; each kind of damage is caught and named."""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import replace
+
+import pytest
+from webdataset import TarWriter
+
+from resnet.cli import main
+from resnet.data import storage, synthetic
+from resnet.data.format import MANIFEST_NAME, ShardInfo, load_manifest
+from resnet.data.pack import PackOptions, pack
+from resnet.data.verify import verify
+
+
+@pytest.fixture
+def packed(tiny_imagefolder, tmp_path) -> str:
+    dest = str(tmp_path / "out")
+    pack(str(tiny_imagefolder), dest, "imagefolder", PackOptions(samples_per_shard=5, workers=1),
+         progress=False)
+    return dest
+
+
+def _flip_byte(path: str, offset: int) -> None:
+    data = bytearray(open(path, "rb").read())
+    data[offset] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+def _replace_shard(dest: str, split: str, index: int, samples: list[dict]) -> None:
+    """Write a new shard in place of one and fix its manifest entry, so only content differs."""
+    manifest = load_manifest(dest)
+    info = manifest.split(split).shards[index]
+    buf = io.BytesIO()
+    with TarWriter(buf, encoder=False, mtime=0) as tar:
+        for s in samples:
+            tar.write(s)
+    data = buf.getvalue()
+    storage.write_bytes(storage.join(dest, info.name), data)
+    shards = list(manifest.split(split).shards)
+    shards[index] = ShardInfo(info.name, len(samples), len(data), hashlib.sha256(data).hexdigest())
+    splits = dict(manifest.splits)
+    splits[split] = replace(manifest.split(split), shards=tuple(shards))
+    fixed = replace(manifest, splits=splits)
+    storage.write_bytes(storage.join(dest, MANIFEST_NAME), fixed.to_json().encode())
+
+
+def test_clean_pack_passes(packed):
+    report = verify(packed, decode=True, progress=False)
+    assert report.ok and report.samples == 24 and report.shards == 6
+
+
+def test_corrupted_shard_is_named(packed):
+    _flip_byte(os.path.join(packed, "train-000001.tar"), 3000)
+    report = verify(packed, progress=False)
+    assert not report.ok
+    assert any("train-000001.tar" in p and "sha256" in p for p in report.problems)
+    assert main(["verify", packed, "--quiet"]) == 1
+
+
+def test_missing_and_short_shards(packed):
+    os.remove(os.path.join(packed, "val-000000.tar"))
+    path = os.path.join(packed, "train-000000.tar")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-1024])
+    problems = verify(packed, progress=False).problems
+    assert any(p == "val-000000.tar: missing" for p in problems)
+    assert any("train-000000.tar" in p and "size" in p for p in problems)
+
+
+def test_label_out_of_range_and_missing_member(packed):
+    jpg = synthetic.encode_jpeg(synthetic.class_image(0, 3, (16, 16)))
+    _replace_shard(packed, "train", 0, [
+        {"__key__": "a", "jpg": jpg, "cls": b"7"},
+        {"__key__": "b", "jpg": jpg},
+    ])
+    problems = verify(packed, progress=False).problems
+    assert any("a.cls: label 7 is out of range 0..2" in p for p in problems)
+    assert any("sample 'b' has no .cls" in p for p in problems)
+
+
+def test_decode_catches_what_the_header_check_cannot(packed):
+    jpg = synthetic.encode_jpeg(synthetic.class_image(0, 3, (64, 64)))
+    broken = jpg[:300] + bytes(len(jpg) - 302) + b"\xff\xd9"  # header fine, scan data zeroed
+    _replace_shard(packed, "val", 0, [{"__key__": "z", "jpg": broken, "cls": b"0"}])
+    assert verify(packed, progress=False).ok
+    problems = verify(packed, decode=True, progress=False).problems
+    assert any("z.jpg does not decode" in p for p in problems), problems
+
+
+def test_png_member_is_refused(packed):
+    png = synthetic._odd_bytes("png", synthetic.class_image(0, 3, (8, 8)), 90)
+    _replace_shard(packed, "val", 0, [{"__key__": "p", "jpg": png, "cls": b"0"}])
+    assert any("not a JPEG" in p for p in verify(packed, progress=False).problems)
+
+
+def test_no_manifest_is_a_clear_error(tmp_path, capsys):
+    assert main(["verify", str(tmp_path), "--quiet"]) == 1
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_verify_on_s3_catches_corruption(s3_server, tiny_imagefolder):
+    dest = f"s3://{s3_server.bucket}/ds"
+    pack(str(tiny_imagefolder), dest, "imagefolder", PackOptions(samples_per_shard=10, workers=1),
+         progress=False)
+    assert verify(dest, progress=False).ok
+    url = storage.join(dest, "train-000000.tar")
+    data = bytearray(storage.read_bytes(url))
+    data[2000] ^= 0xFF
+    storage.write_bytes(url, bytes(data))
+    assert any("train-000000.tar" in p for p in verify(dest, progress=False).problems)
