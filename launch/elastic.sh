@@ -29,38 +29,8 @@ Example:
 USAGE
 }
 
-die() { echo "$(basename "$0"): error: $*" >&2; exit 2; }
-
-run() {
-  if [[ "${DRY_RUN:-0}" == 1 ]]; then
-    printf '%q' "$1"; shift; printf ' %q' "$@"; printf '\n'
-  else
-    exec "$@"
-  fi
-}
-
-need() {
-  local name
-  for name in "$@"; do
-    [[ -n "${!name:-}" ]] || die "$name is not set (launch/elastic.sh -h lists the variables)"
-  done
-}
-
-need_int() {
-  [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a non-negative integer, got '$2'"
-}
-
-count_gpus() {
-  command -v nvidia-smi >/dev/null 2>&1 || die "NPROC_PER_NODE is not set and nvidia-smi is not found"
-  nvidia-smi -L | grep -c '^GPU'
-}
-
-check_overrides() {
-  local item
-  for item in "$@"; do
-    [[ "$item" == *=* ]] || die "override '$item' is not of the form key=value"
-  done
-}
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 main() {
   if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then usage; exit 0; fi
@@ -76,7 +46,7 @@ main() {
   need_int MIN_NODES "$MIN_NODES"
   need_int MAX_NODES "$max_nodes"
   (( MIN_NODES >= 1 && MIN_NODES <= max_nodes )) || die "need 1 <= MIN_NODES <= MAX_NODES, got $MIN_NODES:$max_nodes"
-  nproc=${NPROC_PER_NODE:-$(count_gpus)}
+  nproc=${NPROC_PER_NODE:-$(count_gpus NPROC_PER_NODE)}
   need_int NPROC_PER_NODE "$nproc"
   restarts=${MAX_RESTARTS:-3}
   need_int MAX_RESTARTS "$restarts"

@@ -25,38 +25,8 @@ Example (machine 1 of 2):
 USAGE
 }
 
-die() { echo "$(basename "$0"): error: $*" >&2; exit 2; }
-
-run() {
-  if [[ "${DRY_RUN:-0}" == 1 ]]; then
-    printf '%q' "$1"; shift; printf ' %q' "$@"; printf '\n'
-  else
-    exec "$@"
-  fi
-}
-
-need() {
-  local name
-  for name in "$@"; do
-    [[ -n "${!name:-}" ]] || die "$name is not set (launch/multi_node.sh -h lists the variables)"
-  done
-}
-
-need_int() {
-  [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a non-negative integer, got '$2'"
-}
-
-count_gpus() {
-  command -v nvidia-smi >/dev/null 2>&1 || die "GPUS_PER_NODE is not set and nvidia-smi is not found"
-  nvidia-smi -L | grep -c '^GPU'
-}
-
-check_overrides() {
-  local item
-  for item in "$@"; do
-    [[ "$item" == *=* ]] || die "override '$item' is not of the form key=value"
-  done
-}
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 main() {
   if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then usage; exit 0; fi
@@ -73,7 +43,7 @@ main() {
   repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
   accelerate_config=${ACCELERATE_CONFIG:-$repo/configs/accelerate/multi_node.yaml}
   [[ -f "$accelerate_config" ]] || die "accelerate config not found: $accelerate_config"
-  gpus=${GPUS_PER_NODE:-$(count_gpus)}
+  gpus=${GPUS_PER_NODE:-$(count_gpus GPUS_PER_NODE)}
   need_int GPUS_PER_NODE "$gpus"
   port=${MAIN_PORT:-29500}
 

@@ -20,28 +20,9 @@ Example:
 USAGE
 }
 
-die() { echo "$(basename "$0"): error: $*" >&2; exit 2; }
-
 # Print the command (shell-quoted, one line) under DRY_RUN=1, else replace this shell with it.
-run() {
-  if [[ "${DRY_RUN:-0}" == 1 ]]; then
-    printf '%q' "$1"; shift; printf ' %q' "$@"; printf '\n'
-  else
-    exec "$@"
-  fi
-}
-
-count_gpus() {
-  command -v nvidia-smi >/dev/null 2>&1 || die "NUM_GPUS is not set and nvidia-smi is not found"
-  nvidia-smi -L | grep -c '^GPU'
-}
-
-check_overrides() {
-  local item
-  for item in "$@"; do
-    [[ "$item" == *=* ]] || die "override '$item' is not of the form key=value"
-  done
-}
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 main() {
   if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then usage; exit 0; fi
@@ -54,7 +35,7 @@ main() {
   repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
   accelerate_config=${ACCELERATE_CONFIG:-$repo/configs/accelerate/deepspeed_single_node.yaml}
   [[ -f "$accelerate_config" ]] || die "accelerate config not found: $accelerate_config"
-  num_gpus=${NUM_GPUS:-$(count_gpus)}
+  num_gpus=${NUM_GPUS:-$(count_gpus NUM_GPUS)}
   [[ "$num_gpus" =~ ^[1-9][0-9]*$ ]] || die "NUM_GPUS must be a positive integer, got '$num_gpus'"
   port=${MAIN_PORT:-29500}
 
