@@ -21,6 +21,8 @@ import threading
 from pathlib import Path
 from typing import Any, Protocol
 
+from resnet.train import faults
+
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
 PREFIX = "step-"
@@ -100,6 +102,7 @@ class CheckpointManager:
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp))
         self.accelerator.wait_for_everyone()
+        faults.in_checkpoint(step, self.accelerator.process_index)  # test-only; no-op unless armed
         if self._main:
             state = {name: part.state_dict() for name, part in self.parts.items()}
             state.update(extra or {})

@@ -137,6 +137,7 @@ def create_engine(cfg: Config, accumulation: int) -> Engine:
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, accumulation, world_size))
     elif cfg.train.precision in AUTOCAST_DTYPES:
         mixed = cfg.train.precision
+    _init_elastic_process_group("nccl" if on_gpu else "gloo", timedelta(minutes=30))
     accelerator = Accelerator(
         deepspeed_plugin=plugin,
         mixed_precision=mixed,
@@ -158,6 +159,27 @@ def create_engine(cfg: Config, accumulation: int) -> Engine:
         precision=cfg.train.precision,
         control_group=control,
     )
+
+
+def _init_elastic_process_group(backend: str, timeout: timedelta) -> None:
+    """Under torchrun, open the default group in a key space of its own per restart.
+
+    torch 2.14's elastic agent keeps one shared TCPStore across restarts
+    (TORCHELASTIC_USE_AGENT_STORE=True) and env:// hands workers its raw keys, so a restarted
+    gloo group reads the dead attempt's peer addresses ("Gloo connectFullMesh failed ...
+    Connection refused"). Accelerate and DeepSpeed use an initialised group as it is.
+    (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on the launcher avoids it as well.)
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"resnet/attempt_{attempt}", store),
+                            rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
 
 
 def _tracker(cfg: Config):

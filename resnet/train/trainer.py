@@ -19,6 +19,7 @@ from torch import nn
 from resnet.config import Config, save_config, to_dict
 from resnet.data.stream import AugmentParams, ShardLoader
 from resnet.model import build_model
+from resnet.train import faults
 from resnet.train.checkpoint import CheckpointManager, read_state
 from resnet.train.engine import Engine, SetupError, create_engine
 from resnet.train.evaluate import evaluate, export_final, normalize
@@ -110,6 +111,7 @@ class Trainer:
         self.progress = Progress(global_batch=plan.global_batch, world_size=engine.world_size,
                                  zero_stage=cfg.deepspeed.zero_stage,
                                  fingerprint=plan.train_manifest.fingerprint)
+        torch.manual_seed(cfg.seed)  # the initial weights: a function of the seed, per run
         model = build_model(cfg.model.arch, plan.num_classes,
                             zero_init_residual=cfg.model.zero_init_residual)
         if engine.channels_last_weights:
@@ -126,6 +128,7 @@ class Trainer:
                       if cfg.audit.sample_keys else None)
         self.stop = StopFlag()
         self.skipped = 0
+        self.evaluated_at = -1  # the step of the last evaluation
 
     # -- resume ---------------------------------------------------------------------------
     def resume(self) -> None:
@@ -199,6 +202,7 @@ class Trainer:
                 raise SystemExit(128 + int(stop))
             if self.cfg.train.eval_every_steps and step % self.cfg.train.eval_every_steps == 0:
                 self.run_eval()
+            faults.after_step(step, self.engine.rank)  # test-only; a no-op unless armed
         return False
 
     def save(self) -> None:
@@ -247,6 +251,12 @@ class Trainer:
         if self.val_loader is None:
             return None
         model = self.engine.accelerator.unwrap_model(self.model)
+        if self.engine.world_size > 1:
+            # DeepSpeed never syncs buffers: each rank's BatchNorm statistics saw only its own
+            # batches. Rank 0's are the ones checkpointed and exported, so every rank evaluates
+            # with those: the val metrics are the exported model's.
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
         shown: list = []
 
         def keep_examples(batch, logits):
@@ -257,6 +267,7 @@ class Trainer:
         result = evaluate(model, self.val_loader, self.engine.device, self.engine.autocast,
                           lambda t: self.engine.accelerator.reduce(t, "sum"),
                           self.engine.channels_last_input, keep_examples)
+        self.evaluated_at = self.progress.step
         self.logger.log(result, step=self.progress.step)
         if shown:
             names = [c.name for c in self.plan.train_manifest.classes]
@@ -267,6 +278,8 @@ class Trainer:
 
     def finish(self) -> Path:
         self.save()
+        if self.evaluated_at != self.progress.step:  # the last epoch ends on the step budget
+            self.run_eval()
         self.checkpoints.close()
         final = self.run_dir / "final"
         if self.engine.is_main:

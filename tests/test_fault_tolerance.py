@@ -1,0 +1,176 @@
+"""Restarts on CPU: SIGKILL of a worker under torchrun, an agent lost from a 2-node elastic job,
+SIGTERM, and a kill inside a checkpoint write. Faults are placed exactly with the test-only
+hooks of resnet/train/faults.py (environment variables; no-ops when unset).
+
+The exact-restart tests run the same command as the uninterrupted 2-process run of
+tests/trainutil.py (2 epochs of 10 steps, a checkpoint every 4 steps) and compare the final
+weights bit for bit and the audit (which samples each rank used at each step) record for record.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+import trainutil as tu
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    data, run_dir, code, out = tu.baseline_run(tmp_path_factory)
+    assert code == 0, out[-4000:]
+    return data, run_dir
+
+
+def _same_as_baseline(run_dir: Path, baseline_dir: Path, resumed_at: int) -> None:
+    audit, reference = tu.read_audit(run_dir), tu.read_audit(baseline_dir)
+    assert list(audit) == list(reference) == list(range(1, 21))
+    for step in range(resumed_at + 1, 21):  # from the resumed step on, record for record
+        assert {k: r["keys"] for k, r in audit[step].items()} == \
+            {k: r["keys"] for k, r in reference[step].items()}, step
+    tu.assert_bit_identical(tu.final_weights(run_dir), tu.final_weights(baseline_dir))
+
+
+def test_sigkill_of_one_worker_mid_epoch_restarts_exactly(baseline, tmp_path):
+    """Rank 1 SIGKILLs itself right after step 6 (checkpoint at 4): torchrun restarts both."""
+    data, reference = baseline
+    run_dir = tmp_path / "run"
+    code, out = tu.run(tu.torchrun_cmd(2, *tu.overrides(data, run_dir, *tu.BASELINE),
+                                       max_restarts=1), tmp_path / "log.txt",
+                       RESNET_FAULT_AFTER_STEP=6, RESNET_FAULT_RANK=1)
+    assert code == 0, out[-4000:]
+    assert tu.resumed_from(out) == ["step-000000004"]
+    # The killed attempt got past step 6 on rank 0's side, and the restart redid 5, 6, ...
+    first = [int(line.split('"step": ')[1].split(",")[0]) for line in
+             (run_dir / "audit" / "restart000-rank001.jsonl").read_text().splitlines()]
+    assert max(first) == 6
+    again = (run_dir / "audit" / "restart001-rank000.jsonl").read_text().splitlines()
+    assert again[0].startswith('{"step": 5, "micro": 0')
+    _same_as_baseline(run_dir, reference, resumed_at=4)
+
+
+def test_sigterm_writes_a_checkpoint_and_the_next_start_resumes_from_it(baseline, tmp_path):
+    """SIGTERM to torchrun (as SLURM or a spot notice does) mid-epoch, off the checkpoint grid."""
+    data, reference = baseline
+    run_dir, hold = tmp_path / "run", tmp_path / "hold"
+    cmd = tu.torchrun_cmd(2, *tu.overrides(data, run_dir, *tu.BASELINE))
+    launch = tu.Launch(cmd, tmp_path / "log.txt", RESNET_FAULT_AFTER_STEP=6, RESNET_FAULT_RANK=0,
+                       RESNET_FAULT_HOLD=hold)
+    try:
+        tu.wait_for(hold.exists, tu.RUN_TIMEOUT_S, "worker holding after step 6", [launch])
+        os.kill(launch.proc.pid, signal.SIGTERM)  # the agent passes it on to its workers
+        tu.wait_for(lambda: _sent_sigterm(launch), 30, "torchrun passing SIGTERM on", [])
+        hold.unlink()
+        code = launch.wait(120)
+    finally:
+        launch.stop()
+    out = launch.output()
+    assert code != 0
+    stopped = re.findall(r"stopped by signal 15 at step (\d+); checkpoint saved", out)
+    assert stopped, out[-4000:]
+    step = int(stopped[0])
+    assert step > 6 and step % 4, step  # a checkpoint the interval would not have written
+    name = f"step-{step:09d}"
+    assert tu.latest(run_dir) == name
+    assert tu.trainer_state(run_dir / "checkpoints" / name)["progress"]["step"] == step
+    assert not (run_dir / "final").exists()
+
+    code, out = tu.run(cmd, tmp_path / "log2.txt")
+    assert code == 0, out[-4000:]
+    assert tu.resumed_from(out) == [name]
+    _same_as_baseline(run_dir, reference, resumed_at=step)
+
+
+def _sent_sigterm(launch: tu.Launch) -> bool:
+    return "Sending process" in launch.output() or "SIGTERM" in launch.output()
+
+
+def test_kill_inside_a_checkpoint_write_keeps_the_previous_one(baseline, tmp_path):
+    """Rank 0 dies after save_state of step 8, before the rename: step 4 stays the newest."""
+    data, reference = baseline
+    run_dir = tmp_path / "run"
+    cmd = tu.torchrun_cmd(2, *tu.overrides(data, run_dir, *tu.BASELINE))
+    code, out = tu.run(cmd, tmp_path / "log.txt", RESNET_FAULT_AFTER_STEP=8,
+                       RESNET_FAULT_IN_CHECKPOINT=1, RESNET_FAULT_RANK=0)
+    assert code != 0
+    ckpt = run_dir / "checkpoints"
+    partial = ckpt / ".tmp-step-000000008"
+    assert partial.is_dir() and (partial / "pytorch_model").is_dir(), sorted(os.listdir(ckpt))
+    assert not (partial / "trainer_state.json").exists()
+    assert tu.checkpoints(run_dir) == ["step-000000004"]
+    assert tu.latest(run_dir) == "step-000000004"
+
+    code, out = tu.run(cmd, tmp_path / "log2.txt")
+    assert code == 0, out[-4000:]
+    assert tu.resumed_from(out) == ["step-000000004"]
+    assert not partial.exists()
+    _same_as_baseline(run_dir, reference, resumed_at=4)
+
+
+def test_two_agents_one_killed_the_other_finishes_at_world_size_one(baseline, tmp_path):
+    """Two torchrun agents as two nodes (--nnodes 1:2, c10d). The second agent and its worker
+    are SIGKILLed while its worker holds after step 6 (checkpoint at 4); the first agent's
+    worker fails on the next collective, is restarted alone, resumes from step 4 with 2
+    micro-batches per step, and the epoch still uses every sample exactly once."""
+    data, _ = baseline
+    run_dir, hold = tmp_path / "run", tmp_path / "hold"
+    port = tu.free_port()
+    train = tu.overrides(data, run_dir, "train.epochs=1", "checkpoint.every_steps=4", val=False)
+
+    def agent() -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2",
+                "--nproc-per-node", "1", "--max-restarts", "3", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"t{port}",
+                "--rdzv-conf", "join_timeout=120,last_call_timeout=3,keep_alive_interval=1,"
+                "keep_alive_max_attempt=3", "--monitor-interval", "0.5",
+                "-m", "resnet", "train", *train]
+
+    first = tu.Launch(agent(), tmp_path / "agent1.txt")  # hosts the c10d store
+    second = None
+    try:
+        tu.wait_for(lambda: _listening(port), 60, "the c10d store", [first])
+        second = tu.Launch(agent(), tmp_path / "agent2.txt", RESNET_FAULT_AFTER_STEP=6,
+                           RESNET_FAULT_HOLD=hold)
+        tu.wait_for(hold.exists, tu.RUN_TIMEOUT_S, "agent 2's worker holding after step 6",
+                    [first, second])
+        assert tu.checkpoints(run_dir) == ["step-000000004"]
+        worker = int(hold.read_text())
+        os.killpg(second.proc.pid, signal.SIGKILL)  # the agent ...
+        os.killpg(worker, signal.SIGKILL)  # ... and its worker (torchrun gives it a session)
+        second.proc.wait(timeout=10)
+        code = first.wait(tu.RUN_TIMEOUT_S)
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    out = first.output()
+    assert code == 0, out[-4000:]
+    assert tu.resumed_from(out) == ["step-000000004"]
+    assert "world size 1" in out
+
+    audit = tu.read_audit(run_dir)
+    assert list(audit) == list(range(1, 11))
+    for step in range(1, 5):  # two ranks, one micro-batch each
+        assert sorted(r for _, r in audit[step]) == [0, 1], step
+    for step in range(5, 11):  # after the rollback: one rank, two micro-batches
+        assert sorted(audit[step]) == [(0, 0), (1, 0)], step
+    keys = tu.keys_of(audit, tu.epoch_steps(audit, 0))
+    assert len(keys) == tu.TRAIN_SAMPLES
+    assert sorted(keys) == sorted(tu.train_keys(data))
+    state = tu.trainer_state(run_dir / "checkpoints" / "step-000000010")["progress"]
+    assert (state["world_size"], state["global_batch"]) == (1, 16)
+    assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0

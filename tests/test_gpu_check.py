@@ -1,0 +1,90 @@
+"""benchmarks/gpu_check.sh in its tiny CPU mode: every step of the GPU check works end to end.
+
+The GPU check runs once, on a machine lent for minutes; a broken step there wastes the loan.
+Tiny mode runs the same steps (generate + pack, bench_step, two torchrun trainings with the
+audit on, one killed mid-epoch by the fault hook and restarted, compare_runs) on a CPU with
+tiny sizes in about 1.5 minutes, and on a CPU the resume must be bitwise exact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+
+
+@pytest.mark.slow
+def test_tiny_gpu_check_runs_every_step_and_resume_is_exact(tmp_path):
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RESNET_FAULT_", "GPU_CHECK_", "ACCELERATE_", "WANDB_"))}
+    env.update(GPU_CHECK_TINY="1", OUT=str(out), GPU_CHECK_WORK=str(tmp_path / "work"))
+    result = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
+                            timeout=400)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    summary = (out / "summary.txt").read_text()
+    assert "all steps passed" in summary and "resume exact: yes" in summary
+    compare = (out / "compare.log").read_text()
+    assert "restarts [0, 1]" in compare  # the worker really was killed and restarted
+    assert "final weights: " in compare and "bitwise identical" in compare
+    assert "resumed from step-000000004" in (out / "train_b.log").read_text()
+    bench = json.loads((out / "bench_step.json").read_text())["results"]
+    assert len(bench) == 5 and all(r["img_per_s"] > 0 for r in bench)
+    assert "img/s" in (out / "end_to_end.txt").read_text()
+    # Only small files come back from a GPU machine: no images, shards or checkpoints in OUT.
+    assert all(p.stat().st_size < 5_000_000 for p in out.rglob("*") if p.is_file())
+
+
+def _compare_runs():
+    import importlib.util
+
+    path = SCRIPT.parent / "compare_runs.py"
+    spec = importlib.util.spec_from_file_location("compare_runs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_run(run_dir: Path, segments: dict[int, range], keys=lambda step: [f"k{step}"],
+              weight: float = 1.0) -> Path:
+    """A run dir with audit files (restart -> steps it trained) and final weights."""
+    import torch
+    from safetensors.torch import save_file
+
+    (run_dir / "audit").mkdir(parents=True)
+    for restart, steps in segments.items():
+        lines = [json.dumps({"step": s, "micro": 0, "epoch": 0, "rank": 0, "keys": keys(s)})
+                 for s in steps]
+        (run_dir / "audit" / f"restart{restart:03d}-rank000.jsonl").write_text(
+            "\n".join(lines) + "\n")
+    (run_dir / "final").mkdir()
+    save_file({"w": torch.full((2,), weight)}, str(run_dir / "final" / "model.safetensors"))
+    return run_dir
+
+
+def test_compare_runs_verdicts(tmp_path, capsys):
+    compare_runs = _compare_runs()
+    base = _fake_run(tmp_path / "a", {0: range(1, 11)})
+    # Killed after step 7, resumed from the checkpoint at step 5: steps 6, 7 trained twice.
+    good = _fake_run(tmp_path / "b", {0: range(1, 8), 1: range(6, 11)})
+    assert compare_runs.main([str(base), str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "steps 6..10" in out and "resume exact: yes" in out
+
+    other_samples = _fake_run(tmp_path / "c", {0: range(1, 8), 1: range(6, 11)},
+                              keys=lambda s: [f"k{s}" if s != 8 else "other"])
+    assert compare_runs.main([str(base), str(other_samples)]) == 1
+    out = capsys.readouterr().out
+    assert "step 8 micro 0 rank 0: other samples" in out and "resume exact: no" in out
+
+    other_weights = _fake_run(tmp_path / "d", {0: range(1, 8), 1: range(6, 11)}, weight=1.5)
+    assert compare_runs.main([str(base), str(other_weights)]) == 1
+    assert "1 of 1 tensors differ, max |diff| 0.5" in capsys.readouterr().out
+
+    never_restarted = _fake_run(tmp_path / "e", {0: range(1, 11)})
+    assert compare_runs.main([str(base), str(never_restarted)]) == 2
+    assert "never restarted" in capsys.readouterr().err

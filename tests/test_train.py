@@ -1,0 +1,265 @@
+"""Training end to end on CPU: DeepSpeed over gloo with 2 processes, eval, export, resume on
+another world size, ZeRO-1's refusal, the non-finite-loss stop, and bad input failing fast.
+
+The multi-process tests share one uninterrupted 2-process run (tests/trainutil.py) on a tiny
+generated set: resnet18 at 32 px, 160 train / 32 val images, 4 classes, 10 steps per epoch.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import trainutil as tu
+from resnet.config import ConfigError, load_config
+from resnet.train.engine import SetupError
+from resnet.train.preflight import preflight
+
+FAST_S = 60  # generous on a shared 2-core machine; an import of torch is the bulk of it
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return tu.shared_data(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    data, run_dir, code, out = tu.baseline_run(tmp_path_factory)
+    assert code == 0, out[-4000:]
+    return run_dir
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+@pytest.fixture(scope="module")
+def unlabelled_val(data, tmp_path_factory) -> Path:
+    """The same shards, but the manifest says the val split has no labels."""
+    root = tmp_path_factory.mktemp("unlabelled") / "data"
+    shutil.copytree(data, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["splits"]["val"]["labelled"] = False
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def _cfg(data: Path, run_dir: Path, *more: str):
+    return load_config([], tu.overrides(data, run_dir, *more))
+
+
+def test_preflight_accepts_the_tiny_setup(data, tmp_path):
+    plan = preflight(_cfg(data, tmp_path / "run"), world_size=2)
+    assert (plan.num_classes, plan.global_batch, plan.accumulation) == (tu.CLASSES, 16, 1)
+    plan = preflight(_cfg(data, tmp_path / "run", "train.global_batch_size=32"), world_size=2)
+    assert plan.accumulation == 2
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("model.depth=50", "unknown config key 'model.depth'"),
+    ("train.batchsize=8", "did you mean train.batch_size"),
+    ("train.epochs=three", "wrong value for 'train.epochs'"),
+])
+def test_config_errors(data, tmp_path, bad, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        _cfg(data, tmp_path / "run", bad)
+
+
+def test_preflight_errors(data, unlabelled_val, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(SetupError, match="data.train=.*/nowhere: no such directory"):
+        preflight(load_config([], [f"data.train={tmp_path / 'nowhere'}"]), world_size=1)
+    with pytest.raises(SetupError, match="'val' split has no labels"):
+        preflight(_cfg(data, run_dir, f"data.val={unlabelled_val}"), world_size=1)
+    with pytest.raises(SetupError, match="global batch 16 is not divisible by train.batch_size "
+                                         "8 x world size 3"):
+        preflight(_cfg(data, run_dir, "train.global_batch_size=16"), world_size=3)
+
+
+def _unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("case", ["unknown_key", "mistyped_key", "missing_data",
+                                  "unlabelled_val", "indivisible_batch"])
+def test_bad_input_fails_fast_from_the_command_line(case, data, unlabelled_val, tmp_path):
+    """`resnet train` as launched by torchrun (rank 0 of 3): a clear error, code 2, seconds.
+
+    The launcher's variables point at a port nobody serves: had a process group been started,
+    rank 0 would wait there for two peers that never come, and the call would time out.
+    """
+    run_dir = tmp_path / "run"
+    args, message = {
+        "unknown_key": (["model.depth=50"], "unknown config key 'model.depth'"),
+        "mistyped_key": (["optim.momentun=0.8"], "did you mean optim.momentum"),
+        "missing_data": ([f"data.train={tmp_path / 'nowhere'}"], "no such directory"),
+        "unlabelled_val": ([f"data.val={unlabelled_val}"], "'val' split has no labels"),
+        "indivisible_batch": (["train.global_batch_size=16"],
+                              "global batch 16 is not divisible by train.batch_size 8 x world "
+                              "size 3"),
+    }[case]
+    env = tu.env("bad-input", WORLD_SIZE=3, RANK=0, LOCAL_RANK=0, LOCAL_WORLD_SIZE=3,
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=_unused_port())
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "resnet", "train", *tu.overrides(data, run_dir), *args],
+        env=env, cwd=tu.REPO, capture_output=True, text=True, timeout=FAST_S)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "resnet train: error:" in proc.stderr and message in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not (run_dir / "checkpoints").exists()
+    assert elapsed < FAST_S
+
+
+# ------------------------------------------------------------------------------ 2 processes
+
+
+@pytest.mark.slow
+def test_two_deepspeed_processes_train_and_evaluate(baseline, data):
+    run_dir = baseline
+    audit = tu.read_audit(run_dir)
+    assert list(audit) == list(range(1, 21))
+    for step, records in audit.items():  # 2 ranks x 1 micro-batch of 8 per step
+        assert sorted(records) == [(0, 0), (0, 1)], step
+        assert all(len(r["keys"]) == tu.BATCH for r in records.values())
+    everything = tu.train_keys(data)
+    assert len(everything) == tu.TRAIN_SAMPLES
+    for epoch in (0, 1):  # every sample exactly once per epoch, in a new order each epoch
+        keys = tu.keys_of(audit, tu.epoch_steps(audit, epoch))
+        assert sorted(keys) == sorted(everything), epoch
+    assert tu.keys_of(audit, range(1, 11)) != tu.keys_of(audit, range(11, 21))
+
+    # DeepSpeed wrote the checkpoints (its layout); keep=3 pruned the older ones.
+    assert tu.checkpoints(run_dir) == ["step-000000012", "step-000000016", "step-000000020"]
+    assert tu.latest(run_dir) == "step-000000020"
+    last = run_dir / "checkpoints" / "step-000000020"
+    assert (last / "pytorch_model" / "mp_rank_00_model_states.pt").is_file()
+    progress = tu.trainer_state(last)["progress"]
+    assert (progress["step"], progress["world_size"], progress["global_batch"]) == (20, 2, 16)
+    assert progress["samples_seen"] == 2 * tu.TRAIN_SAMPLES
+
+    # Evaluated at the end of each epoch, on every val sample, and exported.
+    evals = [m for m in tu.metrics(run_dir) if "val_top1" in m]
+    assert [m["step"] for m in evals] == [10, 20]
+    assert all(m["val_samples"] == tu.CLASSES * tu.VAL_PER_CLASS for m in evals)
+    assert (run_dir / "final" / "model.safetensors").is_file()
+    classes = json.loads((run_dir / "final" / "classes.json").read_text())
+    assert [c["index"] for c in classes] == list(range(tu.CLASSES))
+
+
+@pytest.mark.slow
+def test_final_weights_load_into_torchvision(baseline):
+    import torch
+    import torchvision
+    from safetensors.torch import load_file
+
+    state = load_file(str(baseline / "final" / "model.safetensors"))
+    model = torchvision.models.resnet18(num_classes=tu.CLASSES)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, tu.CLASSES)
+
+
+@pytest.mark.slow
+def test_resnet_eval_on_final_weights_and_on_a_checkpoint(baseline, data, tmp_path):
+    trained = [m for m in tu.metrics(baseline) if "val_top1" in m][-1]
+    results = []
+    for weights in (baseline / "final", baseline / "checkpoints" / "step-000000020"):
+        code, out = tu.run(tu.resnet_cmd("eval", "--weights", str(weights), "--data", str(data),
+                                         "--workers", "0", "--batch-size", "16"),
+                           tmp_path / "eval.log", timeout=120)
+        assert code == 0, out[-3000:]
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["arch"] == "resnet18" and result["val_samples"] == 32
+        results.append(result)
+    # The same weights as the trainer's last evaluation: the same answers.
+    assert results[0]["val_top1"] == results[1]["val_top1"] == trained["val_top1"]
+    assert results[0]["val_top5"] == results[1]["val_top5"] == trained["val_top5"]
+    assert results[0]["val_loss"] == pytest.approx(trained["val_loss"], rel=1e-4)
+
+
+def _copy_run_until(run_dir: Path, dest: Path, checkpoint: str) -> Path:
+    """A copy of a run as it was when `checkpoint` was its newest (no audit, no final)."""
+    (dest / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run_dir / "checkpoints" / checkpoint, dest / "checkpoints" / checkpoint)
+    (dest / "checkpoints" / "latest").write_text(checkpoint)
+    return dest
+
+
+@pytest.mark.slow
+def test_resume_on_one_process_keeps_the_global_batch(baseline, data, tmp_path):
+    """2 -> 1 process from a mid-epoch checkpoint: 2 micro-batches of 8 per step, same samples."""
+    run_dir = _copy_run_until(baseline, tmp_path / "run", "step-000000016")
+    code, out = tu.run(tu.resnet_cmd("train", *tu.overrides(data, run_dir, *tu.BASELINE)),
+                       tmp_path / "log.txt")
+    assert code == 0, out[-4000:]
+    assert tu.resumed_from(out) == ["step-000000016"]
+    assert "world size 1" in out
+    audit = tu.read_audit(run_dir)
+    assert list(audit) == [17, 18, 19, 20]
+    for records in audit.values():
+        assert sorted(records) == [(0, 0), (1, 0)]  # (micro, rank): accumulation 2 on rank 0
+        assert all(len(r["keys"]) == tu.BATCH and r["epoch"] == 1 for r in records.values())
+    # The rest of the epoch is exactly what the 2-process run had left: each sample once.
+    before = tu.read_audit(baseline)
+    resumed = tu.keys_of(audit, range(17, 21))
+    assert sorted(resumed) == sorted(tu.keys_of(before, range(17, 21)))
+    assert sorted(tu.keys_of(before, range(11, 17)) + resumed) == sorted(tu.train_keys(data))
+    progress = tu.trainer_state(run_dir / "checkpoints" / "step-000000020")["progress"]
+    assert (progress["step"], progress["world_size"], progress["global_batch"]) == (20, 1, 16)
+    assert progress["samples_seen"] == 2 * tu.TRAIN_SAMPLES
+    assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_zero1_checkpoint_is_refused_on_another_world_size(data, tmp_path):
+    """ZeRO-1 shards the optimizer state per rank: 2 -> 1 must be refused, saying what to do.
+
+    Launched through `accelerate launch --use_deepspeed`, the documented way (quickstart).
+    """
+    run_dir = tmp_path / "run"
+    train = tu.overrides(data, run_dir, "deepspeed.zero_stage=1", "train.max_steps=2",
+                         "checkpoint.every_steps=2", "audit.sample_keys=false", val=False)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed",
+              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "--main_process_port", str(tu.free_port()),
+              "-m", "resnet", "train", *train]
+    code, out = tu.run(launch, tmp_path / "log.txt")
+    assert code == 0, out[-4000:]
+    shards = sorted(p.name for p in (run_dir / "checkpoints" / "step-000000002" /
+                                     "pytorch_model").glob("*optim_states.pt"))
+    assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                      "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    code, out = tu.run(tu.resnet_cmd("train", *train), tmp_path / "log.txt", timeout=120)
+    assert code == 2, out[-4000:]
+    assert "holds ZeRO-1 optimizer shards for 2 processes, and this run has 1" in out
+    assert "ds_to_universal" in out and "Traceback" not in out
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data,
+                                                                                 tmp_path):
+    run_dir = tmp_path / "run"
+    code, out = tu.run(tu.resnet_cmd("train", *tu.overrides(
+        data, run_dir, "optim.lr=1e30", "optim.schedule=constant", "train.max_steps=8",
+        "checkpoint.every_steps=1", "audit.sample_keys=false", val=False)),
+        tmp_path / "log.txt", timeout=180)
+    assert code == 1, out[-4000:]
+    found = [line for line in out.splitlines() if "non-finite loss at step" in line]
+    assert found, out[-4000:]
+    bad_step = int(found[0].split("non-finite loss at step ")[1].split(";")[0])
+    assert "last good checkpoint is kept" in found[0] and "Traceback" not in out
+    good = tu.checkpoints(run_dir)
+    assert good and tu.latest(run_dir) == good[-1]
+    assert int(good[-1].split("-")[1]) == bad_step - 1  # every step saved until the bad one
+    assert not (run_dir / "final").exists()

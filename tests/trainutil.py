@@ -1,0 +1,283 @@
+"""Helpers for the multi-process training tests: tiny data, bounded launches, audit reading.
+
+Every launch is a subprocess in its own session with a timeout; every process a test starts
+carries a unique RESNET_TEST_TAG in its environment, so `kill_tagged` can end exactly those
+(torchrun starts its workers in sessions of their own, out of reach of a process-group kill).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 40, 8
+TRAIN_SAMPLES = CLASSES * TRAIN_PER_CLASS  # 160: 10 steps of global batch 16
+BATCH = 8
+RUN_TIMEOUT_S = 240
+# Tiny and deterministic: resnet18 at 32 px on 40x32 images, fp32, no workers, no W&B.
+TINY = ["model.arch=resnet18", "model.channels_last=false", "data.image_size=32",
+        "data.workers=0", f"train.batch_size={BATCH}", "train.precision=fp32",
+        "train.label_smoothing=0", "train.log_every_steps=5", "optim.schedule=onecycle",
+        "optim.lr=0.4", "checkpoint.every_minutes=0", "wandb.mode=disabled",
+        "audit.sample_keys=true"]
+
+FAULT_VARS = ("RESNET_FAULT_AFTER_STEP", "RESNET_FAULT_IN_CHECKPOINT", "RESNET_FAULT_HOLD",
+              "RESNET_FAULT_RANK")
+LAUNCHER_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                 "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_RUN_ID",
+                 "GROUP_RANK", "ROLE_RANK", "ACCELERATE_USE_DEEPSPEED")
+
+
+def make_data(root: Path) -> Path:
+    """Generate and pack the tiny labelled set once: 8 train shards of 20, 2 val shards."""
+    from resnet.data import synthetic
+    from resnet.data.pack import PackOptions, pack
+
+    src, packed = root / "src", root / "data"
+    synthetic.write_imagefolder(src, CLASSES, {"train": TRAIN_PER_CLASS, "val": VAL_PER_CLASS},
+                                size=(40, 32), seed=0)
+    pack(str(src), str(packed), "imagefolder", PackOptions(samples_per_shard=20, workers=1),
+         progress=False, log=lambda *a, **k: None)
+    return packed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(tag: str, **extra: str) -> dict:
+    """A clean environment: one thread per process, no launcher or fault variables leaking in."""
+    e = {k: v for k, v in os.environ.items() if k not in FAULT_VARS + LAUNCHER_VARS}
+    e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+             WANDB_MODE="disabled", RESNET_TEST_TAG=tag, PYTHONPATH=str(REPO))
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def overrides(data: Path, run_dir: Path, *more: str, val: bool = True) -> list[str]:
+    # `data.val=` would parse as None (refused for a str field); `data.val=''` is empty.
+    return [f"data.train={data}", f"data.val={data}" if val else "data.val=''",
+            f"run.dir={run_dir}",
+            *TINY, *more]
+
+
+def torchrun_cmd(nproc: int, *train_args: str, max_restarts: int = 0) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
+            "--monitor-interval", "0.5", "-m", "resnet", "train", *train_args]
+
+
+def resnet_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "resnet", *args]
+
+
+class Launch:
+    """A subprocess in its own session, output to a log file, ended for sure on `stop`."""
+
+    def __init__(self, cmd: list[str], log: Path, **extra_env: str) -> None:
+        self.tag = uuid.uuid4().hex
+        self.log = log
+        self.cmd = cmd
+        self.started = time.monotonic()
+        with open(log, "ab") as out:
+            out.write(f"$ {' '.join(cmd)}\n".encode())
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                         env=env(self.tag, **extra_env), cwd=REPO,
+                                         start_new_session=True)
+
+    def wait(self, timeout: float = RUN_TIMEOUT_S) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(f"timed out after {timeout} s: {self.cmd}\n{self.tail()}")
+
+    def stop(self) -> None:
+        """SIGTERM the launcher (it passes it on), then SIGKILL whatever is left of the run."""
+        if self.proc.poll() is None:
+            _signal_group(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+        kill_tagged(self.tag)
+        if self.proc.poll() is None:
+            _signal_group(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def tail(self, n: int = 4000) -> str:
+        return self.output()[-n:]
+
+
+def run(cmd: list[str], log: Path, timeout: float = RUN_TIMEOUT_S, **extra_env: str):
+    """Run to completion (bounded); returns (exit code, this run's output)."""
+    before = log.stat().st_size if log.exists() else 0
+    launch = Launch(cmd, log, **extra_env)
+    try:
+        code = launch.wait(timeout)
+    finally:
+        launch.stop()
+    return code, log.read_text(errors="replace")[before:]
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def kill_tagged(tag: str) -> None:
+    """SIGKILL every process whose environment carries RESNET_TEST_TAG=tag (ours only)."""
+    needle = f"RESNET_TEST_TAG={tag}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+
+
+def wait_for(predicate, timeout: float, what: str, launches=()) -> None:
+    """Poll (bounded); fail early if a launch ended meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        for launch in launches:
+            if launch.proc.poll() is not None:
+                raise AssertionError(f"ended (code {launch.proc.returncode}) while waiting for "
+                                     f"{what}\n{launch.tail()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout} s")
+        time.sleep(0.1)
+
+
+# ------------------------------------------------------------------------------ run folders
+
+
+def checkpoints(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
+
+
+def latest(run_dir: Path) -> str:
+    return (run_dir / "checkpoints" / "latest").read_text().strip()
+
+
+def trainer_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
+def final_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:5]}"
+
+
+def resumed_from(output: str) -> list[str]:
+    return re.findall(r"resumed from (step-\d+)", output)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------ audit
+
+
+def read_audit(run_dir: Path) -> dict[int, dict[tuple[int, int], dict]]:
+    """{step: {(micro, rank): record}} as the run finally used them.
+
+    Files are read in restart order, each file's lines in order. A step that a later restart
+    wrote again (after a rollback to a checkpoint) takes that restart's records only: the world
+    size, and so the set of ranks, may differ. Within one restart the last record per
+    (step, micro, rank) wins (a manual relaunch appends to the same restart's file).
+    """
+    by_restart: dict[int, dict[int, dict]] = defaultdict(lambda: defaultdict(dict))
+    for path in sorted((run_dir / "audit").glob("restart*-rank*.jsonl")):
+        restart = int(re.match(r"restart(\d+)-rank", path.name).group(1))
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue  # a killed process may leave a partial last line only
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            by_restart[restart][rec["step"]][(rec["micro"], rec["rank"])] = rec
+    merged: dict[int, dict] = {}
+    for restart in sorted(by_restart):
+        merged.update(by_restart[restart])
+    return dict(sorted(merged.items()))
+
+
+def keys_of(audit: dict, steps) -> list[str]:
+    """Every key the given steps trained on, in (step, rank, micro) order."""
+    out: list[str] = []
+    for step in steps:
+        for _, rec in sorted(audit[step].items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            out.extend(rec["keys"])
+    return out
+
+
+def epoch_steps(audit: dict, epoch: int) -> list[int]:
+    return [s for s, recs in audit.items() if any(r["epoch"] == epoch for r in recs.values())]
+
+
+def train_keys(data: Path) -> set[str]:
+    """Every train key of the packed set, read from the shards."""
+    import tarfile
+
+    keys = set()
+    for shard in sorted(data.glob("train-*.tar")):
+        with tarfile.open(shard) as tar:
+            keys.update(m.name.rsplit(".", 1)[0] for m in tar.getmembers())
+    return keys
+
+
+# ------------------------------------------------------------------------------ shared runs
+
+# The uninterrupted reference: 2 processes, 2 epochs of 10 steps, a checkpoint every 4 steps
+# (kept: 12, 16, 20). The fault tests run the same command and compare against it.
+BASELINE = ["train.epochs=2", "checkpoint.every_steps=4"]
+_SHARED: dict = {}
+
+
+def shared_data(tmp_path_factory) -> Path:
+    """Generated and packed once per test session (both test modules use it)."""
+    if "data" not in _SHARED:
+        _SHARED["data"] = make_data(tmp_path_factory.mktemp("traindata"))
+    return _SHARED["data"]
+
+
+def baseline_run(tmp_path_factory):
+    """(data, run_dir, exit code, output) of the uninterrupted 2-process run, run once."""
+    if "baseline" not in _SHARED:
+        data = shared_data(tmp_path_factory)
+        root = tmp_path_factory.mktemp("baseline")
+        run_dir = root / "run"
+        code, out = run(torchrun_cmd(2, *overrides(data, run_dir, *BASELINE)), root / "log.txt")
+        _SHARED["baseline"] = (data, run_dir, code, out)
+    return _SHARED["baseline"]
