@@ -20,7 +20,6 @@ and the others still run; the exit status is then 1.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import platform
@@ -28,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from resnet.envinfo import version as _version
 
 CONFIGS = {
     "fp32": "plain fp32, NCHW (CUDA: cuDNN's TF32 default)",
@@ -43,13 +44,6 @@ RESULT_TAG = "BENCH_STEP_RESULT "  # the child's one line of JSON on stdout
 
 
 # -- the header: hardware and versions -------------------------------------------------------
-def _version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def _cpu() -> str:
     model = platform.processor() or "unknown CPU"
     try:

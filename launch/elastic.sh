@@ -33,11 +33,8 @@ USAGE
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 main() {
-  if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then usage; exit 0; fi
-  [[ $# -ge 1 ]] || { usage >&2; die "missing CONFIG (a YAML file under configs/)"; }
+  check_args "$@"
   local config=$1; shift
-  [[ -f "$config" ]] || die "config file not found: $config"
-  check_overrides "$@"
   need MIN_NODES RDZV_ENDPOINT
   [[ "$RDZV_ENDPOINT" =~ ^[^:]+:[0-9]+$ ]] || die "RDZV_ENDPOINT must be HOST:PORT, got '$RDZV_ENDPOINT'"
 

@@ -35,3 +35,13 @@ check_overrides() {
     [[ "$item" == *=* ]] || die "override '$item' is not of the form key=value"
   done
 }
+
+# check_args "$@": -h prints the script's usage(); CONFIG must exist; overrides are key=value.
+# The caller then takes CONFIG with `local config=$1; shift`.
+check_args() {
+  if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then usage; exit 0; fi
+  [[ $# -ge 1 ]] || { usage >&2; die "missing CONFIG (a YAML file under configs/)"; }
+  [[ -f "$1" ]] || die "config file not found: $1"
+  shift
+  check_overrides "$@"
+}

@@ -29,11 +29,8 @@ USAGE
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 main() {
-  if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then usage; exit 0; fi
-  [[ $# -ge 1 ]] || { usage >&2; die "missing CONFIG (a YAML file under configs/)"; }
+  check_args "$@"
   local config=$1; shift
-  [[ -f "$config" ]] || die "config file not found: $config"
-  check_overrides "$@"
   need NUM_MACHINES MACHINE_RANK MAIN_ADDR
   need_int NUM_MACHINES "$NUM_MACHINES"
   need_int MACHINE_RANK "$MACHINE_RANK"

@@ -20,16 +20,12 @@ Example:
 USAGE
 }
 
-# Print the command (shell-quoted, one line) under DRY_RUN=1, else replace this shell with it.
 # shellcheck source=launch/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 main() {
-  if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then usage; exit 0; fi
-  [[ $# -ge 1 ]] || { usage >&2; die "missing CONFIG (a YAML file under configs/)"; }
+  check_args "$@"
   local config=$1; shift
-  [[ -f "$config" ]] || die "config file not found: $config"
-  check_overrides "$@"
 
   local repo accelerate_config num_gpus port
   repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

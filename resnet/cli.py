@@ -221,8 +221,30 @@ def _add_bench(sub) -> None:
     d.set_defaults(handler=_bench_data)
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from resnet.config import ConfigError
+    from resnet.data.format import ManifestError
+    from resnet.train.audit import check_run
+
+    try:
+        lines, ok = check_run(args.run_dir)
+    except (FileNotFoundError, ConfigError, ManifestError) as exc:
+        print(f"resnet audit: error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    print("every sample used at most once per epoch" if ok else "AUDIT FAILED")
+    return 0 if ok else 1
+
+
+def _add_audit(sub) -> None:
+    p = sub.add_parser("audit", help="prove from run.dir/audit/ that each epoch used every "
+                       "sample exactly once, across restarts and world-size changes")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run trained with audit.sample_keys=true")
+    p.set_defaults(handler=_audit)
+
+
 COMMANDS = [_add_env, _add_report, _add_pack, _add_verify, _add_train, _add_eval,
-            _add_quickstart, _add_bench]
+            _add_quickstart, _add_bench, _add_audit]
 
 
 def build_parser() -> argparse.ArgumentParser:

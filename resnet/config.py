@@ -9,9 +9,9 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
-from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING is part of the public API)
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
@@ -50,7 +50,8 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many optimizer steps in total; 0: run all epochs
     eval_every_steps: int = 0  # 0: evaluate at each epoch end only
     log_every_steps: int = 10
-    compile: bool = False
+    compile: bool = False  # torch.compile the model (in place: checkpoint keys unchanged)
+    compile_backend: str = "inductor"  # any torch.compile backend (eager: to debug)
 
 
 @dataclass
@@ -148,6 +149,10 @@ def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
         known = _all_keys(OmegaConf.structured(Config))
         close = difflib.get_close_matches(str(key), known, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
+        group = str(key).rsplit(".", 1)[0] if "." in str(key) else ""
+        siblings = [k.split(".", 1)[1] for k in known if k.startswith(group + ".")] if group else []
+        if siblings and "." not in str(key).split(".", 1)[1]:
+            hint += f" ({group} has: {', '.join(siblings)})"
         return ConfigError(f"{source}: unknown config key {key!r}{hint}")
     if isinstance(exc, ValidationError):
         detail = str(exc).splitlines()[0]
@@ -178,6 +183,8 @@ def load_config(
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
+        if item.endswith("="):  # `data.val=` clears a setting; OmegaConf would read it as null
+            item += "''"
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:

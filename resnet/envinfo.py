@@ -8,7 +8,8 @@ LIBRARIES = ("torch", "torchvision", "accelerate", "deepspeed", "transformers", 
              "wandb", "boto3", "omegaconf")
 
 
-def _version(name: str) -> str:
+def version(name: str) -> str:
+    """The installed version of a distribution, or 'not installed'."""
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -19,7 +20,7 @@ def environment_report() -> str:
     import torch
 
     lines = [f"python       {platform.python_version()} ({platform.machine()})"]
-    lines += [f"{name:<12} {_version(name)}" for name in LIBRARIES]
+    lines += [f"{name:<12} {version(name)}" for name in LIBRARIES]
     lines.append(f"cuda build   {torch.version.cuda or 'none'}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

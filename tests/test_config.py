@@ -61,3 +61,12 @@ def test_shipped_configs_load():
     files = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
     for path in files:
         load_config([path])
+
+
+def test_unknown_key_lists_the_group_keys():
+    with pytest.raises(ConfigError, match=r"optim has: lr, momentum"):
+        load_config([], ["optim.learning_rate=0.1"])
+
+
+def test_empty_value_clears_a_text_setting():
+    assert load_config([], ["data.val=s3://b/x", "data.val="]).data.val == ""

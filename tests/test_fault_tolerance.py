@@ -18,6 +18,8 @@ import pytest
 
 import trainutil as tu
 
+from resnet.train.audit import audit_files
+
 pytestmark = pytest.mark.slow
 
 
@@ -47,10 +49,12 @@ def test_sigkill_of_one_worker_mid_epoch_restarts_exactly(baseline, tmp_path):
     assert code == 0, out[-4000:]
     assert tu.resumed_from(out) == ["step-000000004"]
     # The killed attempt got past step 6 on rank 0's side, and the restart redid 5, 6, ...
+    starts = list(audit_files(run_dir).values())
+    assert len(starts) == 2 and all(len(files) == 2 for files in starts)
     first = [int(line.split('"step": ')[1].split(",")[0]) for line in
-             (run_dir / "audit" / "restart000-rank001.jsonl").read_text().splitlines()]
+             starts[0][1].read_text().splitlines()]  # rank 1 of the first start
     assert max(first) == 6
-    again = (run_dir / "audit" / "restart001-rank000.jsonl").read_text().splitlines()
+    again = starts[1][0].read_text().splitlines()  # rank 0 after the restart
     assert again[0].startswith('{"step": 5, "micro": 0')
     _same_as_baseline(run_dir, reference, resumed_at=4)
 
@@ -166,6 +170,10 @@ def test_two_agents_one_killed_the_other_finishes_at_world_size_one(baseline, tm
     state = tu.trainer_state(run_dir / "checkpoints" / "step-000000010")["progress"]
     assert (state["world_size"], state["global_batch"]) == (1, 16)
     assert (run_dir / "final" / "model.safetensors").is_file()
+    # What users run to prove it: `resnet audit` agrees.
+    code, report = tu.run(tu.resnet_cmd("audit", str(run_dir)), tmp_path / "audit.txt", timeout=60)
+    assert code == 0, report
+    assert f"{tu.TRAIN_SAMPLES} distinct of {tu.TRAIN_SAMPLES}, 0 left out, 0 used twice" in report
 
 
 def _listening(port: int) -> bool:

@@ -186,6 +186,17 @@ def test_resnet_eval_on_final_weights_and_on_a_checkpoint(baseline, data, tmp_pa
     assert results[0]["val_top1"] == results[1]["val_top1"] == trained["val_top1"]
     assert results[0]["val_top5"] == results[1]["val_top5"] == trained["val_top5"]
     assert results[0]["val_loss"] == pytest.approx(trained["val_loss"], rel=1e-4)
+    # Several processes: each evaluates its share, the sums are reduced; same answer.
+    eval_args = ("eval", "--weights", str(baseline / "final"), "--data", str(data),
+                 "--workers", "0", "--batch-size", "16")
+    code, out = tu.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc-per-node", "2", "-m", "resnet", *eval_args],
+                       tmp_path / "eval2.log", timeout=120)
+    assert code == 0, out[-3000:]
+    [line] = [x for x in out.splitlines() if x.startswith("{")]  # printed by rank 0 only
+    two = json.loads(line)
+    assert (two["processes"], two["val_samples"]) == (2, 32)
+    assert two["val_top1"] == results[0]["val_top1"]
 
 
 def _copy_run_until(run_dir: Path, dest: Path, checkpoint: str) -> Path:
@@ -263,3 +274,76 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     assert good and tu.latest(run_dir) == good[-1]
     assert int(good[-1].split("-")[1]) == bad_step - 1  # every step saved until the bad one
     assert not (run_dir / "final").exists()
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_exports_torchvision_keys(data, tmp_path):
+    """train.compile wraps nothing: checkpoints and exported weights keep torchvision's keys."""
+    import torchvision
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    code, out = tu.run(tu.resnet_cmd("train", *tu.overrides(
+        data, run_dir, "train.compile=true", "train.compile_backend=eager", "train.max_steps=2",
+        "audit.sample_keys=false", val=False)), tmp_path / "log.txt", timeout=240)
+    assert code == 0, out[-4000:]
+    assert "model compiled (torch.compile backend eager)" in out
+    weights = load_file(str(run_dir / "final" / "model.safetensors"))
+    assert not any("_orig_mod" in k for k in weights)
+    torchvision.models.resnet18(num_classes=4).load_state_dict(weights, strict=True)
+
+
+@pytest.mark.slow
+def test_a_replacement_node_with_an_empty_disk_resumes_from_the_s3_mirror(data, tmp_path,
+                                                                         s3_server):
+    mirror = f"s3://{s3_server.bucket}/runs/mirrored"
+    run_dir = tmp_path / "run"
+    common = ["checkpoint.every_steps=3", f"checkpoint.mirror={mirror}",
+              "audit.sample_keys=false"]
+    code, out = tu.run(tu.resnet_cmd("train", *tu.overrides(
+        data, run_dir, *common, "train.max_steps=6", val=False)), tmp_path / "a.txt", timeout=240)
+    assert code == 0, out[-4000:]
+    shutil.rmtree(run_dir)  # the spot instance and its disk are gone
+
+    code, out = tu.run(tu.resnet_cmd("train", *tu.overrides(
+        data, run_dir, *common, "train.max_steps=9", val=False)), tmp_path / "b.txt", timeout=240)
+    assert code == 0, out[-4000:]
+    assert tu.resumed_from(out) == ["step-000000006"]
+    assert tu.trainer_state(run_dir / "checkpoints" / "step-000000009")["progress"]["step"] == 9
+
+
+@pytest.mark.slow
+def test_checkpoints_by_wall_clock(data, tmp_path):
+    """checkpoint.every_minutes alone (every_steps=0): a tiny interval saves after every step."""
+    run_dir = tmp_path / "run"
+    code, out = tu.run(tu.resnet_cmd("train", *tu.overrides(
+        data, run_dir, "checkpoint.every_steps=0", "checkpoint.every_minutes=0.00001",
+        "checkpoint.keep=10", "train.max_steps=3", "audit.sample_keys=false", val=False)),
+        tmp_path / "log.txt", timeout=240)
+    assert code == 0, out[-4000:]
+    assert tu.checkpoints(run_dir) == [f"step-00000000{i}" for i in (1, 2, 3)]
+
+
+@pytest.mark.slow
+def test_ddp_engine_on_two_processes_trains_resumes_and_evaluates(data, tmp_path):
+    """deepspeed.engine=ddp: Accelerate's own DDP (on CPU it must be told cpu=True, or it would
+    leave the two processes undistributed; engine.check_distributed refuses that)."""
+    run_dir = tmp_path / "run"
+    common = ["deepspeed.engine=ddp", "checkpoint.every_steps=2", "audit.sample_keys=false"]
+    code, out = tu.run(tu.torchrun_cmd(2, *tu.overrides(data, run_dir, *common,
+                                                         "train.max_steps=4", val=False)),
+                       tmp_path / "a.txt")
+    assert code == 0, out[-4000:]
+    assert (run_dir / "checkpoints" / "step-000000004" / "model.safetensors").is_file()
+    code, out = tu.run(tu.torchrun_cmd(2, *tu.overrides(data, run_dir, *common,
+                                                         "train.max_steps=6")),
+                       tmp_path / "b.txt")
+    assert code == 0, out[-4000:]
+    assert tu.resumed_from(out) == ["step-000000004"]
+    assert any("val_top1" in m for m in tu.metrics(run_dir))
+    code, out = tu.run(tu.resnet_cmd("eval", "--weights", str(run_dir / "checkpoints" /
+                                                               "step-000000006"),
+                                     "--data", str(data), "--workers", "0"),
+                       tmp_path / "eval.txt", timeout=120)
+    assert code == 0, out[-3000:]
+    assert json.loads(out.strip().splitlines()[-1])["val_samples"] == 32

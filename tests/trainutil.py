@@ -15,8 +15,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections import defaultdict
 from pathlib import Path
+
+from resnet.train import audit
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 40, 8
@@ -66,8 +67,7 @@ def env(tag: str, **extra: str) -> dict:
 
 
 def overrides(data: Path, run_dir: Path, *more: str, val: bool = True) -> list[str]:
-    # `data.val=` would parse as None (refused for a str field); `data.val=''` is empty.
-    return [f"data.train={data}", f"data.val={data}" if val else "data.val=''",
+    return [f"data.train={data}", f"data.val={data}" if val else "data.val=",
             f"run.dir={run_dir}",
             *TINY, *more]
 
@@ -208,29 +208,7 @@ def metrics(run_dir: Path) -> list[dict]:
 # ------------------------------------------------------------------------------ audit
 
 
-def read_audit(run_dir: Path) -> dict[int, dict[tuple[int, int], dict]]:
-    """{step: {(micro, rank): record}} as the run finally used them.
-
-    Files are read in restart order, each file's lines in order. A step that a later restart
-    wrote again (after a rollback to a checkpoint) takes that restart's records only: the world
-    size, and so the set of ranks, may differ. Within one restart the last record per
-    (step, micro, rank) wins (a manual relaunch appends to the same restart's file).
-    """
-    by_restart: dict[int, dict[int, dict]] = defaultdict(lambda: defaultdict(dict))
-    for path in sorted((run_dir / "audit").glob("restart*-rank*.jsonl")):
-        restart = int(re.match(r"restart(\d+)-rank", path.name).group(1))
-        for line in path.read_text().splitlines():
-            if not line.strip():
-                continue  # a killed process may leave a partial last line only
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            by_restart[restart][rec["step"]][(rec["micro"], rec["rank"])] = rec
-    merged: dict[int, dict] = {}
-    for restart in sorted(by_restart):
-        merged.update(by_restart[restart])
-    return dict(sorted(merged.items()))
+read_audit = audit.read_audit
 
 
 def keys_of(audit: dict, steps) -> list[str]:

@@ -139,6 +139,9 @@ def create_engine(cfg: Config, accumulation: int) -> Engine:
         mixed = cfg.train.precision
     _init_elastic_process_group("nccl" if on_gpu else "gloo", timedelta(minutes=30))
     accelerator = Accelerator(
+        # Without cpu=True Accelerate leaves several CPU processes undistributed (type NO: no
+        # gradient sync); with it, it drops DeepSpeed, which on CPU finds gloo by itself.
+        cpu=not on_gpu and not use_ds,
         deepspeed_plugin=plugin,
         mixed_precision=mixed,
         gradient_accumulation_steps=accumulation,
@@ -147,6 +150,7 @@ def create_engine(cfg: Config, accumulation: int) -> Engine:
         project_dir=cfg.run.dir,
         step_scheduler_with_optimizer=False,
     )
+    check_distributed(accelerator)
     control = None
     if accelerator.num_processes > 1:
         control = torch.distributed.new_group(backend="gloo")
@@ -159,6 +163,15 @@ def create_engine(cfg: Config, accumulation: int) -> Engine:
         precision=cfg.train.precision,
         control_group=control,
     )
+
+
+def check_distributed(accelerator) -> None:
+    """Several processes that Accelerate did not distribute would each train alone."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
+        raise SetupError(f"{accelerator.num_processes} processes, but Accelerate set up no "
+                         f"distributed backend; run `resnet env` and report this with it")
 
 
 def _init_elastic_process_group(backend: str, timeout: timedelta) -> None:

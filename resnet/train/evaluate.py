@@ -110,7 +110,7 @@ def evaluate_weights(weights: str, data: str, *, arch: str = "", image_size: int
 
     from resnet.data.stream import AugmentParams, ShardLoader
     from resnet.model import build_model
-    from resnet.train.engine import ensure_single_process_env
+    from resnet.train.engine import check_distributed, ensure_single_process_env
 
     path = Path(weights)
     if not path.exists():
@@ -120,8 +120,10 @@ def evaluate_weights(weights: str, data: str, *, arch: str = "", image_size: int
     image_size = image_size or (found[1] if found else 224)
     state = load_weights(path)
     ensure_single_process_env()
-    acc = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(
-        backend="nccl" if torch.cuda.is_available() else "gloo")])
+    on_gpu = torch.cuda.is_available()
+    acc = Accelerator(cpu=not on_gpu, kwargs_handlers=[InitProcessGroupKwargs(
+        backend="nccl" if on_gpu else "gloo")])
+    check_distributed(acc)
     loader = ShardLoader(data, split, rank=acc.process_index, world_size=acc.num_processes,
                          batch_size=batch_size, global_batch=batch_size, workers=workers,
                          seed=0, train=False, augment=AugmentParams(image_size=image_size))

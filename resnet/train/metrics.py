@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from resnet.train.progress import ProgressBar, RateLimitedLogger  # noqa: F401  (re-exported)
+from resnet.train.progress import RateLimitedLogger
 
 METRICS_FILE = "metrics.jsonl"
 RUN_ID_FILE = "wandb_run_id"

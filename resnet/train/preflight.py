@@ -43,13 +43,31 @@ def _manifest(source: str, split: str, key: str) -> Manifest:
     return manifest
 
 
-def _saved_global_batch(cfg: Config) -> int | None:
+def _saved_progress(cfg: Config) -> tuple[Path, dict] | None:
+    """The trainer state of the newest local checkpoint the run would resume from."""
     if not cfg.checkpoint.resume:
         return None
     latest = find_latest(Path(cfg.run.dir) / "checkpoints")
-    if latest is None:
-        return None
-    return read_state(latest).get("progress", {}).get("global_batch")
+    return (latest, read_state(latest)["progress"]) if latest else None
+
+
+def check_resumable(checkpoint: Path, saved: dict, *, fingerprint: str, global_batch: int,
+                    world_size: int) -> None:
+    """Refuse, with what to do, a checkpoint this run cannot continue."""
+    if saved["fingerprint"] != fingerprint:
+        raise SetupError(f"{checkpoint} was trained on another data set (fingerprint "
+                         f"{saved['fingerprint'][:12]}, data.train has {fingerprint[:12]}); "
+                         f"use a new run.dir or the original data.train")
+    if saved["global_batch"] != global_batch:
+        raise SetupError(f"{checkpoint} was trained with global batch {saved['global_batch']}; "
+                         f"set train.global_batch_size={saved['global_batch']}")
+    if saved["zero_stage"] > 0 and saved["world_size"] != world_size:
+        raise SetupError(
+            f"{checkpoint} holds ZeRO-{saved['zero_stage']} optimizer shards for "
+            f"{saved['world_size']} processes, and this run has {world_size}. Restart with "
+            f"{saved['world_size']} processes, or convert it with DeepSpeed's universal "
+            f"checkpoint (python -m deepspeed.checkpoint.ds_to_universal) into a new run. "
+            f"The default deepspeed.zero_stage=0 resumes on any world size.")
 
 
 def preflight(cfg: Config, world_size: int | None = None) -> RunPlan:
@@ -68,9 +86,13 @@ def preflight(cfg: Config, world_size: int | None = None) -> RunPlan:
         raise SetupError(f"model.num_classes={num_classes} is smaller than the data set's "
                          f"{train_manifest.num_classes} classes")
     # An elastic restart keeps the global batch it started with (the schedule depends on it).
-    global_batch = (_saved_global_batch(cfg) or cfg.train.global_batch_size
+    saved = _saved_progress(cfg)
+    global_batch = ((saved and saved[1]["global_batch"]) or cfg.train.global_batch_size
                     or cfg.train.batch_size * world_size)
     accumulation = gradient_accumulation(global_batch, cfg.train.batch_size, world_size)
+    if saved:
+        check_resumable(*saved, fingerprint=train_manifest.fingerprint,
+                        global_batch=global_batch, world_size=world_size)
     if global_batch > train_manifest.split("train").samples:
         raise SetupError(f"the global batch {global_batch} is larger than the training set "
                          f"({train_manifest.split('train').samples} samples)")

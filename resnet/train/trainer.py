@@ -6,7 +6,6 @@ restart (torchrun elastic, SLURM requeue, spot replacement) continues exactly.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -20,12 +19,13 @@ from resnet.config import Config, save_config, to_dict
 from resnet.data.stream import AugmentParams, ShardLoader
 from resnet.model import build_model
 from resnet.train import faults
+from resnet.train.audit import AuditLog, new_start_id
 from resnet.train.checkpoint import CheckpointManager, read_state
-from resnet.train.engine import Engine, SetupError, create_engine
+from resnet.train.engine import Engine, create_engine
 from resnet.train.evaluate import evaluate, export_final, normalize
 from resnet.train.metrics import RunLogger, system_metrics
 from resnet.train.optim import Schedule, build_optimizer, peak_lr, set_lr
-from resnet.train.preflight import RunPlan, preflight
+from resnet.train.preflight import RunPlan, check_resumable, preflight
 from resnet.train.progress import ProgressBar, RateLimitedLogger
 
 
@@ -50,24 +50,6 @@ class Progress:
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
         self.samples_seen = state["samples_seen"]
-
-
-class AuditLog:
-    """Per rank and restart, the keys of every sample of every step (JSON lines)."""
-
-    def __init__(self, run_dir: Path, rank: int, restart: int) -> None:
-        folder = run_dir / "audit"
-        folder.mkdir(parents=True, exist_ok=True)
-        self.file = open(folder / f"restart{restart:03d}-rank{rank:03d}.jsonl", "a")
-        self.rank = rank
-
-    def write(self, step: int, micro: int, epoch: int, keys: list[str]) -> None:
-        record = {"step": step, "micro": micro, "epoch": epoch, "rank": self.rank, "keys": keys}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
 
 
 class StopFlag:
@@ -116,6 +98,11 @@ class Trainer:
                             zero_init_residual=cfg.model.zero_init_residual)
         if engine.channels_last_weights:
             model = model.to(memory_format=torch.channels_last)
+        if cfg.train.compile:
+            # In place (nn.Module.compile), so state-dict keys stay torchvision's and DeepSpeed
+            # wraps the compiled module as it is.
+            model.compile(backend=cfg.train.compile_backend)
+            self.log.info(f"model compiled (torch.compile backend {cfg.train.compile_backend})")
         optimizer = build_optimizer(model, cfg.optim, plan.global_batch)
         self.model, self.optimizer = engine.accelerator.prepare(model, optimizer)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
@@ -124,32 +111,26 @@ class Trainer:
             keep=cfg.checkpoint.keep, mirror=cfg.checkpoint.mirror)
         self.logger = RunLogger(engine.accelerator, cfg, self.run_dir)
         self.restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        self.audit = (AuditLog(self.run_dir, engine.rank, self.restart)
+        self.audit = (AuditLog(self.run_dir, engine.rank, self._agreed_start_id())
                       if cfg.audit.sample_keys else None)
         self.stop = StopFlag()
         self.skipped = 0
         self.evaluated_at = -1  # the step of the last evaluation
+
+    def _agreed_start_id(self) -> str:
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([new_start_id(self.restart)], from_process=0)[0]
 
     # -- resume ---------------------------------------------------------------------------
     def resume(self) -> None:
         latest = self.checkpoints.prepare()
         if latest is None or not self.cfg.checkpoint.resume:
             return
-        saved = read_state(latest)["progress"]
-        if saved["fingerprint"] != self.progress.fingerprint:
-            raise SetupError(f"{latest} was trained on another data set (fingerprint "
-                             f"{saved['fingerprint'][:12]}, data.train has "
-                             f"{self.progress.fingerprint[:12]}); use a new run.dir")
-        if saved["global_batch"] != self.plan.global_batch:
-            raise SetupError(f"{latest} was trained with global batch {saved['global_batch']}; "
-                             f"set train.global_batch_size={saved['global_batch']}")
-        if saved["zero_stage"] > 0 and saved["world_size"] != self.engine.world_size:
-            raise SetupError(
-                f"{latest} holds ZeRO-{saved['zero_stage']} optimizer shards for "
-                f"{saved['world_size']} processes, and this run has {self.engine.world_size}. "
-                f"Restart with {saved['world_size']} processes, or convert it with DeepSpeed's "
-                f"universal checkpoint (python -m deepspeed.checkpoint.ds_to_universal) into a "
-                f"new run. The default deepspeed.zero_stage=0 resumes on any world size.")
+        # Checked in preflight for a local checkpoint; again here for one from the mirror.
+        check_resumable(latest, read_state(latest)["progress"],
+                        fingerprint=self.progress.fingerprint,
+                        global_batch=self.plan.global_batch, world_size=self.engine.world_size)
         self.checkpoints.load(latest)
         self.log.info(f"resumed from {latest.name}: step {self.progress.step}, "
                       f"epoch {self.loader.epoch}, world size {self.engine.world_size}")
@@ -303,9 +284,10 @@ class Trainer:
     def _check_finite(self) -> None:
         worst = self.engine.accelerator.reduce(self.nonfinite_at.clone(), "max").item()
         if worst >= 0:
+            advice = "lower optim.lr" + ("" if self.cfg.train.precision == "fp32" else
+                                         " or use train.precision=fp32")
             raise TrainingError(f"non-finite loss at step {worst}; stopping. The last good "
-                                f"checkpoint is kept in {self.checkpoints.dir}; lower optim.lr "
-                                f"or use train.precision=fp32 / bf16")
+                                f"checkpoint is kept in {self.checkpoints.dir}; {advice}")
 
     def _log_train(self, window: "_Window") -> None:
         acc = self.engine.accelerator

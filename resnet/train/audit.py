@@ -1,0 +1,140 @@
+"""The sample audit: which samples every step trained on, and the proof that each was used once.
+
+With ``audit.sample_keys=true`` every rank appends one JSON line per micro-batch,
+``{"step", "micro", "epoch", "rank", "keys"}``, to ``run.dir/audit/<start>-rank<NNN>.jsonl``.
+`<start>` names one start of the training processes (a launch, a torchrun restart, a requeue):
+rank 0 draws it from the clock and every rank uses rank 0's, so it sorts in start order.
+
+After a rollback to a checkpoint, a later start writes the steps after the checkpoint again,
+possibly with another world size. Reading keeps, for each step, the records of the LAST start
+that wrote it: that is what the final model was trained on.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+AUDIT_DIR = "audit"
+_FILE = re.compile(r"(?P<start>.+)-rank(?P<rank>\d+)\.jsonl$")
+
+Records = dict[int, dict[tuple[int, int], dict]]  # step -> {(micro, rank): record}
+
+
+def new_start_id(restart: int) -> str:
+    return time.strftime("%Y%m%dT%H%M%S") + f"{time.time() % 1:.6f}"[1:] + f"-restart{restart:03d}"
+
+
+class AuditLog:
+    """One rank's audit file for one start; every line is flushed (a kill loses at most one)."""
+
+    def __init__(self, run_dir: Path, rank: int, start_id: str) -> None:
+        folder = Path(run_dir) / AUDIT_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"{start_id}-rank{rank:03d}.jsonl"
+        self.file = open(self.path, "a")
+        self.rank = rank
+
+    def write(self, step: int, micro: int, epoch: int, keys: list[str]) -> None:
+        record = {"step": step, "micro": micro, "epoch": epoch, "rank": self.rank, "keys": keys}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def audit_files(run_dir: Path) -> dict[str, list[Path]]:
+    """{start id: its rank files}, in start order."""
+    starts: dict[str, list[Path]] = defaultdict(list)
+    for path in sorted((Path(run_dir) / AUDIT_DIR).glob("*-rank*.jsonl")):
+        match = _FILE.match(path.name)
+        if match:
+            starts[match["start"]].append(path)
+    return dict(sorted(starts.items()))
+
+
+def _records(path: Path):
+    for line in path.read_text().splitlines():
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the partial last line of a killed process
+
+
+def read_audit(run_dir: Path) -> Records:
+    """{step: {(micro, rank): record}} as the run finally used them (see the module doc)."""
+    merged: Records = {}
+    for paths in audit_files(run_dir).values():
+        this_start: Records = defaultdict(dict)
+        for path in paths:
+            for rec in _records(path):
+                this_start[rec["step"]][(rec["micro"], rec["rank"])] = rec
+        merged.update(this_start)  # a later start's step replaces the earlier one's wholly
+    return dict(sorted(merged.items()))
+
+
+@dataclass(frozen=True)
+class EpochUse:
+    epoch: int
+    steps: int
+    samples: int  # sample uses
+    unique: int
+    duplicates: tuple[str, ...]  # keys used more than once in the epoch
+    missing: int | None  # of the split's samples, not used (None: the split is unknown)
+
+
+def epoch_usage(audit: Records, all_keys: set[str] | None = None) -> list[EpochUse]:
+    per_epoch: dict[int, Counter] = defaultdict(Counter)
+    steps: dict[int, set[int]] = defaultdict(set)
+    for step, records in audit.items():
+        for rec in records.values():
+            per_epoch[rec["epoch"]].update(rec["keys"])
+            steps[rec["epoch"]].add(step)
+    out = []
+    for epoch, counts in sorted(per_epoch.items()):
+        dupes = tuple(sorted(k for k, n in counts.items() if n > 1))
+        missing = len(all_keys - set(counts)) if all_keys is not None else None
+        out.append(EpochUse(epoch, len(steps[epoch]), sum(counts.values()), len(counts), dupes,
+                            missing))
+    return out
+
+
+def check_run(run_dir: Path) -> tuple[list[str], bool]:
+    """`resnet audit`: a line per epoch, and whether every epoch used each sample at most once
+    and (when finished) left out fewer than one global batch."""
+    from resnet.config import load_config
+    from resnet.data.format import load_manifest
+    from resnet.train.checkpoint import find_latest, read_state
+
+    run_dir = Path(run_dir)
+    audit = read_audit(run_dir)
+    if not audit:
+        raise FileNotFoundError(f"no audit records under {run_dir / AUDIT_DIR} (train with "
+                                f"audit.sample_keys=true)")
+    cfg = load_config([run_dir / "config.yaml"])
+    total = load_manifest(cfg.data.train).split("train").samples
+    latest = find_latest(run_dir / "checkpoints")
+    global_batch = read_state(latest)["progress"]["global_batch"] if latest else 1
+    finished = (run_dir / "final").is_dir()
+    usage = epoch_usage(audit)
+    lines, ok = [], True
+    for use in usage:
+        left_out = total - use.unique
+        complete = finished or use.epoch != usage[-1].epoch
+        line = (f"epoch {use.epoch}: {use.steps} steps, {use.samples} sample uses, "
+                f"{use.unique} distinct of {total}, {left_out} left out, "
+                f"{len(use.duplicates)} used twice")
+        if use.duplicates:
+            ok = False
+            line += f" (e.g. {', '.join(use.duplicates[:3])})"
+        if complete and left_out >= global_batch:
+            ok = False
+            line += f"; more than a global batch ({global_batch}) left out"
+        elif not complete:
+            line += " (epoch in progress)"
+        lines.append(line)
+    return lines, ok

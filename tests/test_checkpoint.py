@@ -1,0 +1,126 @@
+"""The checkpoint manager on its own: atomic completion, latest pointer, keep-k, leftovers,
+the S3 mirror and a restore from it onto an empty disk. A stub stands in for the accelerator
+(the training tests cover Accelerate + DeepSpeed's own save_state)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from resnet.data import storage
+from resnet.train.checkpoint import STATE_FILE, CheckpointManager, find_latest
+
+
+class StubAccelerator:
+    is_main_process = is_local_main_process = True
+    process_index = 0
+
+    def __init__(self) -> None:
+        self.weights = 0
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def save_state(self, path: str) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "weights.json").write_text(json.dumps(self.weights))
+
+    def load_state(self, path: str) -> None:
+        self.weights = json.loads((Path(path) / "weights.json").read_text())
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.value = 0
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+def _manager(run_dir: Path, keep: int = 2, mirror: str = ""):
+    acc, part = StubAccelerator(), Counter()
+    return CheckpointManager(acc, run_dir, {"counter": part}, keep=keep, mirror=mirror), acc, part
+
+
+def test_save_makes_a_complete_checkpoint_and_latest_points_at_it(tmp_path):
+    ckpt, acc, part = _manager(tmp_path)
+    assert ckpt.prepare() is None
+    acc.weights, part.value = 5, 7
+    path = ckpt.save(10)
+    assert path.name == "step-000000010" and (path / STATE_FILE).is_file()
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-000000010"
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    acc.weights, part.value = 0, 0
+    ckpt.load(find_latest(tmp_path / "checkpoints"))
+    assert (acc.weights, part.value) == (5, 7)
+
+
+def test_keeps_the_last_k(tmp_path):
+    ckpt, _, _ = _manager(tmp_path, keep=2)
+    for step in (1, 2, 3, 4):
+        ckpt.save(step)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == [
+        "step-000000003", "step-000000004"]
+
+
+def test_a_half_written_checkpoint_is_ignored_and_cleaned(tmp_path):
+    ckpt, _, _ = _manager(tmp_path)
+    ckpt.save(4)
+    half = tmp_path / "checkpoints" / ".tmp-step-000000008"
+    half.mkdir()
+    (half / "weights.json").write_text("1")  # killed before trainer_state.json and the rename
+    assert find_latest(tmp_path / "checkpoints").name == "step-000000004"
+    assert ckpt.prepare().name == "step-000000004"
+    assert not half.exists()
+
+
+def test_a_stale_latest_pointer_falls_back_to_the_newest_complete(tmp_path):
+    ckpt, _, _ = _manager(tmp_path)
+    ckpt.save(4)
+    (tmp_path / "checkpoints" / "latest").write_text("step-000000099")
+    assert find_latest(tmp_path / "checkpoints").name == "step-000000004"
+
+
+def test_keep_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="checkpoint.keep"):
+        _manager(tmp_path, keep=0)
+
+
+def test_mirror_to_s3_and_restore_on_an_empty_disk(tmp_path, s3_server):
+    mirror = f"s3://{s3_server.bucket}/runs/r1"
+    ckpt, acc, part = _manager(tmp_path / "node1", mirror=mirror)
+    ckpt.prepare()
+    acc.weights, part.value = 3, 30
+    ckpt.save(6)
+    ckpt.close()  # waits for the background upload and reports its failure
+    assert storage.read_bytes(f"{mirror}/latest") == b"step-000000006"
+    assert storage.exists(f"{mirror}/step-000000006/{STATE_FILE}")
+
+    # A replacement node: nothing on its disk.
+    fresh, acc2, part2 = _manager(tmp_path / "node2", mirror=mirror)
+    latest = fresh.prepare()
+    assert latest is not None and latest.name == "step-000000006"
+    fresh.load(latest)
+    assert (acc2.weights, part2.value) == (3, 30)
+
+
+def test_a_missing_mirror_bucket_is_refused_before_training(tmp_path, s3_server):
+    ckpt, _, _ = _manager(tmp_path, mirror="s3://no-such-bucket-anywhere/run")
+    with pytest.raises(storage.StorageError, match="bucket 'no-such-bucket-anywhere' does not"):
+        ckpt.prepare()
+
+
+def test_a_failed_upload_is_reported_not_swallowed(tmp_path, s3_server):
+    client = s3_server.client()
+    client.create_bucket(Bucket="short-lived")
+    ckpt, _, _ = _manager(tmp_path, mirror="s3://short-lived/run")
+    ckpt.prepare()
+    client.delete_bucket(Bucket="short-lived")  # the mirror goes away during training
+    ckpt.save(1)
+    with pytest.raises(RuntimeError, match="mirroring a checkpoint to s3://short-lived/run"):
+        ckpt.close()
+    assert find_latest(tmp_path / "checkpoints").name == "step-000000001"  # local one kept
