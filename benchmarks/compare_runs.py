@@ -2,8 +2,8 @@
 
     python benchmarks/compare_runs.py BASELINE_RUN_DIR RESUMED_RUN_DIR
 
-Both runs must have had `audit.sample_keys=true`. Reads `run.dir/audit/restartRRR-rankKKK.jsonl`
-(the sample keys of every micro-batch of every step, per rank and torchrun restart) and
+Both runs must have had `audit.sample_keys=true`. Reads `run.dir/audit/` (resnet.train.audit:
+the sample keys of every micro-batch of every step, per rank and start of the processes) and
 `run.dir/final/model.safetensors`, and prints:
 
 - where the resumed run restarted (the first step its last restart trained);
@@ -25,45 +25,42 @@ import re
 import sys
 from pathlib import Path
 
-AUDIT_NAME = re.compile(r"restart(\d+)-rank(\d+)\.jsonl$")
+from resnet.train.audit import audit_files
+from resnet.train.audit import read_audit as read_steps
+
+RESTART = re.compile(r"restart(\d+)$")
 
 
 class CompareError(Exception):
     """The two runs cannot be compared (missing files, no restart)."""
 
 
-def read_audit(run_dir: Path) -> tuple[dict, list[int]]:
-    """({(step, micro, rank): (epoch, keys)}, restarts) where a later restart overrides.
+def read_audit(run_dir: Path) -> tuple[dict, list[str]]:
+    """({(step, micro, rank): (epoch, keys)}, start ids in order), as the run finally trained.
 
     A step that a killed attempt trained but did not checkpoint is trained again by the next
-    attempt; the later record is the one that counts.
+    start; resnet.train.audit keeps the later start's records.
     """
-    folder = Path(run_dir) / "audit"
-    files = sorted((int(m[1]), int(m[2]), p) for p in folder.glob("restart*-rank*.jsonl")
-                   if (m := AUDIT_NAME.search(p.name)))
-    if not files:
-        raise CompareError(f"{folder} has no audit files: run with audit.sample_keys=true")
-    records: dict = {}
-    for _restart, _rank, path in files:
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue  # the last line of a killed process may be cut short
-            records[(r["step"], r["micro"], r["rank"])] = (r["epoch"], r["keys"])
-    return records, sorted({restart for restart, _, _ in files})
+    starts = list(audit_files(run_dir))
+    if not starts:
+        raise CompareError(f"{Path(run_dir) / 'audit'} has no audit files: run with "
+                           f"audit.sample_keys=true")
+    records = {(step, micro, rank): (r["epoch"], r["keys"])
+               for step, recs in read_steps(run_dir).items() for (micro, rank), r in recs.items()}
+    return records, starts
 
 
-def first_step_of_restart(run_dir: Path, restart: int) -> int:
-    steps = []
-    for path in (Path(run_dir) / "audit").glob(f"restart{restart:03d}-rank*.jsonl"):
-        for line in path.read_text().splitlines():
-            try:
-                steps.append(json.loads(line)["step"])
-            except ValueError:
-                continue
+def restarts(starts: list[str]) -> list[int]:
+    """torchrun restart counts of the starts (their ids end in -restartNNN)."""
+    return [int(m[1]) if (m := RESTART.search(s)) else -1 for s in starts]
+
+
+def first_step_of_start(run_dir: Path, start: str) -> int:
+    steps = [rec["step"] for path in audit_files(run_dir)[start]
+             for rec in map(json.loads, filter(None, path.read_text().splitlines()))
+             if isinstance(rec, dict)]
     if not steps:
-        raise CompareError(f"restart {restart} of {run_dir} trained no step")
+        raise CompareError(f"start {start} of {run_dir} trained no step")
     return min(steps)
 
 
@@ -122,15 +119,16 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
 
 
 def compare(base_dir: Path, resumed_dir: Path, out=sys.stdout) -> bool:
-    base, base_restarts = read_audit(base_dir)
-    resumed, restarts = read_audit(resumed_dir)
-    if len(restarts) < 2:
-        raise CompareError(f"{resumed_dir} has audit files of restart(s) {restarts} only: the "
-                           f"run was never restarted, so there is no resume to check")
-    start = first_step_of_restart(resumed_dir, restarts[-1])
+    base, base_starts = read_audit(base_dir)
+    resumed, starts = read_audit(resumed_dir)
+    if len(starts) < 2:
+        raise CompareError(f"{resumed_dir} has audit files of one start only: the run was "
+                           f"never restarted, so there is no resume to check")
+    start = first_step_of_start(resumed_dir, starts[-1])
     last = max(k[0] for k in resumed)
-    print(f"baseline: {base_dir} (restarts {base_restarts}); resumed: {resumed_dir} "
-          f"(restarts {restarts}); the last restart trained steps {start}..{last}", file=out)
+    print(f"baseline: {base_dir} (restarts {restarts(base_starts)}); resumed: {resumed_dir} "
+          f"(restarts {restarts(starts)}); the last restart trained steps {start}..{last}",
+          file=out)
     after = compare_audit(base, resumed, start)
     before = compare_audit({k: v for k, v in base.items() if k[0] < start},
                            {k: v for k, v in resumed.items() if k[0] < start}, 0)

@@ -8,8 +8,8 @@ Usage: launch/elastic.sh CONFIG [key=value ...]
 
 Run on every node. torchrun's c10d rendezvous at RDZV_ENDPOINT gathers between MIN_NODES and
 MAX_NODES nodes; when a worker or a node fails, all workers restart (up to MAX_RESTARTS times)
-and training resumes from the newest checkpoint in run.dir, which must be on shared storage
-(or mirrored with checkpoint.mirror=s3://...). `accelerate launch` cannot express MIN:MAX,
+and training resumes from the newest checkpoint in run.dir, which must be on storage every
+node sees (NFS, EFS, FSx). `accelerate launch` cannot express MIN:MAX,
 so this calls torchrun directly; `resnet train` sets up DeepSpeed itself.
 
 Required environment:

@@ -7,7 +7,7 @@ usage() {
 Usage: launch/multi_node.sh CONFIG [key=value ...]
 
 Run the same command on every machine, each with its own MACHINE_RANK (0 on the machine at
-MAIN_ADDR). run.dir must be on storage every machine sees (or pass checkpoint.mirror=s3://...).
+MAIN_ADDR). run.dir must be on storage every machine sees (NFS, EFS, FSx for Lustre).
 
 Required environment:
   NUM_MACHINES        how many machines take part

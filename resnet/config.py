@@ -82,7 +82,8 @@ class CheckpointConfig:
     every_minutes: float = 30.0  # 0: not by time
     keep: int = 3
     mirror: str = ""  # s3://bucket/prefix: every checkpoint is copied there; restarts read it
-    resume: bool = True  # resume from the newest complete checkpoint in run.dir
+    resume: bool = True  # resume from the newest complete checkpoint in run.dir; false:
+    # refuse to start where checkpoints exist (never mix two runs in one run.dir)
 
 
 @dataclass

@@ -124,3 +124,106 @@ def test_a_failed_upload_is_reported_not_swallowed(tmp_path, s3_server):
     with pytest.raises(RuntimeError, match="mirroring a checkpoint to s3://short-lived/run"):
         ckpt.close()
     assert find_latest(tmp_path / "checkpoints").name == "step-000000001"  # local one kept
+
+
+class CountingAccelerator(StubAccelerator):
+    def __init__(self, main: bool) -> None:
+        super().__init__()
+        self.is_main_process = self.is_local_main_process = main
+        self.process_index = 0 if main else 1
+        self.barriers = 0
+
+    def wait_for_everyone(self) -> None:
+        self.barriers += 1
+
+
+def test_a_repeated_save_takes_the_same_barriers_on_every_rank(tmp_path):
+    # Rank 1 on another node with its own disk (run.dir local + mirror) never sees rank 0's
+    # renamed checkpoint: "already saved at this step" must not be decided from the disk, or
+    # rank 0 skips barriers that rank 1 enters (the epoch-end save, then finish(), same step).
+    ranks = []
+    for main, node in ((True, "node0"), (False, "node1")):
+        acc = CountingAccelerator(main)
+        ranks.append((CheckpointManager(acc, tmp_path / node, {"counter": Counter()}), acc))
+    for step in (5, 5, 6, 6):
+        for manager, _ in ranks:
+            manager.save(step)
+    assert ranks[0][1].barriers == ranks[1][1].barriers
+    # After a resume the loaded step counts as saved on every rank, too.
+    for manager, acc in ranks:
+        manager.load(tmp_path / "node0" / "checkpoints" / "step-000000006")
+        before = acc.barriers
+        manager.save(6)
+        assert acc.barriers == before
+
+
+def test_a_stale_checkpoint_of_an_earlier_run_is_replaced_not_kept(tmp_path):
+    old, acc, part = _manager(tmp_path)
+    part.value = 1  # an earlier run in the same run.dir (checkpoint.resume=false now)
+    old.save(3)
+    new, acc2, part2 = _manager(tmp_path)
+    part2.value = 2
+    new.save(3)
+    new.load(tmp_path / "checkpoints" / "step-000000003")
+    assert part2.value == 2
+
+
+def test_keep_1_with_a_mirror_does_not_prune_the_checkpoint_being_uploaded(tmp_path,
+                                                                        monkeypatch):
+    import time
+
+    real = storage.upload_dir
+
+    def slow_upload(local: str, url: str) -> None:
+        time.sleep(0.5)  # the next checkpoint is saved (and pruning runs) meanwhile
+        real(local, url)
+
+    monkeypatch.setattr(storage, "upload_dir", slow_upload)
+    mirror = tmp_path / "mirror"
+    ckpt, _, _ = _manager(tmp_path / "run", keep=1, mirror=str(mirror))
+    ckpt.prepare()
+    ckpt.save(1)
+    ckpt.save(2)
+    ckpt.close()  # raised "mirroring a checkpoint ... failed" when step 1 was pruned mid-upload
+    assert (mirror / "latest").read_text() == "step-000000002"
+    assert (mirror / "step-000000001" / STATE_FILE).is_file()
+
+
+def test_load_restarts_the_micro_step_count_at_an_optimizer_step_boundary(tmp_path):
+    # accelerate's load_state restores its micro-step counter (3 steps at accumulation 1);
+    # resumed at accumulation 2 (world size halved, global batch kept), 3 % 2 would make the
+    # first micro-batch an optimizer step.
+    class MicroSteps(StubAccelerator):
+        step = 0
+
+        def load_state(self, path: str) -> None:
+            super().load_state(path)
+            self.step = 3
+
+    acc = MicroSteps()
+    ckpt = CheckpointManager(acc, tmp_path, {"counter": Counter()})
+    ckpt.save(3)
+    ckpt.load(tmp_path / "checkpoints" / "step-000000003")
+    assert acc.step == 0
+
+
+def test_contents_reach_the_disk_before_the_checkpoint_becomes_visible(tmp_path, monkeypatch):
+    import os
+
+    from resnet.train import checkpoint as ck
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(ck.os, "fsync", lambda fd: (events.append(
+        ("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
+    monkeypatch.setattr(ck.os, "replace", lambda a, b: (events.append(
+        ("replace", str(b))), real_replace(a, b))[1])
+    ckpt, _, _ = _manager(tmp_path)
+    ckpt.save(3)
+    final = str(tmp_path / "checkpoints" / "step-000000003")
+    visible = events.index(("replace", final))
+    flushed = {path for kind, path in events[:visible] if kind == "fsync"}
+    folder = f"{tmp_path}/checkpoints/.tmp-step-000000003"
+    assert {f"{folder}/weights.json", folder} <= flushed  # the tensors, and the folder's entries
+    assert any(p.startswith(f"{folder}/.tmp-{STATE_FILE}") for p in flushed)  # written, renamed
+    assert ("fsync", str(tmp_path / "checkpoints")) in events[visible:]

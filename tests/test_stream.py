@@ -183,6 +183,37 @@ def test_transient_error_reopens_at_the_member(tmp_path, monkeypatch):
     assert len(opened) == 3 and opened[1] > 0 and opened[1] % 512 == 0
 
 
+def test_a_failed_reopen_past_a_gap_is_retried_like_any_interruption(tmp_path, monkeypatch):
+    """Remote reads skip large gaps with a new request; when that request fails, the shard is
+    reopened at the current member with the usual retries, not abandoned with a raw error."""
+    root = make_shards(tmp_path / "g", [8])
+    url = str(root / "train-000000.tar")
+    data = (root / "train-000000.tar").read_bytes()
+    monkeypatch.setattr(shardio, "_backoff", lambda attempt: 0.0)
+    monkeypatch.setattr(shardio, "REOPEN_GAP", 0)  # every skip is a new request
+    calls = []
+
+    class Body(io.RawIOBase):  # not seekable, like an S3 response body
+        def __init__(self, payload: bytes):
+            self.inner = io.BytesIO(payload)
+
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            return self.inner.readinto(buffer)
+
+    def opener(path, offset=0):  # the 2nd request (the first gap) fails
+        calls.append(offset)
+        if len(calls) == 2:
+            raise ConnectionResetError("connection reset by peer")
+        return io.BufferedReader(Body(data[offset:]))
+
+    clean = list(shardio.read_samples(url, {0, 6}))
+    assert list(shardio.read_samples(url, {0, 6}, opener=opener)) == clean
+    assert len(calls) > 2
+
+
 def test_a_truncated_stream_is_retried_then_reported(tmp_path, monkeypatch):
     root = make_shards(tmp_path / "t", [6])
     url = str(root / "train-000000.tar")
@@ -232,3 +263,22 @@ def test_crop_parameters_are_a_function_of_seed_epoch_key():
     for key in range(50):
         (x0, y0, x1, y1), _ = A.train_view(50, 40, p, 1, 0, str(key))
         assert 0 <= x0 < x1 <= 50 and 0 <= y0 < y1 <= 40
+
+
+def test_a_shard_shorter_than_its_manifest_skips_only_the_missing_samples(tmp_path,
+                                                                         monkeypatch):
+    from resnet.data import plan as P
+    from resnet.data import stream
+
+    root = str(make_shards(tmp_path / "short", [8]))
+    real = stream.read_samples
+
+    def short(url, needed, **kw):  # the tar lost its last sample; the manifest still counts it
+        return ((i, k, f) for i, k, f in real(url, needed, **kw) if i != 7)
+
+    monkeypatch.setattr(stream, "read_samples", short)
+    order = list(P.EpochOrder((8,), 0, 0).shard_permutation(0))
+    assert order.index(7) < 7  # samples after it in the shuffled order were read but held
+    batches = list(loader(root, b=8, k=0))
+    assert sum(b.skipped for b in batches) == 1
+    assert len({k for b in batches for k in b.keys}) == 7

@@ -82,6 +82,21 @@ def test_preflight_errors(data, unlabelled_val, tmp_path):
         preflight(_cfg(data, run_dir, "train.global_batch_size=16"), world_size=3)
 
 
+def test_a_fresh_start_is_refused_where_checkpoints_exist(data, tmp_path):
+    run_dir = tmp_path / "run"
+    old = run_dir / "checkpoints" / "step-000000005"
+    old.mkdir(parents=True)
+    (old / "trainer_state.json").write_text(json.dumps({"progress": {
+        "step": 5, "samples_seen": 80, "global_batch": 16, "world_size": 2, "zero_stage": 0,
+        "fingerprint": "x"}}))
+    with pytest.raises(SetupError, match="already holds checkpoints \\(newest: step-000000005\\) "
+                                         "and checkpoint.resume=false"):
+        preflight(_cfg(data, run_dir, "checkpoint.resume=false"), world_size=2)
+    # Resuming it is refused too, since that checkpoint belongs to another data set.
+    with pytest.raises(SetupError, match="was trained on another data set"):
+        preflight(_cfg(data, run_dir), world_size=2)
+
+
 def _unused_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -347,3 +362,16 @@ def test_ddp_engine_on_two_processes_trains_resumes_and_evaluates(data, tmp_path
                        tmp_path / "eval.txt", timeout=120)
     assert code == 0, out[-3000:]
     assert json.loads(out.strip().splitlines()[-1])["val_samples"] == 32
+
+
+@pytest.mark.slow
+def test_device_decode_trains_and_evaluates(data, tmp_path):
+    """data.decode=device: workers hand over JPEG bytes and crop boxes; the trainer decodes
+    them on its device (here the CPU; nvJPEG on a GPU) for training and evaluation."""
+    run_dir = tmp_path / "run"
+    code, out = tu.run(tu.resnet_cmd("train", *tu.overrides(
+        data, run_dir, "data.decode=device", "train.max_steps=3", "audit.sample_keys=false")),
+        tmp_path / "log.txt", timeout=240)
+    assert code == 0, out[-4000:]
+    evals = [m for m in tu.metrics(run_dir) if "val_top1" in m]
+    assert evals and evals[-1]["val_samples"] == tu.CLASSES * tu.VAL_PER_CLASS

@@ -83,8 +83,11 @@ class _Cursor:
             self.pos += n
         elif n > REOPEN_GAP:
             self.close()
+            try:
+                self.stream = self.opener(self.url, self.pos + n)
+            except OSError as exc:  # reopened (with retries) at the member by read_samples
+                raise _Interrupted(f"reopening past a gap failed: {exc}") from exc
             self.pos += n
-            self.stream = self.opener(self.url, self.pos)
         else:
             self.read(n)
 

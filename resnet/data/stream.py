@@ -150,6 +150,9 @@ def _samples(job: _Job, positions, log_: RateLimitedLog) -> Iterator[tuple[str, 
                 yield _one(url, wanted[nxt], *pending.pop(wanted[nxt]), job, log_)
                 nxt += 1
         for index in wanted[nxt:]:
+            if index in pending:  # read, but held behind a missing one in the shuffled order
+                yield _one(url, index, *pending.pop(index), job, log_)
+                continue
             log_.warn("shard %s: sample %d is missing (the shard is shorter than its manifest "
                       "says); skipped", url, index)
             yield f"{info.name}#{index}", None

@@ -48,6 +48,22 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a folder too: that persists its entries (renames)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under `folder` to disk: the rename that makes a checkpoint
+    visible must not reach the disk before its contents do (a power loss would leave a
+    "complete" checkpoint of truncated tensors)."""
+    for path in sorted(folder.rglob("*")) + [folder]:
+        _fsync(path)
+
+
 def read_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / STATE_FILE).read_text())
 
@@ -75,6 +91,11 @@ class CheckpointManager:
         self.mirror = mirror.rstrip("/")
         self._upload: threading.Thread | None = None
         self._upload_error: BaseException | None = None
+        # The step of the checkpoint this process last saved or loaded. Every rank calls save()
+        # and load() at the same steps, so this is the same on all ranks, unlike what each one
+        # sees on its disk (node-local run.dir + mirror, NFS lookup caching): deciding "already
+        # saved" from the file system could send rank 0 past a barrier the others enter.
+        self._saved_step: int | None = None
 
     @property
     def _main(self) -> bool:
@@ -95,30 +116,44 @@ class CheckpointManager:
         """Every rank calls this at the same step (DeepSpeed writes per-rank shards)."""
         final = self.dir / checkpoint_name(step)
         tmp = self.dir / f"{TMP_PREFIX}{final.name}"
-        if final.exists():  # already saved at this step (e.g. epoch end == interval)
+        if step == self._saved_step:  # already saved at this step (e.g. epoch end == interval)
             return final
         if self._main:
             shutil.rmtree(tmp, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp))
+        if self.accelerator.is_local_main_process:  # each node flushes what its ranks wrote
+            _fsync_tree(tmp)
         self.accelerator.wait_for_everyone()
         faults.in_checkpoint(step, self.accelerator.process_index)  # test-only; no-op unless armed
         if self._main:
             state = {name: part.state_dict() for name, part in self.parts.items()}
             state.update(extra or {})
             _write_atomic(tmp / STATE_FILE, json.dumps(state, indent=1))
+            if final.exists():  # a stale one (an earlier run in this run.dir): replace it
+                shutil.rmtree(final)
+            _fsync(tmp)  # the entry of trainer_state.json (its content is already flushed)
             os.replace(tmp, final)
             _write_atomic(self.dir / LATEST, final.name)
-            self._prune()
-            if self.mirror:
+            _fsync(self.dir)  # the rename and the new `latest` themselves
+            if self.mirror:  # waits for the previous upload first: pruning may delete its folder
                 self._start_upload(final)
+            self._prune()
+        self._saved_step = step
         self.accelerator.wait_for_everyone()
         return final
 
     def load(self, checkpoint: Path) -> dict:
         """Every rank loads the tensors; the JSON parts are restored from the same file."""
         self.accelerator.load_state(str(checkpoint))
+        # Checkpoints are saved between optimizer steps, but load_state restores Accelerate's
+        # micro-step counter, whose remainder modulo the accumulation decides sync_gradients.
+        # After an elastic restart with another accumulation (same global batch, other world
+        # size) that remainder is off the boundary: optimizer steps would straddle our steps.
+        self.accelerator.step = 0
         state = read_state(checkpoint)
+        if checkpoint.name.startswith(PREFIX) and checkpoint.name[len(PREFIX):].isdigit():
+            self._saved_step = int(checkpoint.name[len(PREFIX):])
         for name, part in self.parts.items():
             if name in state:
                 part.load_state_dict(state[name])

@@ -27,10 +27,21 @@ def normalize(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def batch_images(batch, device: torch.device, params) -> torch.Tensor:
+    """The batch's uint8 images on the device: copied (data.decode=cpu: workers decoded them)
+    or decoded there from the JPEG bytes and crop boxes the workers handed over (=device)."""
+    from resnet.data.augment import decode_on_device
+
+    if batch.images is not None:
+        return batch.images.to(device, non_blocking=True)
+    return decode_on_device(batch, device, params)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, autocast, reduce_sum,
              channels_last: bool = False, on_batch=None) -> dict:
-    """`reduce_sum(tensor)` sums over ranks; `on_batch(batch, logits)` sees each batch."""
+    """`reduce_sum(tensor)` sums over ranks; `on_batch(batch, images, logits)` sees each batch
+    (images: uint8 on the device, however they were decoded)."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
@@ -38,8 +49,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast, reduce_su
         labels = batch.labels.to(device)
         if labels.numel() == 0:
             continue
+        images = batch_images(batch, device, loader.augment)
         with autocast():
-            logits = model(normalize(batch.images.to(device), channels_last)).float()
+            logits = model(normalize(images, channels_last)).float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == labels[:, None]
         totals += torch.stack([
@@ -47,7 +59,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast, reduce_su
             hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
             torch.tensor(float(labels.numel()), dtype=torch.float64, device=device)])
         if on_batch is not None:
-            on_batch(batch, logits)
+            on_batch(batch, images, logits)
     totals = reduce_sum(totals)
     model.train(was_training)
     loss, top1, top5, count = totals.tolist()

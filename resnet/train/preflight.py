@@ -45,9 +45,12 @@ def _manifest(source: str, split: str, key: str) -> Manifest:
 
 def _saved_progress(cfg: Config) -> tuple[Path, dict] | None:
     """The trainer state of the newest local checkpoint the run would resume from."""
-    if not cfg.checkpoint.resume:
-        return None
     latest = find_latest(Path(cfg.run.dir) / "checkpoints")
+    if latest and not cfg.checkpoint.resume:
+        # Training on would mix two runs' checkpoints, metrics and audit in one folder.
+        raise SetupError(f"run.dir={cfg.run.dir} already holds checkpoints (newest: "
+                         f"{latest.name}) and checkpoint.resume=false: use a new run.dir, or "
+                         f"delete {latest.parent} to start this run over")
     return (latest, read_state(latest)["progress"]) if latest else None
 
 

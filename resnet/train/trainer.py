@@ -22,7 +22,7 @@ from resnet.train import faults
 from resnet.train.audit import AuditLog, new_start_id
 from resnet.train.checkpoint import CheckpointManager, read_state
 from resnet.train.engine import Engine, create_engine
-from resnet.train.evaluate import evaluate, export_final, normalize
+from resnet.train.evaluate import batch_images, evaluate, export_final, normalize
 from resnet.train.metrics import RunLogger, system_metrics
 from resnet.train.optim import Schedule, build_optimizer, peak_lr, set_lr
 from resnet.train.preflight import RunPlan, check_resumable, preflight
@@ -73,8 +73,9 @@ class Trainer:
             image_size=cfg.data.image_size, scale=(cfg.data.scale_min, cfg.data.scale_max),
             ratio=(cfg.data.ratio_min, cfg.data.ratio_max), hflip=cfg.data.hflip,
             eval_crop_ratio=cfg.data.eval_crop_ratio)
+        self.augment = augment
         common = dict(rank=engine.rank, world_size=engine.world_size, seed=cfg.seed,
-                      workers=cfg.data.workers, augment=augment, decode="cpu",
+                      workers=cfg.data.workers, augment=augment, decode=cfg.data.decode,
                       prefetch_factor=cfg.data.prefetch_factor)
         self.loader = ShardLoader(cfg.data.train, "train", batch_size=cfg.train.batch_size,
                                   global_batch=plan.global_batch, train=True, **common)
@@ -199,7 +200,7 @@ class Trainer:
         for i, batch in enumerate(micro):
             if self.audit:
                 self.audit.write(self.progress.step + 1, i, epoch, batch.keys)
-            images = normalize(batch.images.to(device, non_blocking=True),
+            images = normalize(batch_images(batch, device, self.augment),
                                self.engine.channels_last_input)
             labels = batch.labels.to(device, non_blocking=True)
             with acc.accumulate(self.model):
@@ -229,8 +230,8 @@ class Trainer:
             self.model.train()
 
     def run_eval(self) -> dict | None:
-        if self.val_loader is None:
-            return None
+        if self.val_loader is None or self.evaluated_at == self.progress.step:
+            return None  # (eval_every_steps can land on an epoch end: evaluate once)
         model = self.engine.accelerator.unwrap_model(self.model)
         if self.engine.world_size > 1:
             # DeepSpeed never syncs buffers: each rank's BatchNorm statistics saw only its own
@@ -240,9 +241,9 @@ class Trainer:
                 torch.distributed.broadcast(buffer, src=0)
         shown: list = []
 
-        def keep_examples(batch, logits):
+        def keep_examples(batch, images, logits):
             if self.engine.is_main and len(shown) < 1:
-                shown.append((batch.images[:32], batch.labels[:32],
+                shown.append((images[:32].cpu(), batch.labels[:32],
                               logits[:32].topk(min(5, logits.shape[1]), dim=1).indices.cpu()))
 
         result = evaluate(model, self.val_loader, self.engine.device, self.engine.autocast,
@@ -259,8 +260,7 @@ class Trainer:
 
     def finish(self) -> Path:
         self.save()
-        if self.evaluated_at != self.progress.step:  # the last epoch ends on the step budget
-            self.run_eval()
+        self.run_eval()  # unless already done at this step: the last epoch ends on the budget
         self.checkpoints.close()
         final = self.run_dir / "final"
         if self.engine.is_main:
@@ -292,8 +292,10 @@ class Trainer:
     def _log_train(self, window: "_Window") -> None:
         acc = self.engine.accelerator
         loss = acc.reduce(window.loss_sum.clone(), "mean").item() / max(window.steps, 1)
-        counts = torch.cat([window.hits, torch.tensor([window.skipped], device=window.hits.device,
-                                                      dtype=window.hits.dtype)])
+        # On the device on every rank (a window of only empty batches never moved `hits`).
+        hits = window.hits.to(self.engine.device)
+        counts = torch.cat([hits, torch.tensor([window.skipped], device=hits.device,
+                                               dtype=hits.dtype)])
         top1, top5, seen, skipped = acc.reduce(counts, "sum").tolist()
         skipped = int(skipped)
         self.skipped += skipped
