@@ -80,6 +80,8 @@ def test_preflight_errors(data, unlabelled_val, tmp_path):
     with pytest.raises(SetupError, match="global batch 16 is not divisible by train.batch_size "
                                          "8 x world size 3"):
         preflight(_cfg(data, run_dir, "train.global_batch_size=16"), world_size=3)
+    with pytest.raises(SetupError, match="scale must satisfy 0 < min <= max <= 1"):
+        preflight(_cfg(data, run_dir, "data.scale_min=0"), world_size=1)
 
 
 def test_a_fresh_start_is_refused_where_checkpoints_exist(data, tmp_path):

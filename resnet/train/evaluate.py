@@ -5,6 +5,7 @@ only sums are reduced afterwards, so unequal counts never hang a collective.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -103,14 +104,14 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
                             f"final/ folder or a checkpoint folder")
 
 
-def _arch_from_run(weights: Path) -> tuple[str, int] | None:
-    """A run's final/ or checkpoint folder sits under run.dir, whose config.yaml names the arch."""
+def _run_config(weights: Path):
+    """A run's final/ or checkpoint folder sits under run.dir, whose config.yaml says how the
+    model was built and how its images were prepared."""
     from resnet.config import load_config
 
     for folder in (weights, *weights.parents)[:4]:
         if (folder / "config.yaml").is_file():
-            cfg = load_config([folder / "config.yaml"])
-            return cfg.model.arch, cfg.data.image_size
+            return load_config([folder / "config.yaml"])
     return None
 
 
@@ -127,9 +128,11 @@ def evaluate_weights(weights: str, data: str, *, arch: str = "", image_size: int
     path = Path(weights)
     if not path.exists():
         raise FileNotFoundError(f"--weights {weights}: no such file or folder")
-    found = _arch_from_run(path.resolve() if path.is_dir() else path.resolve().parent)
-    arch = arch or (found[0] if found else "resnet50")
-    image_size = image_size or (found[1] if found else 224)
+    cfg = _run_config(path.resolve() if path.is_dir() else path.resolve().parent)
+    arch = arch or (cfg.model.arch if cfg else "resnet50")
+    augment = AugmentParams.from_config(cfg.data) if cfg else AugmentParams()
+    if image_size:
+        augment = dataclasses.replace(augment, image_size=image_size)
     state = load_weights(path)
     ensure_single_process_env()
     on_gpu = torch.cuda.is_available()
@@ -138,7 +141,7 @@ def evaluate_weights(weights: str, data: str, *, arch: str = "", image_size: int
     check_distributed(acc)
     loader = ShardLoader(data, split, rank=acc.process_index, world_size=acc.num_processes,
                          batch_size=batch_size, global_batch=batch_size, workers=workers,
-                         seed=0, train=False, augment=AugmentParams(image_size=image_size))
+                         seed=0, train=False, augment=augment)
     num_classes = state["fc.weight"].shape[0]
     if num_classes < loader.manifest.num_classes:
         raise ValueError(f"the weights have {num_classes} classes, the data set "

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from resnet.config import Config
+from resnet.data.augment import AugmentParams
 from resnet.data.format import Manifest, ManifestError, load_manifest
 from resnet.model import ARCHS
 from resnet.train.checkpoint import find_latest, read_state
@@ -79,6 +80,10 @@ def preflight(cfg: Config, world_size: int | None = None) -> RunPlan:
         raise SetupError(f"model.arch={cfg.model.arch!r} is not one of {sorted(ARCHS)}")
     if cfg.train.batch_size < 1 or cfg.train.epochs < 1:
         raise SetupError("train.batch_size and train.epochs must be at least 1")
+    try:
+        AugmentParams.from_config(cfg.data)
+    except ValueError as exc:
+        raise SetupError(f"data.scale_min/max, ratio_min/max or eval_crop_ratio: {exc}") from None
     train_manifest = _manifest(cfg.data.train, "train", "data.train")
     val_manifest = _manifest(cfg.data.val, "val", "data.val") if cfg.data.val else None
     if val_manifest and val_manifest.fingerprint != train_manifest.fingerprint:

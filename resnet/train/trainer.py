@@ -69,13 +69,9 @@ class Trainer:
         self.cfg, self.plan, self.engine = cfg, plan, engine
         self.run_dir = Path(cfg.run.dir)
         self.log = RateLimitedLogger(engine.rank)
-        augment = AugmentParams(
-            image_size=cfg.data.image_size, scale=(cfg.data.scale_min, cfg.data.scale_max),
-            ratio=(cfg.data.ratio_min, cfg.data.ratio_max), hflip=cfg.data.hflip,
-            eval_crop_ratio=cfg.data.eval_crop_ratio)
-        self.augment = augment
+        self.augment = AugmentParams.from_config(cfg.data)
         common = dict(rank=engine.rank, world_size=engine.world_size, seed=cfg.seed,
-                      workers=cfg.data.workers, augment=augment, decode=cfg.data.decode,
+                      workers=cfg.data.workers, augment=self.augment, decode=cfg.data.decode,
                       prefetch_factor=cfg.data.prefetch_factor)
         self.loader = ShardLoader(cfg.data.train, "train", batch_size=cfg.train.batch_size,
                                   global_batch=plan.global_batch, train=True, **common)
