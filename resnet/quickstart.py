@@ -24,6 +24,12 @@ def _run(command: list[str]) -> None:
 
 def quickstart(out: Path, processes: int = 2, classes: int = 10, per_class: int = 120,
                overrides: list[str] = ()) -> Path:
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if gpus and processes > gpus:  # one process per GPU; on CPUs, as many as asked
+        print(f"{gpus} GPU(s) visible: training with {gpus} process(es), one per GPU")
+        processes = gpus
     out = out.resolve()
     source, packed, run_dir = out / "source", out / "data", out / "run"
     if not (packed / MANIFEST_NAME).is_file():
