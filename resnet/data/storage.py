@@ -261,7 +261,8 @@ def exists(url: str) -> bool:
     if is_s3(url):
         bucket, key = split_s3(url)
         if not key:
-            return bool(_s3_keys(url, "/")[0] or _s3_keys(url, "/")[1])
+            keys, prefixes = _s3_keys(url, "/")
+            return bool(keys or prefixes)
         # LIST rather than HEAD: a HEAD's 404 cannot tell a missing key from a missing bucket.
         for prefix in (key, key.rstrip("/") + "/"):
             page = _s3_call(url, "check", lambda p=prefix: s3_client().list_objects_v2(
