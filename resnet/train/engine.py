@@ -120,37 +120,48 @@ class Engine:
         return values.tolist()
 
 
-def create_engine(cfg: Config, accumulation: int) -> Engine:
+def make_accelerator(*, use_deepspeed: bool = False, **kwargs):
+    """The one place an Accelerator is made (training and `resnet eval`): a rendezvous for a
+    plain process, the backend, the per-restart process group under torchrun, the CPU flag."""
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+    from accelerate.utils import InitProcessGroupKwargs
 
     ensure_single_process_env()
-    world_size = launched_world_size()
     on_gpu = torch.cuda.is_available()
-    use_ds = cfg.deepspeed.engine == "deepspeed"
-    # Without the explicit gloo kwarg on CPU, Accelerate reports one process (GUIDE.md).
-    kwargs = [InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo",
-                                     timeout=timedelta(minutes=30))]
-    plugin = None
-    mixed = "no"
-    if use_ds:
-        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, accumulation, world_size))
-    elif cfg.train.precision in AUTOCAST_DTYPES:
-        mixed = cfg.train.precision
-    _init_elastic_process_group("nccl" if on_gpu else "gloo", timedelta(minutes=30))
+    backend, timeout = ("nccl" if on_gpu else "gloo"), timedelta(minutes=30)
+    _init_elastic_process_group(backend, timeout)
     accelerator = Accelerator(
         # Without cpu=True Accelerate leaves several CPU processes undistributed (type NO: no
         # gradient sync); with it, it drops DeepSpeed, which on CPU finds gloo by itself.
-        cpu=not on_gpu and not use_ds,
+        cpu=not on_gpu and not use_deepspeed,
+        # Without the explicit gloo kwarg on CPU, Accelerate reports one process (GUIDE.md).
+        kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timeout)],
+        **kwargs,
+    )
+    check_distributed(accelerator)
+    return accelerator
+
+
+def create_engine(cfg: Config, accumulation: int) -> Engine:
+    from accelerate.utils import DeepSpeedPlugin
+
+    use_ds = cfg.deepspeed.engine == "deepspeed"
+    plugin = None
+    mixed = "no"
+    if use_ds:
+        plugin = DeepSpeedPlugin(
+            hf_ds_config=deepspeed_config(cfg, accumulation, launched_world_size()))
+    elif cfg.train.precision in AUTOCAST_DTYPES:
+        mixed = cfg.train.precision
+    accelerator = make_accelerator(
+        use_deepspeed=use_ds,
         deepspeed_plugin=plugin,
         mixed_precision=mixed,
         gradient_accumulation_steps=accumulation,
-        kwargs_handlers=kwargs,
         log_with=_tracker(cfg),
         project_dir=cfg.run.dir,
         step_scheduler_with_optimizer=False,
     )
-    check_distributed(accelerator)
     control = None
     if accelerator.num_processes > 1:
         control = torch.distributed.new_group(backend="gloo")

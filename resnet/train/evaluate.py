@@ -118,12 +118,9 @@ def _run_config(weights: Path):
 def evaluate_weights(weights: str, data: str, *, arch: str = "", image_size: int = 0,
                      batch_size: int = 64, workers: int = 2, split: str = "val") -> dict:
     """`resnet eval`: one process, or several under a launcher (each evaluates its share)."""
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
     from resnet.data.stream import AugmentParams, ShardLoader
     from resnet.model import build_model
-    from resnet.train.engine import check_distributed, ensure_single_process_env
+    from resnet.train.engine import make_accelerator
 
     path = Path(weights)
     if not path.exists():
@@ -134,11 +131,7 @@ def evaluate_weights(weights: str, data: str, *, arch: str = "", image_size: int
     if image_size:
         augment = dataclasses.replace(augment, image_size=image_size)
     state = load_weights(path)
-    ensure_single_process_env()
-    on_gpu = torch.cuda.is_available()
-    acc = Accelerator(cpu=not on_gpu, kwargs_handlers=[InitProcessGroupKwargs(
-        backend="nccl" if on_gpu else "gloo")])
-    check_distributed(acc)
+    acc = make_accelerator()
     loader = ShardLoader(data, split, rank=acc.process_index, world_size=acc.num_processes,
                          batch_size=batch_size, global_batch=batch_size, workers=workers,
                          seed=0, train=False, augment=augment)

@@ -6,7 +6,6 @@ restart (torchrun elastic, SLURM requeue, spot replacement) continues exactly.
 """
 from __future__ import annotations
 
-import os
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -23,7 +22,7 @@ from resnet.train.audit import AuditLog, new_start_id
 from resnet.train.checkpoint import CheckpointManager, read_state
 from resnet.train.engine import Engine, create_engine
 from resnet.train.evaluate import batch_images, evaluate, export_final, normalize
-from resnet.train.metrics import RunLogger, system_metrics
+from resnet.train.metrics import RunLogger, restart_count, system_metrics
 from resnet.train.optim import Schedule, build_optimizer, peak_lr, set_lr
 from resnet.train.preflight import RunPlan, check_resumable, preflight
 from resnet.train.progress import ProgressBar, RateLimitedLogger
@@ -107,7 +106,7 @@ class Trainer:
             engine.accelerator, self.run_dir, {"progress": self.progress, "loader": self.loader},
             keep=cfg.checkpoint.keep, mirror=cfg.checkpoint.mirror)
         self.logger = RunLogger(engine.accelerator, cfg, self.run_dir)
-        self.restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        self.restart = restart_count()
         self.audit = (AuditLog(self.run_dir, engine.rank, self._agreed_start_id())
                       if cfg.audit.sample_keys else None)
         self.stop = StopFlag()
@@ -286,13 +285,14 @@ class Trainer:
                                 f"checkpoint is kept in {self.checkpoints.dir}; {advice}")
 
     def _log_train(self, window: "_Window") -> None:
-        acc = self.engine.accelerator
-        loss = acc.reduce(window.loss_sum.clone(), "mean").item() / max(window.steps, 1)
-        # On the device on every rank (a window of only empty batches never moved `hits`).
-        hits = window.hits.to(self.engine.device)
-        counts = torch.cat([hits, torch.tensor([window.skipped], device=hits.device,
-                                               dtype=hits.dtype)])
-        top1, top5, seen, skipped = acc.reduce(counts, "sum").tolist()
+        # One all-reduce for the window's sums, on the device on every rank (a window of only
+        # empty batches never moved `hits` there).
+        device = self.engine.device
+        totals = torch.cat([window.loss_sum.reshape(1).to(device, torch.float64),
+                            window.hits.to(device),
+                            torch.tensor([window.skipped], device=device, dtype=torch.float64)])
+        loss_sum, top1, top5, seen, skipped = self.engine.accelerator.reduce(totals, "sum").tolist()
+        loss = loss_sum / self.engine.world_size / max(window.steps, 1)  # mean over ranks
         skipped = int(skipped)
         self.skipped += skipped
         elapsed = max(window.elapsed(), 1e-9)
