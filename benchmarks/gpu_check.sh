@@ -10,7 +10,7 @@
 # per configuration; (3) train ResNet-50 at 224 px with the default (GPU) config for a few
 # hundred steps under `torchrun --nproc-per-node 1 --max-restarts 1` with the sample audit on,
 # uninterrupted (run A) and with the worker killed mid-epoch by the trainer's fault hook
-# (run B, resnet/train/faults.py; torchrun restarts it and it resumes from its checkpoint);
+# (run B, tests/fault_shim; torchrun restarts it and it resumes from its checkpoint);
 # (4) benchmarks/compare_runs.py: same samples from the resumed step on and bitwise equal
 # final weights -> "resume exact: yes/no"; (5) a summary with the img/s figures.
 # Both runs use benchmarks/deterministic_train.py (deterministic cuDNN) so that bitwise
@@ -120,7 +120,7 @@ echo "== gpu_check $(date -u +%FT%TZ) on $(hostname), $cores cores; tiny=${GPU_C
 sed 's/^/   /' "$OUT/env.txt"
 # Everything this script needs, checked before any minute of work is spent.
 phase imports 90 "$PY" -c "import omegaconf, deepspeed, safetensors, accelerate, \
-transformers, resnet.train.trainer, resnet.train.faults; print('imports ok')"
+transformers, resnet.train.trainer; print('imports ok')"
 
 DATA=$WORK/data
 phase generate 150 "$PY" benchmarks/gen_images.py "$WORK/src" --images "$IMAGES" \
@@ -146,8 +146,10 @@ train_run() {  # train_run NAME: one torchrun with 1 worker and 1 allowed restar
 }
 train_run train_a
 # Run B: the worker SIGKILLs itself after step FAULT_STEP (first attempt only); torchrun
-# restarts it and it resumes from the newest checkpoint before that step.
-RESNET_FAULT_AFTER_STEP=$FAULT_STEP RESNET_FAULT_RANK=0 train_run train_b
+# restarts it and it resumes from the newest checkpoint before that step. The fault comes from
+# the tests' shim (tests/fault_shim/sitecustomize.py), never from the product.
+PYTHONPATH=$PWD/tests/fault_shim:$PYTHONPATH RESNET_TEST_FAULT_AFTER_STEP=$FAULT_STEP \
+  RESNET_TEST_FAULT_RANK=0 train_run train_b
 grep -h "resumed from" "$OUT/train_b.log" 2>/dev/null | sed 's/^/   /'
 
 phase compare 60 "$PY" benchmarks/compare_runs.py "$WORK/train_a" "$WORK/train_b"

@@ -1,6 +1,6 @@
 """Restarts on CPU: SIGKILL of a worker under torchrun, an agent lost from a 2-node elastic job,
-SIGTERM, and a kill inside a checkpoint write. Faults are placed exactly with the test-only
-hooks of resnet/train/faults.py (environment variables; no-ops when unset).
+SIGTERM, and a kill inside a checkpoint write. Faults are placed exactly by the test-only shim
+tests/fault_shim/sitecustomize.py (environment variables; it patches the product from outside).
 
 The exact-restart tests run the same command as the uninterrupted 2-process run of
 tests/trainutil.py (2 epochs of 10 steps, a checkpoint every 4 steps) and compare the final
@@ -45,7 +45,7 @@ def test_sigkill_of_one_worker_mid_epoch_restarts_exactly(baseline, tmp_path):
     run_dir = tmp_path / "run"
     code, out = tu.run(tu.torchrun_cmd(2, *tu.overrides(data, run_dir, *tu.BASELINE),
                                        max_restarts=1), tmp_path / "log.txt",
-                       RESNET_FAULT_AFTER_STEP=6, RESNET_FAULT_RANK=1)
+                       RESNET_TEST_FAULT_AFTER_STEP=6, RESNET_TEST_FAULT_RANK=1)
     assert code == 0, out[-4000:]
     assert tu.resumed_from(out) == ["step-000000004"]
     # The killed attempt got past step 6 on rank 0's side, and the restart redid 5, 6, ...
@@ -64,8 +64,8 @@ def test_sigterm_writes_a_checkpoint_and_the_next_start_resumes_from_it(baseline
     data, reference = baseline
     run_dir, hold = tmp_path / "run", tmp_path / "hold"
     cmd = tu.torchrun_cmd(2, *tu.overrides(data, run_dir, *tu.BASELINE))
-    launch = tu.Launch(cmd, tmp_path / "log.txt", RESNET_FAULT_AFTER_STEP=6, RESNET_FAULT_RANK=0,
-                       RESNET_FAULT_HOLD=hold)
+    launch = tu.Launch(cmd, tmp_path / "log.txt", RESNET_TEST_FAULT_AFTER_STEP=6, RESNET_TEST_FAULT_RANK=0,
+                       RESNET_TEST_FAULT_HOLD=hold)
     try:
         tu.wait_for(hold.exists, tu.RUN_TIMEOUT_S, "worker holding after step 6", [launch])
         os.kill(launch.proc.pid, signal.SIGTERM)  # the agent passes it on to its workers
@@ -100,8 +100,8 @@ def test_kill_inside_a_checkpoint_write_keeps_the_previous_one(baseline, tmp_pat
     data, reference = baseline
     run_dir = tmp_path / "run"
     cmd = tu.torchrun_cmd(2, *tu.overrides(data, run_dir, *tu.BASELINE))
-    code, out = tu.run(cmd, tmp_path / "log.txt", RESNET_FAULT_AFTER_STEP=8,
-                       RESNET_FAULT_IN_CHECKPOINT=1, RESNET_FAULT_RANK=0)
+    code, out = tu.run(cmd, tmp_path / "log.txt", RESNET_TEST_FAULT_AFTER_STEP=8,
+                       RESNET_TEST_FAULT_IN_CHECKPOINT=1, RESNET_TEST_FAULT_RANK=0)
     assert code != 0
     ckpt = run_dir / "checkpoints"
     partial = ckpt / ".tmp-step-000000008"
@@ -139,8 +139,8 @@ def test_two_agents_one_killed_the_other_finishes_at_world_size_one(baseline, tm
     second = None
     try:
         tu.wait_for(lambda: _listening(port), 60, "the c10d store", [first])
-        second = tu.Launch(agent(), tmp_path / "agent2.txt", RESNET_FAULT_AFTER_STEP=6,
-                           RESNET_FAULT_HOLD=hold)
+        second = tu.Launch(agent(), tmp_path / "agent2.txt", RESNET_TEST_FAULT_AFTER_STEP=6,
+                           RESNET_TEST_FAULT_HOLD=hold)
         tu.wait_for(hold.exists, tu.RUN_TIMEOUT_S, "agent 2's worker holding after step 6",
                     [first, second])
         assert tu.checkpoints(run_dir) == ["step-000000004"]

@@ -21,7 +21,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
 def test_tiny_gpu_check_runs_every_step_and_resume_is_exact(tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RESNET_FAULT_", "GPU_CHECK_", "ACCELERATE_", "WANDB_"))}
+           if not k.startswith(("RESNET_TEST_", "GPU_CHECK_", "ACCELERATE_", "WANDB_"))}
     env.update(GPU_CHECK_TINY="1", OUT=str(out), GPU_CHECK_WORK=str(tmp_path / "work"))
     result = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
                             timeout=400)

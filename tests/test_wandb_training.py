@@ -3,7 +3,7 @@
 What the W&B unit tests (test_metrics.py) cannot show: that the trainer's own calls put the
 metrics and the resolved config into the offline run, that only the main process touches W&B,
 that a second start in the same run.dir continues the same run id, and that W&B failing inside
-the training processes (injected by tests/wandb_fault_shim/sitecustomize.py, so the product has
+the training processes (injected by tests/fault_shim/sitecustomize.py, so the product has
 no test hooks) never stops training. The offline runs are read back from the .wandb files with
 tests/wandb_records.py. About 25 s per training start on a 2-core machine, four starts.
 """
@@ -20,7 +20,7 @@ import pytest
 from wandb_records import read_run, run_files
 
 REPO = Path(__file__).resolve().parents[1]
-SHIM = Path(__file__).resolve().parent / "wandb_fault_shim"
+SHIM = Path(__file__).resolve().parent / "fault_shim"
 CONFIG = REPO / "configs" / "quickstart.yaml"
 TRAIN_TIMEOUT_S = 240
 STEPS_PER_EPOCH = 12  # 4 classes x 48 train images / (batch 8 x 2 processes)
@@ -50,7 +50,7 @@ def packed(tmp_path_factory) -> Path:
 def _env(tmp_path: Path, fault: str = "") -> dict:
     """Offline W&B with its state under tmp_path; nothing can reach a server."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("WANDB_", "ACCELERATE_", "RESNET_TEST_", "RESNET_FAULT_"))}
+           if not k.startswith(("WANDB_", "ACCELERATE_", "RESNET_TEST_"))}
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1",
                WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
                WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"),

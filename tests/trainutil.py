@@ -31,8 +31,11 @@ TINY = ["model.arch=resnet18", "model.channels_last=false", "data.image_size=32"
         "optim.lr=0.4", "checkpoint.every_minutes=0", "wandb.mode=disabled",
         "audit.sample_keys=true"]
 
-FAULT_VARS = ("RESNET_FAULT_AFTER_STEP", "RESNET_FAULT_IN_CHECKPOINT", "RESNET_FAULT_HOLD",
-              "RESNET_FAULT_RANK")
+# Faults are injected from outside the product by tests/fault_shim/sitecustomize.py, which
+# every launch puts first on PYTHONPATH (a no-op unless a RESNET_TEST_FAULT_* variable is set).
+SHIM = REPO / "tests" / "fault_shim"
+FAULT_VARS = ("RESNET_TEST_FAULT_AFTER_STEP", "RESNET_TEST_FAULT_IN_CHECKPOINT",
+              "RESNET_TEST_FAULT_HOLD", "RESNET_TEST_FAULT_RANK", "RESNET_TEST_WANDB_FAULT")
 LAUNCHER_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                  "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_RUN_ID",
                  "GROUP_RANK", "ROLE_RANK", "ACCELERATE_USE_DEEPSPEED")
@@ -61,7 +64,8 @@ def env(tag: str, **extra: str) -> dict:
     """A clean environment: one thread per process, no launcher or fault variables leaking in."""
     e = {k: v for k, v in os.environ.items() if k not in FAULT_VARS + LAUNCHER_VARS}
     e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-             WANDB_MODE="disabled", RESNET_TEST_TAG=tag, PYTHONPATH=str(REPO))
+             WANDB_MODE="disabled", RESNET_TEST_TAG=tag,
+             PYTHONPATH=os.pathsep.join([str(SHIM), str(REPO)]))
     e.update({k: str(v) for k, v in extra.items()})
     return e
 

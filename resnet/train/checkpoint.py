@@ -21,8 +21,6 @@ import threading
 from pathlib import Path
 from typing import Any, Protocol
 
-from resnet.train import faults
-
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
 PREFIX = "step-"
@@ -125,7 +123,6 @@ class CheckpointManager:
         if self.accelerator.is_local_main_process:  # each node flushes what its ranks wrote
             _fsync_tree(tmp)
         self.accelerator.wait_for_everyone()
-        faults.in_checkpoint(step, self.accelerator.process_index)  # test-only; no-op unless armed
         if self._main:
             state = {name: part.state_dict() for name, part in self.parts.items()}
             state.update(extra or {})

@@ -17,7 +17,6 @@ from torch import nn
 from resnet.config import Config, save_config, to_dict
 from resnet.data.stream import AugmentParams, ShardLoader
 from resnet.model import build_model
-from resnet.train import faults
 from resnet.train.audit import AuditLog, new_start_id
 from resnet.train.checkpoint import CheckpointManager, read_state
 from resnet.train.engine import Engine, create_engine
@@ -179,7 +178,6 @@ class Trainer:
                 raise SystemExit(128 + int(stop))
             if self.cfg.train.eval_every_steps and step % self.cfg.train.eval_every_steps == 0:
                 self.run_eval()
-            faults.after_step(step, self.engine.rank)  # test-only; a no-op unless armed
         return False
 
     def save(self) -> None:

@@ -1,0 +1,163 @@
+"""Test-only fault injection for subprocesses, so the product carries no test hooks.
+
+Tests put this folder first on PYTHONPATH (tests/trainutil.py `env`, tests/test_wandb_training.py,
+benchmarks/gpu_check.sh); Python then imports this module at start-up in every process (the
+launcher and each training rank). With no RESNET_TEST_* fault variable set it does nothing.
+Modules are patched right after they execute, so a process that never imports them (the
+launcher) pays nothing.
+
+Training faults (resnet.train.trainer and accelerate's save_state), first attempt only
+(TORCHELASTIC_RESTART_COUNT unset or 0), so an elastic restart runs clean:
+
+    RESNET_TEST_FAULT_AFTER_STEP=N     once optimizer step N is done (its checkpoint, evaluation
+                                       and log written), before step N+1 starts: the process
+                                       SIGKILLs itself
+    RESNET_TEST_FAULT_IN_CHECKPOINT=1  die inside step N's checkpoint write instead: right
+                                       after accelerate's save_state into the temporary
+                                       folder, before the rename that makes it visible
+    RESNET_TEST_FAULT_HOLD=PATH        instead of dying after step N, write this process id to
+                                       PATH and wait (at most 120 s) until PATH is removed, so
+                                       a test can kill or signal the run at a known point
+    RESNET_TEST_FAULT_RANK=R           only on global rank R (default: every rank)
+
+W&B faults (wandb), RESNET_TEST_WANDB_FAULT:
+
+    init      wandb.init raises (as an unreachable server or a bad setting would)
+    log:N     Run.log works N times, then raises ConnectionError on every later call
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+HOLD_LIMIT_S = 120.0
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "")
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"fault shim: {name}={value!r} is not an integer") from None
+
+
+# ------------------------------------------------------------------------- training faults
+
+AFTER_STEP = _env_int("RESNET_TEST_FAULT_AFTER_STEP")
+FIRST_ATTEMPT = (_env_int("TORCHELASTIC_RESTART_COUNT") or 0) == 0
+IN_CHECKPOINT = os.environ.get("RESNET_TEST_FAULT_IN_CHECKPOINT") == "1"
+HOLD = os.environ.get("RESNET_TEST_FAULT_HOLD", "")
+RANK = _env_int("RESNET_TEST_FAULT_RANK")
+
+
+def _fires(step: int) -> bool:
+    rank = int(os.environ.get("RANK", "0"))
+    return FIRST_ATTEMPT and step == AFTER_STEP and (RANK is None or RANK == rank)
+
+
+def _hold_or_die() -> None:
+    if HOLD:
+        hold = Path(HOLD)
+        hold.write_text(str(os.getpid()))
+        deadline = time.monotonic() + HOLD_LIMIT_S
+        while hold.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _patch_trainer(module) -> None:
+    real_step = module.Trainer.train_step
+
+    def train_step(self, *args, **kwargs):
+        if not IN_CHECKPOINT and _fires(self.progress.step):  # step N done, N+1 not begun
+            _hold_or_die()
+        return real_step(self, *args, **kwargs)
+
+    module.Trainer.train_step = train_step
+
+
+def _patch_save_state(module) -> None:
+    real_save = module.Accelerator.save_state
+
+    def save_state(self, output_dir=None, *args, **kwargs):
+        result = real_save(self, output_dir, *args, **kwargs)
+        name = Path(str(output_dir)).name  # the checkpoint manager's ".tmp-step-NNNNNNNNN"
+        step = name.rsplit("-", 1)[-1]
+        if IN_CHECKPOINT and name.startswith(".tmp-step-") and _fires(int(step)):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    module.Accelerator.save_state = save_state
+
+
+# ------------------------------------------------------------------------------ W&B faults
+
+WANDB_FAULT = os.environ.get("RESNET_TEST_WANDB_FAULT", "")
+
+
+def _patch_wandb(wandb) -> None:
+    if WANDB_FAULT == "init":
+        def failing_init(*args, **kwargs):
+            raise RuntimeError("injected W&B fault: wandb.init")
+
+        wandb.init = failing_init
+    elif WANDB_FAULT.startswith("log:"):
+        from wandb.sdk import wandb_run
+
+        allowed = int(WANDB_FAULT.split(":", 1)[1])
+        real_log = wandb_run.Run.log
+        calls = [0]
+
+        def failing_log(self, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] > allowed:
+                raise ConnectionError(f"injected W&B fault: Run.log call {calls[0]}")
+            return real_log(self, *args, **kwargs)
+
+        wandb_run.Run.log = failing_log
+    else:
+        raise ValueError(f"RESNET_TEST_WANDB_FAULT={WANDB_FAULT!r}: expected 'init' or 'log:N'")
+
+
+# ------------------------------------------------------------------------------ the hook
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Finds each module like the normal path finder, and patches it right after it executes."""
+
+    def __init__(self, patches: dict) -> None:
+        self.patches = patches
+
+    def find_spec(self, name, path=None, target=None):
+        patch = self.patches.get(name)
+        if patch is None:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        real_exec = spec.loader.exec_module
+
+        def exec_module(module):
+            real_exec(module)
+            patch(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+_patches = {}
+if AFTER_STEP is not None:
+    _patches["accelerate.accelerator" if IN_CHECKPOINT else "resnet.train.trainer"] = (
+        _patch_save_state if IN_CHECKPOINT else _patch_trainer)
+if WANDB_FAULT:
+    _patches["wandb"] = _patch_wandb
+if _patches:
+    sys.meta_path.insert(0, _PatchOnImport(_patches))
