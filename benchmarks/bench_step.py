@@ -104,10 +104,11 @@ def build_step(args, name: str, device_hint: str, run_dir: str):
 
     torch.manual_seed(args.seed)
     if name in ("accelerate_ddp", "deepspeed_zero0"):
+        from resnet.data.plan import MicroLayout
         from resnet.train.engine import create_engine
 
         cfg = _engine_config(args, name, run_dir)
-        engine = create_engine(cfg, accumulation=1)
+        engine = create_engine(cfg, MicroLayout(cfg.train.batch_size, 1, 1))
         device, acc = engine.device, engine.accelerator
         model = build_model(cfg.model.arch, args.num_classes,
                             zero_init_residual=cfg.model.zero_init_residual)

@@ -7,21 +7,28 @@ usage() {
 Usage: launch/elastic.sh CONFIG [key=value ...]
 
 Run on every node. torchrun's c10d rendezvous at RDZV_ENDPOINT gathers between MIN_NODES and
-MAX_NODES nodes; when a worker or a node fails, all workers restart (up to MAX_RESTARTS times)
-and training resumes from the newest checkpoint in run.dir, which must be on storage every
-node sees (NFS, EFS, FSx). `accelerate launch` cannot express MIN:MAX,
+MAX_NODES nodes; when a worker or a node fails, or a node joins, all workers restart (a failure
+counts against MAX_RESTARTS, a join does not) and training resumes from the newest checkpoint:
+in run.dir on storage every node sees (NFS, EFS, FSx), or with checkpoint.mirror=s3://... on
+each node's own disk, restored from the mirror. `accelerate launch` cannot express MIN:MAX,
 so this calls torchrun directly; `resnet train` sets up DeepSpeed itself.
+TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 is set for torchrun: without it, torch 2.14's agents
+cannot admit a node that joins a running job (docs/operations.md).
 
 Required environment:
   MIN_NODES           fewest nodes to train with
   RDZV_ENDPOINT       HOST:PORT of the rendezvous store (a host every node reaches; the
-                      first node started there hosts it)
+                      node started there hosts it and must not be lost: put it on an
+                      on-demand instance, not a spot one)
 
 Optional environment:
   MAX_NODES           most nodes (default: MIN_NODES)
   NPROC_PER_NODE      workers per node (default: the GPUs nvidia-smi lists)
   MAX_RESTARTS        restarts of the worker group before giving up (default: 3)
   RDZV_ID             job id shared by all nodes (default: resnet)
+  RDZV_CONF           torchrun --rdzv-conf, e.g. last_call_timeout=10,join_timeout=900
+                      (torch's defaults: 30 s of last call after MIN_NODES are there, a
+                      600 s join timeout)
   DRY_RUN=1           print the command instead of running it
 
 Example:
@@ -48,9 +55,10 @@ main() {
   restarts=${MAX_RESTARTS:-3}
   need_int MAX_RESTARTS "$restarts"
 
-  run torchrun --nnodes "$MIN_NODES:$max_nodes" --nproc-per-node "$nproc" \
+  run env TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 \
+    torchrun --nnodes "$MIN_NODES:$max_nodes" --nproc-per-node "$nproc" \
     --max-restarts "$restarts" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" \
-    --rdzv-id "${RDZV_ID:-resnet}" \
+    --rdzv-id "${RDZV_ID:-resnet}" ${RDZV_CONF:+--rdzv-conf "$RDZV_CONF"} \
     -m resnet.cli train --config "$config" "$@"
 }
 

@@ -126,13 +126,14 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
+        from resnet.train.checkpoint import CheckpointMismatch
         from resnet.train.trainer import TrainingError, train
 
         final = train(cfg)
     except (ConfigError, SetupError) as exc:
         print(f"resnet train: error: {exc}", file=sys.stderr)
         return 2
-    except TrainingError as exc:
+    except (TrainingError, CheckpointMismatch) as exc:
         print(f"resnet train: {exc}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:
@@ -227,7 +228,7 @@ def _audit(args: argparse.Namespace) -> int:
     from resnet.train.audit import check_run
 
     try:
-        lines, ok = check_run(args.run_dir)
+        lines, ok = check_run(args.run_dir, *args.more_run_dirs)
     except (FileNotFoundError, ConfigError, ManifestError) as exc:
         print(f"resnet audit: error: {exc}", file=sys.stderr)
         return 2
@@ -240,6 +241,9 @@ def _add_audit(sub) -> None:
     p = sub.add_parser("audit", help="prove from run.dir/audit/ that each epoch used every "
                        "sample exactly once, across restarts and world-size changes")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run trained with audit.sample_keys=true")
+    p.add_argument("more_run_dirs", nargs="*", metavar="MORE_RUN_DIRS",
+                   help="the same run's run.dir on other nodes (node-local disks): each node "
+                        "keeps its own ranks' audit files")
     p.set_defaults(handler=_audit)
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from resnet.data import storage
-from resnet.train.checkpoint import STATE_FILE, CheckpointManager, find_latest
+from resnet.train.checkpoint import (STATE_FILE, CheckpointManager, CheckpointMismatch,
+                                     find_latest)
 
 
 class StubAccelerator:
@@ -227,3 +228,85 @@ def test_contents_reach_the_disk_before_the_checkpoint_becomes_visible(tmp_path,
     assert {f"{folder}/weights.json", folder} <= flushed  # the tensors, and the folder's entries
     assert any(p.startswith(f"{folder}/.tmp-{STATE_FILE}") for p in flushed)  # written, renamed
     assert ("fsync", str(tmp_path / "checkpoints")) in events[visible:]
+
+
+# ------------------------------------------------------------------------------ nodes agree
+# Each node's rank reports (where, newest local checkpoint, the mirror's newest as rank 0 read
+# it); `gather` stands in for the all-gather over ranks, with the other node's report fixed.
+
+
+def _node(run_dir: Path, mirror: str = "", *, rank: int, other: tuple):
+    acc, part = StubAccelerator(), Counter()
+    acc.process_index = rank
+    gather = (lambda mine: [mine, other]) if rank == 0 else (lambda mine: [other, mine])
+    return CheckpointManager(acc, run_dir, {"counter": part}, keep=3, mirror=mirror,
+                             gather=gather), acc, part
+
+
+def _trained(run_dir: Path, mirror: str, steps) -> None:
+    ckpt, acc, part = _manager(run_dir, keep=3, mirror=mirror)
+    ckpt.prepare()
+    for step in steps:
+        acc.weights, part.value = step, step
+        ckpt.save(step)
+        ckpt.close()  # wait for the upload
+
+
+@pytest.mark.parametrize("local_steps", [(), (4,)], ids=["empty disk", "disk behind"])
+def test_a_node_with_its_own_disk_restores_the_mirrors_newest(tmp_path, local_steps):
+    mirror = str(tmp_path / "mirror")
+    _trained(tmp_path / "node0", mirror, [4, 8])
+    if local_steps:  # this node's disk kept step 4 from before it was lost
+        _trained(tmp_path / "node1", str(tmp_path / "old-mirror"), local_steps)
+    node0_view = ("rank 0 on host-a", "step-000000008", "step-000000008")
+    ckpt, acc, part = _node(tmp_path / "node1", mirror, rank=1, other=node0_view)
+    chosen = ckpt.prepare()
+    assert chosen == tmp_path / "node1" / "checkpoints" / "step-000000008"
+    ckpt.load(chosen)
+    assert (acc.weights, part.value) == (8, 8)
+
+
+def test_a_node_ahead_of_the_mirror_resumes_where_every_node_can(tmp_path):
+    """Rank 0's disk holds step 12, whose upload never finished (the mirror says 8); the other
+    node has nothing. Both resume from 8, and rank 0 drops its unmirrored 12 (a fork)."""
+    mirror = tmp_path / "mirror"
+    _trained(tmp_path / "node0", str(mirror), [4, 8, 12])
+    storage.write_bytes(str(mirror / "latest"), b"step-000000008")
+    storage.remove(str(mirror / "step-000000012"))
+    ckpt, _, _ = _node(tmp_path / "node0", str(mirror), rank=0,
+                       other=("rank 1 on host-b", None, None))
+    assert ckpt.prepare().name == "step-000000008"
+    assert sorted(p.name for p in (tmp_path / "node0" / "checkpoints").glob("step-*")) == [
+        "step-000000004", "step-000000008"]
+    assert find_latest(tmp_path / "node0" / "checkpoints").name == "step-000000008"
+
+
+def test_nodes_that_see_different_checkpoints_without_a_mirror_are_an_error(tmp_path):
+    _trained(tmp_path / "run", "", [4, 8])
+    ckpt, _, _ = _node(tmp_path / "run", rank=0,
+                       other=("rank 1 on host-b (/elsewhere/checkpoints)", "step-000000004", None))
+    with pytest.raises(CheckpointMismatch, match=r"has step-000000008, rank 1 on host-b "
+                                                 r"\(/elsewhere/checkpoints\) has step-000000004"):
+        ckpt.prepare()
+    ckpt, _, _ = _node(tmp_path / "run", rank=0, other=("rank 1 on host-b", None, None))
+    with pytest.raises(CheckpointMismatch, match="rank 1 on host-b has none"):
+        ckpt.prepare()  # the node that sees nothing would train from step 0
+
+
+def test_every_node_on_a_shared_run_dir_resumes_its_newest(tmp_path):
+    _trained(tmp_path / "run", str(tmp_path / "mirror"), [4, 8])
+    storage.write_bytes(str(tmp_path / "mirror" / "latest"), b"step-000000004")  # lagging
+    ckpt, _, _ = _node(tmp_path / "run", str(tmp_path / "mirror"), rank=1,
+                       other=("rank 0 on host-a", "step-000000008", "step-000000004"))
+    assert ckpt.prepare().name == "step-000000008"
+
+
+@pytest.mark.parametrize("name", ["../../outside", "/etc", "step-1", "step-000000001/../.."])
+def test_a_mirror_pointer_that_is_not_a_checkpoint_name_is_refused(tmp_path, name):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "latest").write_text(name)
+    ckpt, _, _ = _manager(tmp_path / "run", mirror=str(mirror))
+    with pytest.raises(CheckpointMismatch, match="not a checkpoint"):
+        ckpt.prepare()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mirror", "run"]

@@ -1,7 +1,9 @@
-"""Property tests of the pure epoch plan: exactly once, equal counts, resume, elastic resume."""
+"""Property tests of the pure epoch plan: exactly once, equal counts, resume, elastic resume,
+and global batches split unequally over any world size."""
 from __future__ import annotations
 
-from hypothesis import given, settings
+import pytest
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from resnet.data import plan as P
@@ -13,17 +15,33 @@ def positions(iv):
     return [p for a, b in iv for p in range(a, b)]
 
 
+def round_robin(per_worker):
+    """torch DataLoader's in-order round-robin over workers that stop at different times."""
+    out = []
+    for i in range(max((len(x) for x in per_worker), default=0)):
+        out.extend(x[i] for x in per_worker if i < len(x))
+    return out
+
+
 def rank_sequence(ep: P.EpochPlan, rank: int) -> list[list[int]]:
     """The batches (as position lists) a rank yields from the plan's current state."""
-    per_worker = [[positions(b) for b in P.chunk(pos, ep.current.batch_size)][:count]
-                  for pos, count in ep.schedule(rank)]
-    for (pos, count), batches in zip(ep.schedule(rank), per_worker):
-        assert len(batches) == count
-    return P.interleave(per_worker)
+    per_worker = []
+    for pos, sizes in ep.schedule(rank):
+        flat = positions(pos)
+        assert len(flat) == sum(sizes)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        per_worker.append([flat[a:a + n] for a, n in zip(starts, sizes)])
+    return round_robin(per_worker)
 
 
 def run(ep: P.EpochPlan) -> dict[int, list[list[int]]]:
     return {r: rank_sequence(ep, r) for r in range(ep.current.world_size)}
+
+
+def segment(w: int, k: int, b: int, g: int) -> P.Segment:
+    """The topology a training loader builds for W ranks, K workers, micro-batch <= b."""
+    layout = P.MicroLayout.choose(g, w, b)
+    return P.Segment(w, k, layout.largest, accumulation=layout.accumulation)
 
 
 topologies = st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 5))  # W, K, b
@@ -33,14 +51,15 @@ topologies = st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 5)) 
 def setups(draw):
     sizes = tuple(draw(st.lists(st.integers(1, 30), min_size=1, max_size=6)))
     w, k, b = draw(topologies)
-    accum = draw(st.integers(1, 3))
+    g = draw(st.integers(w, w * b * 3))  # any global batch from one sample per rank up
     seed, epoch = draw(st.integers(0, 3)), draw(st.integers(0, 3))
-    return sizes, w, k, b, w * b * accum, seed, epoch
+    return sizes, w, k, b, g, seed, epoch
 
 
 def fresh(sizes, w, k, b, g, seed, epoch, train=True):
     order = P.EpochOrder(sizes, seed, epoch, shuffle=train)
-    return P.EpochPlan(order, g, train).resume(P.Segment(w, k, b))
+    seg = segment(w, k, b, g) if train else P.Segment(w, k, b)
+    return P.EpochPlan(order, g, train).resume(seg)
 
 
 @SETTINGS
@@ -56,7 +75,13 @@ def test_exactly_once_and_equal_counts(setup):
     n = sum(sizes)
     assert sorted(seen) == list(range(n // g * g))
     assert n - len(seen) < g
-    assert all(len(batch) == b for s in seqs.values() for batch in s)
+    batch_sizes = {len(batch) for s in seqs.values() for batch in s}
+    assert batch_sizes <= {ep.current.batch_size, ep.current.batch_size - 1}
+    assert max(batch_sizes, default=0) <= b  # the configured micro-batch is the most
+    accum = ep.current.accumulation
+    for step in range(ep.batches_total() // accum):  # every optimizer step takes exactly G
+        assert sum(len(s[i]) for s in seqs.values()
+                   for i in range(step * accum, (step + 1) * accum)) == g
 
 
 @SETTINGS
@@ -67,24 +92,28 @@ def test_resume_same_topology_continues_exactly(setup, data):
     n = ep.batches_total()
     c = data.draw(st.integers(0, n))
     resumed = run(P.EpochPlan(ep.order, ep.global_batch, True, ep.segments).advance(c)
-                  .resume(P.Segment(*setup[1:4])))
+                  .resume(segment(*setup[1:5])))
     for r, seq in full.items():
         assert resumed[r] == seq[c:]
+
+
+def _steps_then_switch(ep: P.EpochPlan, data) -> tuple[int, list[int]]:
+    """Batches per rank of a random number of whole optimizer steps, and the positions used."""
+    seg = ep.current
+    steps = data.draw(st.integers(0, ep.batches_remaining() // seg.accumulation))
+    c = steps * seg.accumulation  # saved at an optimizer-step boundary
+    return c, [p for seq in run(ep).values() for batch in seq[:c] for p in batch]
 
 
 @SETTINGS
 @given(setups(), topologies, st.data())
 def test_elastic_resume_exactly_once(setup, topo2, data):
     sizes, w, k, b, g, seed, epoch = setup
-    ep = fresh(*setup)
-    steps = data.draw(st.integers(0, ep.batches_total() * b * w // g))
-    c = steps * g // (w * b)  # saved at an optimizer-step boundary
-    first = run(ep)
-    used = [p for seq in first.values() for batch in seq[:c] for p in batch]
     w2, k2, b2 = topo2
-    ep2 = ep.advance(c).resume(P.Segment(w2, k2, b2 * 0 + b2))
-    if g % (w2 * b2):  # the loader refuses such topologies; nothing to check
-        return
+    assume(w2 <= g)  # the loader refuses more ranks than samples per step
+    ep = fresh(*setup)
+    c, used = _steps_then_switch(ep, data)
+    ep2 = ep.advance(c).resume(segment(w2, k2, b2, g))
     second = run(ep2)
     assert len({len(s) for s in second.values()}) == 1
     used += [p for seq in second.values() for batch in seq for p in batch]
@@ -96,19 +125,35 @@ def test_elastic_resume_exactly_once(setup, topo2, data):
 @given(setups(), topologies, topologies, st.data())
 def test_two_topology_changes(setup, t2, t3, data):
     sizes, w, k, b, g, seed, epoch = setup
+    assume(t2[0] <= g and t3[0] <= g)
     ep = fresh(*setup)
     used = []
     for topo in (t2, t3):
-        seg = ep.current
-        steps = data.draw(st.integers(0, ep.batches_remaining() * seg.batch_size
-                                      * seg.world_size // g))
-        c = steps * g // (seg.world_size * seg.batch_size)
-        used += [p for seq in run(ep).values() for batch in seq[:c] for p in batch]
-        ep = ep.advance(c).resume(P.Segment(*topo))
-        if g % (topo[0] * topo[2]):
-            return
+        c, more = _steps_then_switch(ep, data)
+        used += more
+        ep = ep.advance(c).resume(segment(*topo, g))
     used += [p for seq in run(ep).values() for batch in seq for p in batch]
     assert sorted(used) == list(range(sum(sizes) // g * g))
+
+
+@pytest.mark.parametrize("g, w, b, expected", [
+    (2048, 24, 256, "world 24: micro-batch 85/86 x 1 accumulation = 2048"),
+    (2048, 1, 256, "world 1: micro-batch 256 x 8 accumulation = 2048"),
+    (2048, 64, 256, "world 64: micro-batch 32 x 1 accumulation = 2048"),
+    (24, 3, 3, "world 3: micro-batch 2/3 x 3 accumulation = 24"),
+])
+def test_micro_layout_splits_any_world_size(g, w, b, expected):
+    layout = P.MicroLayout.choose(g, w, b)
+    assert layout.describe() == expected
+    sizes = [layout.micro_sizes(r) for r in range(w)]
+    assert sum(map(sum, sizes)) == g
+    assert max(map(max, sizes)) - min(map(min, sizes)) <= 1
+    assert max(map(max, sizes)) <= b
+
+
+def test_micro_layout_refuses_more_ranks_than_samples():
+    with pytest.raises(ValueError, match="fewer samples than the 9 processes"):
+        P.MicroLayout.choose(8, 9, 4)
 
 
 @SETTINGS

@@ -107,9 +107,34 @@ def test_refuses_another_data_set_or_seed(shards, tmp_path):
         loader(shards, seed=1).load_state_dict(state)
 
 
-def test_refuses_a_global_batch_that_does_not_split(shards):
-    with pytest.raises(ValueError, match="multiple of world_size"):
-        loader(shards, world=2, b=3, g=8)
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_a_global_batch_splits_unequally_and_resumes_on_another_world_size(shards):
+    """G = 8 over 3 ranks: micro-batches of 3, 3 and 2, every step exactly 8 samples. Saved
+    after 1 step, the rest of the epoch continues on 2 ranks (4 + 4): each sample once."""
+    three = [loader(shards, r, 3, 3, 8, k=2) for r in range(3)]
+    assert three[0].layout.describe() == "world 3: micro-batch 2/3 x 1 accumulation = 8"
+    got = epoch_keys(three)
+    assert [len(b) for r in range(3) for b in got[r]] == [3, 3, 3] * 2 + [2, 2, 2]
+    keys = [k for v in got.values() for batch in v for k in batch]
+    assert len(keys) == len(set(keys)) == 24
+
+    first = [loader(shards, r, 3, 3, 8, k=2) for r in range(3)]
+    used = []
+    for ld in first:
+        batches = iter(ld)
+        used += next(batches).keys
+        del batches
+    state = first[0].state_dict()
+    rest = [loader(shards, r, 2, 4, 8, k=1) for r in range(2)]
+    for ld in rest:
+        ld.load_state_dict(state)
+    used += [k for v in epoch_keys(rest).values() for batch in v for k in batch]
+    assert len(used) == len(set(used)) == 24
+
+
+def test_refuses_more_ranks_than_a_global_batch_has_samples(shards):
+    with pytest.raises(ValueError, match="fewer samples than the 3 processes"):
+        loader(shards, world=3, b=3, g=2)
 
 
 def test_corrupt_samples_skipped_with_equal_counts(tmp_path, caplog):

@@ -59,6 +59,9 @@ def test_preflight_accepts_the_tiny_setup(data, tmp_path):
     assert (plan.num_classes, plan.global_batch, plan.accumulation) == (tu.CLASSES, 16, 1)
     plan = preflight(_cfg(data, tmp_path / "run", "train.global_batch_size=32"), world_size=2)
     assert plan.accumulation == 2
+    # 3 processes do not divide 16: ranks take 5 or 6 samples, and the global batch stays 16.
+    plan = preflight(_cfg(data, tmp_path / "run", "train.global_batch_size=16"), world_size=3)
+    assert plan.layout.describe() == "world 3: micro-batch 5/6 x 1 accumulation = 16"
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -77,9 +80,8 @@ def test_preflight_errors(data, unlabelled_val, tmp_path):
         preflight(load_config([], [f"data.train={tmp_path / 'nowhere'}"]), world_size=1)
     with pytest.raises(SetupError, match="'val' split has no labels"):
         preflight(_cfg(data, run_dir, f"data.val={unlabelled_val}"), world_size=1)
-    with pytest.raises(SetupError, match="global batch 16 is not divisible by train.batch_size "
-                                         "8 x world size 3"):
-        preflight(_cfg(data, run_dir, "train.global_batch_size=16"), world_size=3)
+    with pytest.raises(SetupError, match="global batch 2 has fewer samples than the 3 processes"):
+        preflight(_cfg(data, run_dir, "train.global_batch_size=2"), world_size=3)
     with pytest.raises(SetupError, match="scale must satisfy 0 < min <= max <= 1"):
         preflight(_cfg(data, run_dir, "data.scale_min=0"), world_size=1)
 
@@ -106,7 +108,7 @@ def _unused_port() -> int:
 
 
 @pytest.mark.parametrize("case", ["unknown_key", "mistyped_key", "missing_data",
-                                  "unlabelled_val", "indivisible_batch"])
+                                  "unlabelled_val", "tiny_global_batch"])
 def test_bad_input_fails_fast_from_the_command_line(case, data, unlabelled_val, tmp_path):
     """`resnet train` as launched by torchrun (rank 0 of 3): a clear error, code 2, seconds.
 
@@ -119,9 +121,8 @@ def test_bad_input_fails_fast_from_the_command_line(case, data, unlabelled_val, 
         "mistyped_key": (["optim.momentun=0.8"], "did you mean optim.momentum"),
         "missing_data": ([f"data.train={tmp_path / 'nowhere'}"], "no such directory"),
         "unlabelled_val": ([f"data.val={unlabelled_val}"], "'val' split has no labels"),
-        "indivisible_batch": (["train.global_batch_size=16"],
-                              "global batch 16 is not divisible by train.batch_size 8 x world "
-                              "size 3"),
+        "tiny_global_batch": (["train.global_batch_size=2"],
+                              "global batch 2 has fewer samples than the 3 processes"),
     }[case]
     env = tu.env("bad-input", WORLD_SIZE=3, RANK=0, LOCAL_RANK=0, LOCAL_WORLD_SIZE=3,
                  MASTER_ADDR="127.0.0.1", MASTER_PORT=_unused_port())

@@ -35,7 +35,8 @@ TINY = ["model.arch=resnet18", "model.channels_last=false", "data.image_size=32"
 # every launch puts first on PYTHONPATH (a no-op unless a RESNET_TEST_FAULT_* variable is set).
 SHIM = REPO / "tests" / "fault_shim"
 FAULT_VARS = ("RESNET_TEST_FAULT_AFTER_STEP", "RESNET_TEST_FAULT_IN_CHECKPOINT",
-              "RESNET_TEST_FAULT_HOLD", "RESNET_TEST_FAULT_RANK", "RESNET_TEST_WANDB_FAULT")
+              "RESNET_TEST_FAULT_HOLD", "RESNET_TEST_FAULT_RANK", "RESNET_TEST_FAULT_GATES",
+              "RESNET_TEST_WANDB_FAULT")
 LAUNCHER_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                  "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_RUN_ID",
                  "GROUP_RANK", "ROLE_RANK", "ACCELERATE_USE_DEEPSPEED")

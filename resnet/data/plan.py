@@ -11,12 +11,14 @@ Vocabulary
 - *usable*: training keeps floor(N / global_batch) * global_batch positions; the dropped tail
   is the end of a shuffled order, so different samples are left out each epoch.
 - *segment*: the part of an epoch run under one topology (world size, workers per rank,
-  per-rank micro-batch). It splits the positions still unconsumed when it started into W
+  micro-batch layout). It splits the positions still unconsumed when it started into W
   contiguous rank pieces, and each rank piece into contiguous per-worker ranges of whole
   batches. Contiguous ranges keep each worker reading whole shards sequentially.
+- *micro layout* (training): each optimizer step's global batch G is split into W x A
+  micro-batches that differ by at most one sample (`MicroLayout`), so any world size keeps G.
 - torch's DataLoader takes batches from its workers round-robin, so rank batch k comes from
   logical worker k % K. After c batches, physical worker p plays logical worker (p + c) % K, so
-  a resumed loader continues the sequence exactly. `interleave` is that round-robin.
+  a resumed loader continues the sequence exactly.
 
 Intervals are lists of half-open (start, stop) position ranges, kept in position order.
 """
@@ -170,13 +172,14 @@ class Segment:
 
     world_size: int
     workers: int  # logical workers per rank, >= 1 (0 DataLoader workers plays 1)
-    batch_size: int  # per-rank micro-batch
+    batch_size: int  # per-rank micro-batch: training's largest, evaluation's only one
     batches: int = 0
     dropped: int = 0  # positions left out at the segment start to keep whole global batches
+    accumulation: int = 1  # micro-batches per optimizer step (training)
 
     def same_topology(self, other: "Segment") -> bool:
-        return (self.world_size, self.workers, self.batch_size) == (
-            other.world_size, other.workers, other.batch_size)
+        return (self.world_size, self.workers, self.batch_size, self.accumulation) == (
+            other.world_size, other.workers, other.batch_size, other.accumulation)
 
 
 def split_counts(total: int, parts: int) -> list[int]:
@@ -185,35 +188,102 @@ def split_counts(total: int, parts: int) -> list[int]:
     return [q + (i < m) for i in range(parts)]
 
 
-def rank_piece(base: Sequence[Interval], seg: Segment, rank: int, train: bool) -> list[Interval]:
+@dataclass(frozen=True)
+class MicroLayout:
+    """How a global batch G is split over W ranks x A accumulation micro-steps.
+
+    A is the fewest micro-steps that keep every micro-batch within `max_micro`; the G samples
+    of an optimizer step are split into W x A micro-batches that differ by at most one sample
+    (micro-step k of rank r takes part k * W + r). Any W from 1 to G fits, so a job keeps its
+    global batch, and with it its schedule, when nodes come and go.
+    """
+
+    global_batch: int
+    world_size: int
+    accumulation: int
+
+    @classmethod
+    def choose(cls, global_batch: int, world_size: int, max_micro: int) -> "MicroLayout":
+        if world_size > global_batch:
+            raise ValueError(f"the global batch {global_batch} has fewer samples than the "
+                             f"{world_size} processes: each needs at least one per step")
+        return cls(global_batch, world_size, -(-global_batch // (world_size * max_micro)))
+
+    @cached_property
+    def parts(self) -> list[int]:
+        return split_counts(self.global_batch, self.world_size * self.accumulation)
+
+    def micro_sizes(self, rank: int) -> list[int]:
+        """Samples `rank` takes in each micro-step of an optimizer step."""
+        return [self.parts[k * self.world_size + rank] for k in range(self.accumulation)]
+
+    @property
+    def largest(self) -> int:
+        return self.parts[0]
+
+    @property
+    def loss_weight(self) -> float:
+        """Per-sample weight of a summed loss: DDP/DeepSpeed average gradients over W ranks and
+        Accelerate divides each micro-step's loss by A, so summed losses x W x A / G give the
+        mean over exactly the G samples, however unequal the micro-batches."""
+        return self.world_size * self.accumulation / self.global_batch
+
+    def describe(self) -> str:
+        low, high = self.parts[-1], self.parts[0]
+        micro = f"{low}" if low == high else f"{low}/{high}"
+        return (f"world {self.world_size}: micro-batch {micro} x {self.accumulation} "
+                f"accumulation = {self.global_batch}")
+
+
+def rank_counts(total: int, seg: Segment, train: bool, global_batch: int) -> list[int]:
+    """Positions each rank reads in this segment (contiguous pieces, in rank order)."""
+    if not train:
+        return split_counts(total, seg.world_size)  # evaluation: near-equal
+    if total % global_batch:
+        raise ValueError(f"{total} positions do not split into whole global batches of "
+                         f"{global_batch}")
+    layout = MicroLayout(global_batch, seg.world_size, seg.accumulation)
+    return [total // global_batch * sum(layout.micro_sizes(r)) for r in range(seg.world_size)]
+
+
+def rank_piece(base: Sequence[Interval], seg: Segment, rank: int, train: bool,
+               global_batch: int) -> list[Interval]:
     """The contiguous share of `base` that `rank` reads in this segment."""
-    total = length(base)
-    if train and total % (seg.world_size * seg.batch_size):
-        raise ValueError(f"{total} positions do not split into whole batches of "
-                         f"{seg.batch_size} over {seg.world_size} ranks")
-    # Training totals divide exactly (checked above): equal pieces. Evaluation: near-equal.
-    counts = split_counts(total, seg.world_size)
+    counts = rank_counts(length(base), seg, train, global_batch)
     return take(base, sum(counts[:rank]), counts[rank])
 
 
-def worker_ranges(piece: Sequence[Interval], seg: Segment) -> list[tuple[list[Interval], int]]:
-    """(positions, batch count) of each logical worker: contiguous runs of whole batches.
+def worker_batches(n: int, seg: Segment, rank: int, train: bool,
+                   global_batch: int) -> list[list[int]]:
+    """Per logical worker, the sizes of the batches it produces from a rank piece of `n`.
 
-    Only the rank's very last batch may be partial (evaluation).
+    The DataLoader hands out rank batch k from logical worker k % K, so worker w's i-th batch is
+    rank batch w + i * K: in training its size is the rank's micro-batch for micro-step
+    (w + i * K) % A. In evaluation every batch has `batch_size` samples but the rank's last.
     """
-    n = length(piece)
-    batches = -(-n // seg.batch_size)
+    k_workers = seg.workers
+    if train:
+        micro = MicroLayout(global_batch, seg.world_size, seg.accumulation).micro_sizes(rank)
+        total = n // sum(micro) * seg.accumulation
+        return [[micro[k % seg.accumulation] for k in range(w, total, k_workers)]
+                for w in range(k_workers)]
+    total = -(-n // seg.batch_size)
     out, start = [], 0
-    for count in split_counts(batches, seg.workers):
-        lo = start * seg.batch_size
-        hi = min(n, (start + count) * seg.batch_size)
-        out.append((take(piece, lo, hi - lo), count))
+    for count in split_counts(total, k_workers):  # contiguous runs of whole batches
+        out.append([min(seg.batch_size, n - (start + i) * seg.batch_size)
+                    for i in range(count)])
         start += count
     return out
 
 
-def rank_batches(piece: Sequence[Interval], seg: Segment) -> int:
-    return -(-length(piece) // seg.batch_size)
+def worker_ranges(piece: Sequence[Interval], seg: Segment, rank: int, train: bool,
+                  global_batch: int) -> list[tuple[list[Interval], list[int]]]:
+    """(positions, batch sizes) of each logical worker: a contiguous run of the rank piece."""
+    out, start = [], 0
+    for sizes in worker_batches(length(piece), seg, rank, train, global_batch):
+        out.append((take(piece, start, sum(sizes)), sizes))
+        start += sum(sizes)
+    return out
 
 
 def consumed_by_worker(batches_done: int, worker: int, workers: int, count: int) -> int:
@@ -221,13 +291,15 @@ def consumed_by_worker(batches_done: int, worker: int, workers: int, count: int)
     return min(count, max(0, (batches_done - worker + workers - 1) // workers))
 
 
-def consumed(base: Sequence[Interval], seg: Segment, train: bool) -> list[Interval]:
+def consumed(base: Sequence[Interval], seg: Segment, train: bool,
+             global_batch: int) -> list[Interval]:
     """All positions the ranks of `seg` consumed, in position order."""
     out: list[Interval] = []
     for rank in range(seg.world_size):
-        for w, (pos, count) in enumerate(worker_ranges(rank_piece(base, seg, rank, train), seg)):
-            done = consumed_by_worker(seg.batches, w, seg.workers, count)
-            out.extend(take(pos, 0, min(length(pos), done * seg.batch_size)))
+        piece = rank_piece(base, seg, rank, train, global_batch)
+        for w, (pos, sizes) in enumerate(worker_ranges(piece, seg, rank, train, global_batch)):
+            done = consumed_by_worker(seg.batches, w, seg.workers, len(sizes))
+            out.extend(take(pos, 0, sum(sizes[:done])))
     return normalise(out)
 
 
@@ -252,14 +324,15 @@ class EpochPlan:
         for seg in self.segments:
             base = take(remaining, 0, length(remaining) - seg.dropped)
             out.append(base)
-            remaining = subtract(base, consumed(base, seg, self.train))
+            remaining = subtract(base, consumed(base, seg, self.train, self.global_batch))
         return tuple(out)
 
     def remaining(self) -> list[Interval]:
         """Positions no segment has consumed yet (after the last segment's drop)."""
         if not self.segments:
             return [(0, usable(self.order.total, self.global_batch, self.train))]
-        return subtract(self.bases[-1], consumed(self.bases[-1], self.segments[-1], self.train))
+        return subtract(self.bases[-1], consumed(self.bases[-1], self.segments[-1], self.train,
+                                                  self.global_batch))
 
     def resume(self, topology: Segment) -> "EpochPlan":
         """The plan continued under `topology`: the same segment if it matches, else a new one.
@@ -285,8 +358,11 @@ class EpochPlan:
 
     def batches_total(self, rank: int = 0) -> int:
         """Batches per rank of the current segment (equal on all ranks when training)."""
-        piece = rank_piece(self.bases[-1], self.current, rank, self.train)
-        return rank_batches(piece, self.current)
+        return sum(len(sizes) for _, sizes in self._worker_ranges(rank))
+
+    def _worker_ranges(self, rank: int) -> list[tuple[list[Interval], list[int]]]:
+        piece = rank_piece(self.bases[-1], self.current, rank, self.train, self.global_batch)
+        return worker_ranges(piece, self.current, rank, self.train, self.global_batch)
 
     def batches_remaining(self, rank: int = 0) -> int:
         return self.batches_total(rank) - self.current.batches
@@ -295,34 +371,19 @@ class EpochPlan:
         seg = replace(self.current, batches=self.current.batches + batches)
         return replace(self, segments=self.segments[:-1] + (seg,))
 
-    def schedule(self, rank: int) -> list[tuple[list[Interval], int]]:
-        """For each physical worker p: (positions, batch count) still to produce, in order.
+    def schedule(self, rank: int) -> list[tuple[list[Interval], list[int]]]:
+        """For each physical worker p: (positions, batch sizes) still to produce, in order.
 
         Physical p plays logical worker (p + c) % K, where c batches were handed out already, so
         the round-robin over physical workers continues the rank's batch sequence exactly.
         """
         seg = self.current
-        ranges = worker_ranges(rank_piece(self.bases[-1], seg, rank, self.train), seg)
+        ranges = self._worker_ranges(rank)
         out = []
         for p in range(seg.workers):
             w = (p + seg.batches) % seg.workers
-            pos, count = ranges[w]
-            done = consumed_by_worker(seg.batches, w, seg.workers, count)
-            skip = min(length(pos), done * seg.batch_size)
-            out.append((take(pos, skip, length(pos) - skip), count - done))
+            pos, sizes = ranges[w]
+            done = consumed_by_worker(seg.batches, w, seg.workers, len(sizes))
+            skip = sum(sizes[:done])
+            out.append((take(pos, skip, length(pos) - skip), sizes[done:]))
         return out
-
-
-def chunk(iv: Sequence[Interval], batch_size: int) -> list[list[Interval]]:
-    """Split positions into consecutive batches (the last may be short)."""
-    n = length(iv)
-    return [take(iv, i, min(batch_size, n - i)) for i in range(0, n, batch_size)]
-
-
-def interleave(per_worker: Sequence[Sequence[object]]) -> list[object]:
-    """torch DataLoader's in-order round-robin over workers that stop at different times."""
-    out: list[object] = []
-    longest = max((len(x) for x in per_worker), default=0)
-    for i in range(longest):
-        out.extend(x[i] for x in per_worker if i < len(x))
-    return out

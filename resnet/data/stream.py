@@ -88,8 +88,8 @@ class _Job:
     root: str
     shards: tuple[fmt.ShardInfo, ...]
     order: P.EpochOrder
-    schedule: tuple[tuple[tuple[P.Interval, ...], int], ...]  # per physical worker
-    batch_size: int
+    schedule: tuple[tuple[tuple[P.Interval, ...], tuple[int, ...]], ...]  # per physical
+    # worker: its positions and the sizes of the batches it cuts them into
     train: bool
     labelled: bool
     num_classes: int
@@ -192,24 +192,22 @@ class _EpochStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
-        positions, count = self.job.schedule[info.id if info else 0]
-        yield from _batches(self.job, positions, count)
+        positions, sizes = self.job.schedule[info.id if info else 0]
+        yield from _batches(self.job, positions, sizes)
 
 
-def _batches(job: _Job, positions, count: int) -> Iterator[Batch]:
+def _batches(job: _Job, positions, sizes: tuple[int, ...]) -> Iterator[Batch]:
     log_ = RateLimitedLog()
     items: list = []
     produced = 0
     for item in _samples(job, positions, log_):
         items.append(item)
-        if len(items) == job.batch_size:
+        if produced < len(sizes) and len(items) == sizes[produced]:
             yield _collate(items, job)
             produced, items = produced + 1, []
-    if items:
-        yield _collate(items, job)
-        produced += 1
-    if produced != count:  # the plan and the reader disagree: never hand out a wrong epoch
-        raise RuntimeError(f"worker produced {produced} batches, the plan says {count}")
+    if items or produced != len(sizes):  # the plan and the reader disagree: never hand out
+        raise RuntimeError(f"worker produced {produced} batches (and {len(items)} samples "
+                           f"over), the plan says {len(sizes)}")  # a wrong epoch
 
 
 def _init_worker(_: int) -> None:
@@ -230,9 +228,6 @@ class ShardLoader:
         if batch_size < 1 or workers < 0:
             raise ValueError(f"batch_size must be >= 1 and workers >= 0 "
                              f"(got {batch_size}, {workers})")
-        if train and global_batch % (world_size * batch_size):
-            raise ValueError(f"global_batch {global_batch} is not a multiple of world_size x "
-                             f"batch_size = {world_size} x {batch_size}")
         self.source, self.split, self.rank = source, split, rank
         self.train, self.seed, self.decode = train, seed, decode
         self.global_batch = global_batch if train else max(1, global_batch)
@@ -241,7 +236,13 @@ class ShardLoader:
         self.manifest = fmt.load_manifest(source)
         self._split = self.manifest.split(split)
         self._sizes = tuple(s.samples for s in self._split.shards)
-        self._topology = P.Segment(world_size, max(1, workers), batch_size)
+        # Training splits each global batch over ranks x micro-steps (at most batch_size each);
+        # evaluation reads near-equal rank pieces in batches of batch_size.
+        self.layout = (P.MicroLayout.choose(self.global_batch, world_size, batch_size)
+                       if train else None)
+        self._topology = P.Segment(world_size, max(1, workers),
+                                   self.layout.largest if self.layout else batch_size,
+                                   accumulation=self.layout.accumulation if self.layout else 1)
         self.skipped = 0
         self._start(0, ())
 
@@ -270,9 +271,10 @@ class ShardLoader:
 
     # ------------------------------------------------------------------ iteration
     def _job(self) -> _Job:
-        schedule = tuple((tuple(pos), n) for pos, n in self._plan.schedule(self.rank))
+        schedule = tuple((tuple(pos), tuple(sizes)) for pos, sizes in
+                         self._plan.schedule(self.rank))
         return _Job(self.source, self._split.shards, self._plan.order, schedule,
-                    self._topology.batch_size, self.train, self._split.labelled,
+                    self.train, self._split.labelled,
                     self.manifest.num_classes, self.decode, self.augment)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -328,7 +330,8 @@ class ShardLoader:
                 raise ValueError(f"the loader state has {name}={state[name]!r} but this "
                                  f"loader has {name}={getattr(self, name)!r}; the epoch order "
                                  f"would differ")
-        segments = tuple(P.Segment(**s) for s in state["segments"])
+        segments = tuple(P.Segment(**_with_accumulation(s, state["global_batch"]))
+                         for s in state["segments"])
         if state["global_batch"] != self.global_batch and segments:
             raise ValueError(
                 f"the loader state was saved mid-epoch with global_batch {state['global_batch']}"
@@ -340,6 +343,14 @@ class ShardLoader:
             log.warning("the loader state was not saved at an optimizer-step boundary: resuming "
                         "under a new topology leaves %d samples of this epoch out",
                         self._plan.current.dropped)
+
+
+def _with_accumulation(segment: dict, global_batch: int) -> dict:
+    """Segments saved before unequal micro-batches existed: G = W x b x A, all equal."""
+    if "accumulation" in segment:
+        return segment
+    return {**segment, "accumulation": global_batch // (segment["world_size"]
+                                                       * segment["batch_size"])}
 
 
 def eval_loader(source: str, split: str = "val", *, batch_size: int, workers: int = 2,

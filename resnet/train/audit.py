@@ -47,14 +47,16 @@ class AuditLog:
         self.file.close()
 
 
-def audit_files(run_dir: Path) -> dict[str, list[Path]]:
-    """{start id: its rank files}, in start order."""
+def audit_files(*run_dirs: Path) -> dict[str, list[Path]]:
+    """{start id: its rank files}, in start order; a start's ranks may sit in several run.dirs
+    (nodes with their own disks), and share the start id rank 0 drew."""
     starts: dict[str, list[Path]] = defaultdict(list)
-    for path in sorted((Path(run_dir) / AUDIT_DIR).glob("*-rank*.jsonl")):
-        match = _FILE.match(path.name)
-        if match:
-            starts[match["start"]].append(path)
-    return dict(sorted(starts.items()))
+    for run_dir in run_dirs:
+        for path in sorted((Path(run_dir) / AUDIT_DIR).glob("*-rank*.jsonl")):
+            match = _FILE.match(path.name)
+            if match:
+                starts[match["start"]].append(path)
+    return {start: sorted(paths, key=lambda p: p.name) for start, paths in sorted(starts.items())}
 
 
 def _records(path: Path):
@@ -65,10 +67,10 @@ def _records(path: Path):
             continue  # the partial last line of a killed process
 
 
-def read_audit(run_dir: Path) -> Records:
+def read_audit(*run_dirs: Path) -> Records:
     """{step: {(micro, rank): record}} as the run finally used them (see the module doc)."""
     merged: Records = {}
-    for paths in audit_files(run_dir).values():
+    for paths in audit_files(*run_dirs).values():
         this_start: Records = defaultdict(dict)
         for path in paths:
             for rec in _records(path):
@@ -103,23 +105,27 @@ def epoch_usage(audit: Records, all_keys: set[str] | None = None) -> list[EpochU
     return out
 
 
-def check_run(run_dir: Path) -> tuple[list[str], bool]:
+def check_run(*run_dirs: Path) -> tuple[list[str], bool]:
     """`resnet audit`: a line per epoch, and whether every epoch used each sample at most once
-    and (when finished) left out fewer than one global batch."""
+    and (when finished) left out fewer than one global batch. Several run.dirs are one run's
+    node-local folders: config, checkpoints and final/ are read where they are."""
     from resnet.config import load_config
     from resnet.data.format import load_manifest
     from resnet.train.checkpoint import find_latest, read_state
 
-    run_dir = Path(run_dir)
-    audit = read_audit(run_dir)
+    run_dirs = tuple(Path(d) for d in run_dirs)
+    audit = read_audit(*run_dirs)
     if not audit:
-        raise FileNotFoundError(f"no audit records under {run_dir / AUDIT_DIR} (train with "
+        raise FileNotFoundError(f"no audit records under {run_dirs[0] / AUDIT_DIR} (train with "
                                 f"audit.sample_keys=true)")
-    cfg = load_config([run_dir / "config.yaml"])
+    configs = [d / "config.yaml" for d in run_dirs if (d / "config.yaml").is_file()]
+    if not configs:
+        raise FileNotFoundError(f"no config.yaml in {', '.join(map(str, run_dirs))}")
+    cfg = load_config([configs[0]])
     total = load_manifest(cfg.data.train).split("train").samples
-    latest = find_latest(run_dir / "checkpoints")
+    latest = next(filter(None, (find_latest(d / "checkpoints") for d in run_dirs)), None)
     global_batch = read_state(latest)["progress"]["global_batch"] if latest else 1
-    finished = (run_dir / "final").is_dir()
+    finished = any((d / "final").is_dir() for d in run_dirs)
     usage = epoch_usage(audit)
     lines, ok = [], True
     for use in usage:

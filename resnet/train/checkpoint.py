@@ -10,21 +10,32 @@ Layout of ``run.dir/checkpoints/``::
 
 A crash at any point leaves the previous checkpoint intact and `latest` pointing at it.
 With ``checkpoint.mirror=s3://...`` each complete checkpoint is uploaded in the background
-(its ``latest`` last), and a node whose disk has none restores from the mirror.
+(its ``latest`` last), and the mirror is the truth across nodes: at start every node
+restores the mirror's newest checkpoint unless all nodes already hold the same newest one
+(a shared run.dir), so nodes with their own disks (empty, behind or ahead) all resume from
+the same step. Without a mirror, run.dir must be shared, and nodes that see different
+newest checkpoints are an error naming both, never a silent restart from step 0.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import threading
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
+NAME = re.compile(r"step-\d{9}")  # what a checkpoint folder (and `latest`) may be called
+
+
+class CheckpointMismatch(RuntimeError):
+    """Nodes see different checkpoints; training from either would fork the run."""
 
 
 class Stateful(Protocol):
@@ -66,6 +77,18 @@ def read_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / STATE_FILE).read_text())
 
 
+def step_of(name: str) -> int:
+    return int(name[len(PREFIX):])
+
+
+def checked_name(name: str, where: str) -> str:
+    """A checkpoint name read from outside (a mirror's `latest`): never a path of its own."""
+    if not NAME.fullmatch(name):
+        raise CheckpointMismatch(f"{where} names {name[:80]!r}, not a checkpoint "
+                                 f"(step-NNNNNNNNN); refusing to use it")
+    return name
+
+
 def find_latest(directory: Path) -> Path | None:
     """The newest complete checkpoint: `latest` if valid, else the highest complete step."""
     pointer = directory / LATEST
@@ -79,7 +102,8 @@ def find_latest(directory: Path) -> Path | None:
 
 class CheckpointManager:
     def __init__(self, accelerator: Any, run_dir: Path, parts: dict[str, Stateful],
-                 keep: int = 3, mirror: str = "") -> None:
+                 keep: int = 3, mirror: str = "",
+                 gather: Callable[[Any], list] = lambda item: [item]) -> None:
         if keep < 1:
             raise ValueError(f"checkpoint.keep must be at least 1, got {keep}")
         self.accelerator = accelerator
@@ -87,6 +111,7 @@ class CheckpointManager:
         self.parts = parts
         self.keep = keep
         self.mirror = mirror.rstrip("/")
+        self.gather = gather  # every rank's item, in rank order (a collective: all ranks call)
         self._upload: threading.Thread | None = None
         self._upload_error: BaseException | None = None
         # The step of the checkpoint this process last saved or loaded. Every rank calls save()
@@ -100,15 +125,60 @@ class CheckpointManager:
         return self.accelerator.is_main_process
 
     def prepare(self) -> Path | None:
-        """Clean half-written checkpoints, pull from the mirror if needed; the newest complete."""
-        if self.accelerator.is_local_main_process:
+        """The checkpoint every rank resumes from (None: a fresh start), the same on all ranks.
+
+        Half-written checkpoints are cleaned; where the mirror's newest is the agreed one, each
+        node that lacks it restores it before any rank goes on.
+        """
+        local_main = self.accelerator.is_local_main_process
+        if local_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             for leftover in self.dir.glob(f"{TMP_PREFIX}*"):
                 shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
-            if self.mirror and find_latest(self.dir) is None:
-                self._download_from_mirror()
         self.accelerator.wait_for_everyone()
-        return find_latest(self.dir)
+        mirrored = self._mirror_latest() if self.mirror and self._main else None
+        local = find_latest(self.dir)
+        views = self.gather((self.location, local.name if local else None, mirrored))
+        chosen = self._agree(views)
+        if chosen and local_main:
+            if not (self.dir / chosen / STATE_FILE).is_file():
+                self._restore(chosen)
+            self._discard_newer_than(chosen)
+        self.accelerator.wait_for_everyone()
+        return self.dir / chosen if chosen else None
+
+    def _discard_newer_than(self, chosen: str) -> None:
+        """Local checkpoints past the agreed one (written here, never mirrored) would be a fork
+        of the run: the resumed run writes those steps again."""
+        for path in self.dir.glob(f"{PREFIX}*"):
+            if NAME.fullmatch(path.name) and step_of(path.name) > step_of(chosen):
+                print(f"[checkpoint] {path} is newer than {chosen}, which every node can load "
+                      f"(from the mirror); removing it", flush=True)
+                shutil.rmtree(path, ignore_errors=True)
+        _write_atomic(self.dir / LATEST, chosen)
+
+    @property
+    def location(self) -> str:
+        return (f"rank {self.accelerator.process_index} on {socket.gethostname()} "
+                f"({self.dir})")
+
+    def _agree(self, views: list) -> str | None:
+        """All ranks' newest local checkpoint and the mirror's (rank 0 reads it) -> one name."""
+        mirrored = views[0][2]
+        names = {name for _, name, _ in views}
+        if len(names) == 1 and (name := names.pop()) is not None:
+            if mirrored is None or step_of(name) >= step_of(mirrored):
+                return name  # a shared run.dir (or identical disks), at least as new
+        if mirrored is not None:
+            return mirrored
+        if len({name for _, name, _ in views}) == 1:
+            return None  # nothing anywhere: a fresh start
+        (where_a, a, _), (where_b, b, _) = _first_difference(views)
+        raise CheckpointMismatch(
+            f"nodes see different checkpoints: {where_a} has {a or 'none'}, {where_b} has "
+            f"{b or 'none'}. run.dir must be storage every node shares, or give "
+            f"checkpoint.mirror=s3://... so that nodes with their own disks restore the "
+            f"mirror's newest checkpoint")
 
     def save(self, step: int, extra: dict | None = None) -> Path:
         """Every rank calls this at the same step (DeepSpeed writes per-rank shards)."""
@@ -138,6 +208,10 @@ class CheckpointManager:
             self._prune()
         self._saved_step = step
         self.accelerator.wait_for_everyone()
+        if self.accelerator.is_local_main_process and not final.exists():
+            # Another node's own disk: rank 0's node holds the checkpoint (and mirrors it);
+            # what this node's ranks wrote there (their RNG states) is not needed to resume.
+            shutil.rmtree(tmp, ignore_errors=True)
         return final
 
     def load(self, checkpoint: Path) -> dict:
@@ -184,16 +258,30 @@ class CheckpointManager:
         except BaseException as exc:  # reported by close() on the training thread
             self._upload_error = exc
 
-    def _download_from_mirror(self) -> None:
+    def _mirror_latest(self) -> str | None:
         from resnet.data import storage
 
         pointer = storage.join(self.mirror, LATEST)
         if not storage.exists(pointer):
-            return
-        name = storage.read_bytes(pointer).decode().strip()
+            return None
+        return checked_name(storage.read_bytes(pointer).decode().strip(), pointer)
+
+    def _restore(self, name: str) -> None:
+        """Download the mirror's copy of `name` onto this node's disk, atomically."""
+        from resnet.data import storage
+
         tmp = self.dir / f"{TMP_PREFIX}{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
         storage.download_dir(storage.join(self.mirror, name), str(tmp))
         if not (tmp / STATE_FILE).is_file():
             raise RuntimeError(f"mirrored checkpoint {self.mirror}/{name} has no {STATE_FILE}")
+        shutil.rmtree(self.dir / name, ignore_errors=True)  # an incomplete local copy
         os.replace(tmp, self.dir / name)
         _write_atomic(self.dir / LATEST, name)
+        print(f"[checkpoint] {self.location}: restored {name} from {self.mirror}", flush=True)
+
+
+def _first_difference(views: list) -> tuple:
+    """Two ranks' views whose checkpoint names differ (the first rank and the first other)."""
+    first = views[0]
+    return first, next(v for v in views if v[1] != first[1])

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from resnet.config import Config
+from resnet.data.plan import MicroLayout
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,18 +43,15 @@ def ensure_single_process_env() -> None:
                       LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
 
 
-def gradient_accumulation(global_batch: int, batch_size: int, world_size: int) -> int:
-    per_step = batch_size * world_size
-    if global_batch % per_step:
-        raise SetupError(
-            f"the global batch {global_batch} is not divisible by train.batch_size {batch_size} "
-            f"x world size {world_size} = {per_step}; change train.batch_size or "
-            f"train.global_batch_size"
-        )
-    return global_batch // per_step
+def micro_layout(global_batch: int, batch_size: int, world_size: int) -> MicroLayout:
+    """The global batch over this world size: micro-batches of at most train.batch_size."""
+    try:
+        return MicroLayout.choose(global_batch, world_size, batch_size)
+    except ValueError as exc:
+        raise SetupError(f"{exc}; set train.global_batch_size to at least {world_size}") from None
 
 
-def deepspeed_config(cfg: Config, accumulation: int, world_size: int) -> dict:
+def deepspeed_config(cfg: Config, layout: MicroLayout) -> dict:
     """Our config keys fill a DeepSpeed JSON; a user file (deepspeed.config_file) is the base."""
     ds: dict = {}
     if cfg.deepspeed.config_file:
@@ -61,11 +59,14 @@ def deepspeed_config(cfg: Config, accumulation: int, world_size: int) -> dict:
         if not path.is_file():
             raise SetupError(f"deepspeed.config_file not found: {path}")
         ds = json.loads(path.read_text())
-    micro = cfg.train.batch_size
+    # DeepSpeed wants micro x accumulation x world == train batch. Ranks may take one sample
+    # fewer than the largest micro-batch (the trainer weights each rank's loss so the gradient
+    # is the mean over exactly the global batch); these numbers only size its bookkeeping.
+    micro = layout.largest
     ds.update(
         train_micro_batch_size_per_gpu=micro,
-        gradient_accumulation_steps=accumulation,
-        train_batch_size=micro * accumulation * world_size,
+        gradient_accumulation_steps=layout.accumulation,
+        train_batch_size=micro * layout.accumulation * layout.world_size,
         gradient_clipping=cfg.train.grad_clip,
         zero_allow_untested_optimizer=True,  # our SGD is a client optimizer
         steps_per_print=10**9,  # we log ourselves
@@ -111,6 +112,14 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
+    def gather(self, item) -> list:
+        """Every rank's small picklable `item`, in rank order, over the CPU group."""
+        if self.world_size == 1:
+            return [item]
+        out: list = [None] * self.world_size
+        torch.distributed.all_gather_object(out, item, group=self.control_group)
+        return out
+
     def agree(self, *flags: float) -> list[float]:
         """Max of each flag over all ranks, on the CPU: ranks stop or save at the same step."""
         values = torch.tensor(flags, dtype=torch.float64)
@@ -142,7 +151,7 @@ def make_accelerator(*, use_deepspeed: bool = False, **kwargs):
     return accelerator
 
 
-def create_engine(cfg: Config, accumulation: int) -> Engine:
+def create_engine(cfg: Config, layout: MicroLayout) -> Engine:
     from accelerate.utils import DeepSpeedPlugin
 
     use_ds = cfg.deepspeed.engine == "deepspeed"
@@ -150,14 +159,14 @@ def create_engine(cfg: Config, accumulation: int) -> Engine:
     mixed = "no"
     if use_ds:
         plugin = DeepSpeedPlugin(
-            hf_ds_config=deepspeed_config(cfg, accumulation, launched_world_size()))
+            hf_ds_config=deepspeed_config(cfg, layout))
     elif cfg.train.precision in AUTOCAST_DTYPES:
         mixed = cfg.train.precision
     accelerator = make_accelerator(
         use_deepspeed=use_ds,
         deepspeed_plugin=plugin,
         mixed_precision=mixed,
-        gradient_accumulation_steps=accumulation,
+        gradient_accumulation_steps=layout.accumulation,
         log_with=_tracker(cfg),
         project_dir=cfg.run.dir,
         step_scheduler_with_optimizer=False,
@@ -192,12 +201,20 @@ def _init_elastic_process_group(backend: str, timeout: timedelta) -> None:
     (TORCHELASTIC_USE_AGENT_STORE=True) and env:// hands workers its raw keys, so a restarted
     gloo group reads the dead attempt's peer addresses ("Gloo connectFullMesh failed ...
     Connection refused"). Accelerate and DeepSpeed use an initialised group as it is.
-    (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on the launcher avoids it as well.)
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on the agents (launch/elastic.sh) avoids the shared
+    store altogether: each rendezvous round then gets a fresh store, and this is skipped.
     """
     import torch.distributed as dist
 
     if dist.is_initialized() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return
+    if int(os.environ["WORLD_SIZE"]) > int(os.environ.get("LOCAL_WORLD_SIZE", "0")) and \
+            os.environ.get("RANK") == "0":
+        # Several agents: a node joining later makes every agent exit in its own rendezvous
+        # (torch 2.14; docs/operations.md), and each agent counts restarts on its own.
+        print("[resnet] warning: a multi-node torchrun job without "
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in every agent's environment cannot "
+              "admit a node that joins later; launch/elastic.sh sets it", flush=True)
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                           is_master=False, timeout=timeout)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")

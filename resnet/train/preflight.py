@@ -13,7 +13,8 @@ from resnet.data.augment import AugmentParams
 from resnet.data.format import Manifest, ManifestError, load_manifest
 from resnet.model import ARCHS
 from resnet.train.checkpoint import find_latest, read_state
-from resnet.train.engine import SetupError, gradient_accumulation, launched_world_size
+from resnet.data.plan import MicroLayout
+from resnet.train.engine import SetupError, launched_world_size, micro_layout
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,11 @@ class RunPlan:
     num_classes: int
     world_size: int
     global_batch: int
-    accumulation: int
+    layout: MicroLayout  # the global batch over this world size: micro-batches, accumulation
+
+    @property
+    def accumulation(self) -> int:
+        return self.layout.accumulation
 
 
 def _manifest(source: str, split: str, key: str) -> Manifest:
@@ -97,12 +102,11 @@ def preflight(cfg: Config, world_size: int | None = None) -> RunPlan:
     saved = _saved_progress(cfg)
     global_batch = ((saved and saved[1]["global_batch"]) or cfg.train.global_batch_size
                     or cfg.train.batch_size * world_size)
-    accumulation = gradient_accumulation(global_batch, cfg.train.batch_size, world_size)
+    layout = micro_layout(global_batch, cfg.train.batch_size, world_size)
     if saved:
         check_resumable(*saved, fingerprint=train_manifest.fingerprint,
                         global_batch=global_batch, world_size=world_size)
     if global_batch > train_manifest.split("train").samples:
         raise SetupError(f"the global batch {global_batch} is larger than the training set "
                          f"({train_manifest.split('train').samples} samples)")
-    return RunPlan(train_manifest, val_manifest, num_classes, world_size, global_batch,
-                   accumulation)
+    return RunPlan(train_manifest, val_manifest, num_classes, world_size, global_batch, layout)

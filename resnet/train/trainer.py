@@ -18,7 +18,7 @@ from resnet.config import Config, save_config, to_dict
 from resnet.data.stream import AugmentParams, ShardLoader
 from resnet.model import build_model
 from resnet.train.audit import AuditLog, new_start_id
-from resnet.train.checkpoint import CheckpointManager, read_state
+from resnet.train.checkpoint import CheckpointManager, CheckpointMismatch, read_state
 from resnet.train.engine import Engine, create_engine
 from resnet.train.evaluate import batch_images, evaluate, export_final, normalize
 from resnet.train.metrics import RunLogger, restart_count, system_metrics
@@ -80,6 +80,7 @@ class Trainer:
                                           **common)
         self.accum = plan.accumulation
         self.steps_per_epoch = self.loader.batches_per_epoch // self.accum
+        self.log.info(f"global batch {plan.layout.describe()}")
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
@@ -100,10 +101,14 @@ class Trainer:
             self.log.info(f"model compiled (torch.compile backend {cfg.train.compile_backend})")
         optimizer = build_optimizer(model, cfg.optim, plan.global_batch)
         self.model, self.optimizer = engine.accelerator.prepare(model, optimizer)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+        # Summed, then scaled so that the gradient (averaged over ranks and micro-steps by
+        # DDP/DeepSpeed) is the mean over exactly the global batch, whatever the split.
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing,
+                                             reduction="sum")
+        self.loss_scale = plan.layout.loss_weight
         self.checkpoints = CheckpointManager(
             engine.accelerator, self.run_dir, {"progress": self.progress, "loader": self.loader},
-            keep=cfg.checkpoint.keep, mirror=cfg.checkpoint.mirror)
+            keep=cfg.checkpoint.keep, mirror=cfg.checkpoint.mirror, gather=engine.gather)
         self.logger = RunLogger(engine.accelerator, cfg, self.run_dir)
         self.restart = restart_count()
         self.audit = (AuditLog(self.run_dir, engine.rank, self._agreed_start_id())
@@ -127,8 +132,21 @@ class Trainer:
                         fingerprint=self.progress.fingerprint,
                         global_batch=self.plan.global_batch, world_size=self.engine.world_size)
         self.checkpoints.load(latest)
+        self._check_same_resume_point(latest)
         self.log.info(f"resumed from {latest.name}: step {self.progress.step}, "
                       f"epoch {self.loader.epoch}, world size {self.engine.world_size}")
+
+    def _check_same_resume_point(self, checkpoint: Path) -> None:
+        """Every rank loaded its own copy (node-local disks): they must be the same point."""
+        point = (self.progress.step, self.loader.epoch, self.loader.manifest.fingerprint)
+        views = self.engine.gather((self.checkpoints.location, checkpoint.name, point))
+        differ = [v for v in views if v[2] != views[0][2]]
+        if differ:
+            (where_a, name_a, a), (where_b, name_b, b) = views[0], differ[0]
+            raise CheckpointMismatch(
+                f"ranks resumed from different points: {where_a} loaded {name_a} (step, epoch, "
+                f"data set = {a[0]}, {a[1]}, {a[2][:12]}), {where_b} loaded {name_b} "
+                f"({b[0]}, {b[1]}, {b[2][:12]}); run.dir must be shared or mirrored")
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self) -> Path:
@@ -161,9 +179,8 @@ class Trainer:
             self.progress.step += 1
             step = self.progress.step
             self._note_nonfinite(loss)
-            samples = sum(len(b.keys) for b in micro)
-            self.progress.samples_seen += samples * self.engine.world_size
-            window.add(loss.detach(), samples, sum(b.skipped for b in micro))
+            self.progress.samples_seen += self.plan.global_batch
+            window.add(loss.detach(), self.plan.global_batch, sum(b.skipped for b in micro))
             due = (self.cfg.checkpoint.every_minutes > 0 and
                    time.monotonic() - self.last_save > 60 * self.cfg.checkpoint.every_minutes)
             stop, save_now = self.engine.agree(float(self.stop.signum), float(due))
@@ -211,7 +228,7 @@ class Trainer:
     def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if labels.numel():
             logits = self.model(images).float()
-            return self.criterion(logits, labels), logits
+            return self.criterion(logits, labels) * self.loss_scale, logits
         # Every sample of this micro-batch was corrupt. The rank must still join the gradient
         # all-reduce (others would hang): an eval-mode forward of the empty batch gives zero
         # gradients for every parameter and leaves BatchNorm's running statistics untouched.
@@ -294,7 +311,7 @@ class Trainer:
         skipped = int(skipped)
         self.skipped += skipped
         elapsed = max(window.elapsed(), 1e-9)
-        img_s = window.samples * self.engine.world_size / elapsed
+        img_s = window.samples / elapsed  # samples of all ranks
         metrics = {
             "loss": loss, "lr": self.schedule(self.progress.step - 1),
             "top1": top1 / max(seen, 1), "top5": top5 / max(seen, 1),
@@ -351,5 +368,5 @@ class _Window:
 
 def train(cfg: Config) -> Path:
     plan = preflight(cfg)  # bad input fails here, before any process group
-    engine = create_engine(cfg, plan.accumulation)
+    engine = create_engine(cfg, plan.layout)
     return Trainer(cfg, plan, engine).fit()

@@ -20,6 +20,14 @@ Training faults (resnet.train.trainer and accelerate's save_state), first attemp
                                        a test can kill or signal the run at a known point
     RESNET_TEST_FAULT_RANK=R           only on global rank R (default: every rank)
 
+Gates (every rank, every attempt), for tests that must act while training is at a known step:
+
+    RESNET_TEST_FAULT_GATES=DIR        before step N+1 starts, while DIR/pause-at-N exists, each
+                                       rank writes DIR/paused-at-N-rank-R (its pid) and waits
+                                       until the test removes pause-at-N or the rank is asked
+                                       to stop (SIGTERM: torchrun restarts the group for a
+                                       joining node), at most 120 s
+
 W&B faults (wandb), RESNET_TEST_WANDB_FAULT:
 
     init      wandb.init raises (as an unreachable server or a bad setting would)
@@ -73,12 +81,28 @@ def _hold_or_die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+GATES = os.environ.get("RESNET_TEST_FAULT_GATES", "")
+
+
+def _gate(trainer) -> None:
+    pause = Path(GATES) / f"pause-at-{trainer.progress.step}"
+    if not pause.exists():
+        return
+    rank = os.environ.get("RANK", "0")
+    (Path(GATES) / f"paused-at-{trainer.progress.step}-rank-{rank}").write_text(str(os.getpid()))
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    while pause.exists() and not trainer.stop.signum and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _patch_trainer(module) -> None:
     real_step = module.Trainer.train_step
 
     def train_step(self, *args, **kwargs):
-        if not IN_CHECKPOINT and _fires(self.progress.step):  # step N done, N+1 not begun
-            _hold_or_die()
+        if AFTER_STEP is not None and not IN_CHECKPOINT and _fires(self.progress.step):
+            _hold_or_die()  # step N done, N+1 not begun
+        if GATES:
+            _gate(self)
         return real_step(self, *args, **kwargs)
 
     module.Trainer.train_step = train_step
@@ -154,9 +178,10 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
 
 _patches = {}
-if AFTER_STEP is not None:
-    _patches["accelerate.accelerator" if IN_CHECKPOINT else "resnet.train.trainer"] = (
-        _patch_save_state if IN_CHECKPOINT else _patch_trainer)
+if (AFTER_STEP is not None and not IN_CHECKPOINT) or GATES:
+    _patches["resnet.train.trainer"] = _patch_trainer
+if AFTER_STEP is not None and IN_CHECKPOINT:
+    _patches["accelerate.accelerator"] = _patch_save_state
 if WANDB_FAULT:
     _patches["wandb"] = _patch_wandb
 if _patches:

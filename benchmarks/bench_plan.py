@@ -1,0 +1,152 @@
+"""Planning at ImageNet scale: one rank's plan, a resume at 50%, an elastic re-split mid-epoch.
+
+    python benchmarks/bench_plan.py [--ranks 64] [--workers 8] [--global-batch 2048] [--repeat 5]
+
+ImageNet-1k's train split as packed with 1,000 samples per shard: 1,281,167 samples in 1,282
+shards. For each layout (64 ranks: 32 samples each; 48 ranks: 42/43, unequal) it times, median
+of --repeat runs, with tracemalloc's peak: building one rank's schedule at the epoch start;
+the same after a resume at 50% of the epoch; and after an elastic re-split 64 -> 56 -> 64 (a
+third of the epoch on each, then the rest). Then, over ALL ranks, it checks arithmetically that
+every position of the epoch is used exactly once, and counts the bytes read at shard edges:
+a worker that needs only part of a shard reads its members in tar order, seeking over the
+others locally but reading through remote gaps up to 1 MiB (resnet/data/shardio.py).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+import tracemalloc
+
+import numpy as np
+
+from resnet.data import plan as P
+from resnet.data.shardio import REOPEN_GAP
+
+IMAGENET_TRAIN, SHARD = 1_281_167, 1_000
+MEAN_SAMPLE_BYTES = 110_000  # ImageNet's mean JPEG
+
+
+def segment(world: int, workers: int, global_batch: int, max_micro: int) -> P.Segment:
+    layout = P.MicroLayout.choose(global_batch, world, max_micro)
+    return P.Segment(world, workers, layout.largest, accumulation=layout.accumulation)
+
+
+def measured(fn, repeat: int):
+    """(median seconds, peak KiB of one call, result)."""
+    times, result = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    tracemalloc.start()
+    fn()
+    peak = tracemalloc.get_traced_memory()[1] / 2**10
+    tracemalloc.stop()
+    return statistics.median(times), peak, result
+
+
+def scenarios(order, args, world):
+    """name -> a function building rank 0's schedule in that state (fresh objects per call:
+    the plan caches nothing across calls)."""
+    g, k, micro = args.global_batch, args.workers, args.max_micro
+    steps = P.usable(order.total, g, True) // g
+
+    def fresh():
+        return P.EpochPlan(order, g, True).resume(segment(world, k, g, micro))
+
+    def at_half():
+        ep = fresh()
+        return ep.advance(steps // 2 * ep.current.accumulation)
+
+    def resplit():
+        ep = fresh()
+        for other in (56, world):
+            ep = ep.advance(steps // 3 * ep.current.accumulation)
+            ep = ep.resume(segment(other, k, g, micro))
+        return ep
+
+    def schedule_of(build):
+        def run():
+            ep = build()
+            ep.schedule(0)  # what rank 0 computes at start: the plan, then its workers' share
+            return ep
+        return run
+
+    return {name: schedule_of(build) for name, build in (
+        ("epoch start", fresh), ("resume at 50%", at_half),
+        (f"re-split {world} -> 56 -> {world}", resplit))}
+
+
+def check_exactly_once(ep: P.EpochPlan) -> tuple[int, int]:
+    """(positions consumed or scheduled, positions the epoch keeps); raises on any overlap."""
+    pieces = []
+    for base, seg in zip(ep.bases[:-1], ep.segments[:-1]):
+        pieces += P.consumed(base, seg, True, ep.global_batch)
+    pieces += P.consumed(ep.bases[-1], ep.current, True, ep.global_batch)
+    for rank in range(ep.current.world_size):
+        for positions, _ in ep.schedule(rank):
+            pieces += positions
+    total = P.length(pieces)
+    if P.length(P.normalise(pieces)) != total:
+        raise AssertionError("a position is planned twice")
+    kept = P.usable(ep.order.total, ep.global_batch, True) - sum(s.dropped for s in ep.segments)
+    if total != kept:
+        raise AssertionError(f"{total} positions planned, the epoch keeps {kept}")
+    return total, kept
+
+
+def edge_bytes(ep: P.EpochPlan) -> tuple[int, int, int]:
+    """(bytes needed, extra bytes read through remote gaps, shard openings) over all workers."""
+    needed = extra = openings = 0
+    gap_samples = REOPEN_GAP // MEAN_SAMPLE_BYTES
+    for rank in range(ep.current.world_size):
+        for positions, _ in ep.schedule(rank):
+            for _, indices in ep.order.reads(positions):
+                openings += 1
+                wanted = np.sort(indices)
+                needed += len(wanted) * MEAN_SAMPLE_BYTES
+                gaps = np.diff(wanted) - 1
+                extra += int(gaps[(gaps > 0) & (gaps <= gap_samples)].sum()) * MEAN_SAMPLE_BYTES
+    return needed, extra, openings
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[64, 48])
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--global-batch", type=int, default=2048)
+    parser.add_argument("--max-micro", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    sizes = tuple(P.split_counts(IMAGENET_TRAIN, -(-IMAGENET_TRAIN // SHARD)))
+    order = P.EpochOrder(sizes, seed=0, epoch=3)
+    print(f"# bench_plan: {IMAGENET_TRAIN:,} samples in {len(sizes):,} shards, global batch "
+          f"{args.global_batch}, {args.workers} workers per rank; {cpu_model()}, "
+          f"{os.cpu_count()} CPUs, Python {platform.python_version()}, median of {args.repeat}")
+    print("| layout | state | rank 0's plan | peak memory | exactly once (all ranks) | "
+          "edge bytes read / needed | shard openings |")
+    print("|---|---|---|---|---|---|---|")
+    for world in args.ranks:
+        layout = P.MicroLayout.choose(args.global_batch, world, args.max_micro).describe()
+        for name, build in scenarios(order, args, world).items():
+            seconds, peak, ep = measured(build, args.repeat)
+            total, kept = check_exactly_once(ep)
+            needed, extra, openings = edge_bytes(ep)
+            print(f"| {layout} | {name} | {seconds * 1e3:.1f} ms | {peak:.0f} KiB | "
+                  f"yes ({total:,} of {kept:,}) | {extra / 2**30:.2f} / {needed / 2**30:.1f} "
+                  f"GiB ({extra / max(needed, 1):.2%}) | {openings:,} |")
+
+
+if __name__ == "__main__":
+    main()
