@@ -68,3 +68,19 @@ def test_hf_hub_weights_are_downloaded_then_used(run, exported, monkeypatch, cap
     path, label = dh.class_images(run.parent / "images")[3]
     code, lines, _ = _predict(capsys, "hf-hub:me/tiny", path)
     assert code == 0 and asked == ["me/tiny"] and lines[0]["top"][0]["label"] == f"class {label}"
+
+
+def test_a_run_without_final_weights_uses_its_newest_checkpoint(run, tmp_path, capsys):
+    import shutil
+
+    from resnet.deliver.source import resolve
+
+    mid_run = tmp_path / "run"
+    shutil.copytree(run, mid_run, ignore=shutil.ignore_patterns("final"))
+    trained = resolve(str(mid_run))
+    assert trained.weights == mid_run / "checkpoints" / dh.CHECKPOINT
+    # no classes.json yet: the names come from the packed data set's manifest
+    assert trained.class_names == [f"class {i}" for i in range(dh.CLASSES)]
+    path, label = dh.class_images(run.parent / "images")[4]
+    code, lines, _ = _predict(capsys, mid_run, path)
+    assert code == 0 and lines[0]["top"][0]["label"] == f"class {label}"
