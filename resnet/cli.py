@@ -247,8 +247,93 @@ def _add_audit(sub) -> None:
     p.set_defaults(handler=_audit)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from resnet.deliver.export import export
+    from resnet.deliver.hub import PushError, push_to_hub
+    from resnet.deliver.source import resolve
+
+    try:
+        out = export(resolve(args.weights), Path(args.out), args.format, args.push_to_hub)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"resnet export: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported ({args.format}): {out}")
+    if args.push_to_hub:
+        try:
+            url = push_to_hub(Path(args.out), args.push_to_hub, private=args.private,
+                              revision=args.revision, create_pr=args.create_pr)
+        except PushError as exc:
+            print(f"resnet export: {exc}", file=sys.stderr)
+            return 1
+        print(f"pushed: {url}")
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="weights -> timm's Hub format (+ push), torchvision or ONNX")
+    p.add_argument("weights", metavar="RUN_DIR_OR_WEIGHTS",
+                   help="a run dir, its final/, a checkpoint folder or a .safetensors file")
+    p.add_argument("out", metavar="OUT", help="the folder to write")
+    p.add_argument("--format", default="hf", choices=["hf", "torchvision", "onnx"])
+    p.add_argument("--push-to-hub", default="", metavar="ORG/NAME",
+                   help="then upload OUT to this Hugging Face model repo (hf format)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", default="", help="branch to push to")
+    p.add_argument("--create-pr", action="store_true", help="push as a pull request")
+    p.set_defaults(handler=_export)
+
+
+def _add_weights(p) -> None:
+    p.add_argument("weights", metavar="WEIGHTS",
+                   help="a run dir, checkpoint, exported folder or hf-hub:ORG/NAME")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from resnet.deliver.predict import run_predict
+
+    try:
+        return run_predict(args.weights, args.images, topk=args.topk, as_json=args.json,
+                           batch_size=args.batch_size, device=args.device)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"resnet predict: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="top-k classes of images, prepared as the run evaluated")
+    _add_weights(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.set_defaults(handler=_predict)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from resnet.deliver.demo import launch
+
+    try:
+        launch(args.weights, port=args.port, share=args.share, device=args.device)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"resnet demo: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="a Gradio web app: upload an image, see the top-5 classes")
+    _add_weights(p)
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="a public gradio.live link too")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(handler=_demo)
+
+
 COMMANDS = [_add_env, _add_report, _add_pack, _add_verify, _add_train, _add_eval,
-            _add_quickstart, _add_bench, _add_audit]
+            _add_quickstart, _add_bench, _add_audit, _add_export, _add_predict, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,8 +47,12 @@ def quickstart(out: Path, processes: int = 2, classes: int = 10, per_class: int 
           f"data.train={packed}", f"data.val={packed}", f"run.dir={run_dir}", *overrides])
     final = run_dir / "final"
     _run([sys.executable, "-m", "resnet", "eval", "--weights", str(final), "--data", str(packed)])
+    exported = out / "export"
+    _run([sys.executable, "-m", "resnet", "export", str(run_dir), str(exported)])
     print(f"\ndone.\n  packed shards:  {packed}\n  run directory:  {run_dir}"
           f"\n  checkpoints:    {run_dir / 'checkpoints'}\n  metrics:        "
           f"{run_dir / 'metrics.jsonl'}\n  final weights:  {final / 'model.safetensors'}"
-          f"\n  report:         resnet report {run_dir}")
+          f"\n  report:         resnet report {run_dir}\n  exported (hf):  {exported}"
+          f"\n\ntry next:\n  resnet predict {exported} {source / 'val'}\n"
+          f"  resnet demo {exported}    (pip install -e \".[demo]\")")
     return final

@@ -104,15 +104,18 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
                             f"final/ folder or a checkpoint folder")
 
 
-def _run_config(weights: Path):
+def run_dir_of(weights: Path) -> Path | None:
     """A run's final/ or checkpoint folder sits under run.dir, whose config.yaml says how the
     model was built and how its images were prepared."""
+    return next((folder for folder in (weights, *weights.parents)[:4]
+                 if (folder / "config.yaml").is_file()), None)
+
+
+def run_config(weights: Path):
     from resnet.config import load_config
 
-    for folder in (weights, *weights.parents)[:4]:
-        if (folder / "config.yaml").is_file():
-            return load_config([folder / "config.yaml"])
-    return None
+    folder = run_dir_of(weights)
+    return load_config([folder / "config.yaml"]) if folder else None
 
 
 def evaluate_weights(weights: str, data: str, *, arch: str = "", image_size: int = 0,
@@ -125,7 +128,7 @@ def evaluate_weights(weights: str, data: str, *, arch: str = "", image_size: int
     path = Path(weights)
     if not path.exists():
         raise FileNotFoundError(f"--weights {weights}: no such file or folder")
-    cfg = _run_config(path.resolve() if path.is_dir() else path.resolve().parent)
+    cfg = run_config(path.resolve() if path.is_dir() else path.resolve().parent)
     arch = arch or (cfg.model.arch if cfg else "resnet50")
     augment = AugmentParams.from_config(cfg.data) if cfg else AugmentParams()
     if image_size:
