@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from resnet.config import OptimConfig
-from resnet.model import resnet18
+from resnet.model import build_model
 from resnet.train.optim import Schedule, build_optimizer, parameter_groups, peak_lr
 
 
 def test_no_weight_decay_on_batchnorm_and_biases():
-    model = resnet18(num_classes=3)
+    model = build_model("resnet18", num_classes=3)
     decay, no_decay = parameter_groups(model, 1e-4, bn_bias_decay=False)
     assert all(p.ndim > 1 for p in decay["params"])
     assert all(p.ndim == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
@@ -23,7 +23,7 @@ def test_no_weight_decay_on_batchnorm_and_biases():
 def test_lr_is_per_256_images_and_scales_with_the_global_batch():
     cfg = OptimConfig(lr=0.1)
     assert peak_lr(cfg, 1024) == pytest.approx(0.4)
-    opt = build_optimizer(resnet18(num_classes=2), cfg, 512)
+    opt = build_optimizer(build_model("resnet18", num_classes=2), cfg, 512)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.2)
 
 
