@@ -22,9 +22,9 @@ from urllib.parse import urlparse
 
 import torch
 
-from resnet.train.progress import RateLimitedLogger
+from resnet.logs import RateLimitedLogger
+from resnet.runfiles import METRICS_FILE
 
-METRICS_FILE = "metrics.jsonl"
 RUN_ID_FILE = "wandb_run_id"
 WANDB_TRACKER = "wandb"
 # wandb.init blocks up to init_timeout when the server is unreachable, and finish() blocks
