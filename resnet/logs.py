@@ -121,5 +121,6 @@ def configure() -> None:
     level (default INFO); idempotent."""
     logger = logging.getLogger("resnet")
     logger.setLevel(level())
+    logger.propagate = False  # printed here only, even where the root logger prints too
     if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
         logger.addHandler(_TqdmHandler())

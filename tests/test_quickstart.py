@@ -59,3 +59,26 @@ def test_a_failing_step_shows_the_end_of_the_log(tmp_path, capsys):
     with open(tmp_path / "c.log", "ab") as log, pytest.raises(subprocess.CalledProcessError):
         quickstart._run([sys.executable, "-c", "raise SystemExit('boom: the cause')"], log, False)
     assert "boom: the cause" in capsys.readouterr().err
+
+
+def test_product_loggers_print_product_lines(monkeypatch, capsys):
+    import logging
+
+    from resnet import logs
+
+    logger = logging.getLogger("resnet")
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "propagate", True)
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.delenv("RESNET_LOG_LEVEL", raising=False)
+    logs.configure()
+    logs.configure()  # idempotent: one handler
+    logging.getLogger("resnet.data.shardio").warning("shard x: reopening at byte %d", 512)
+    logging.getLogger("resnet.data.shardio").debug("not shown at the default level")
+    err = capsys.readouterr().err
+    assert err.count("[rank 3] WARNING: shard x: reopening at byte 512\n") == 1
+    assert logs.is_product_line(err.splitlines()[0]) and "not shown" not in err
+    assert not logs.verbose()
+    monkeypatch.setenv("RESNET_LOG_LEVEL", "debug")
+    assert logs.verbose()
