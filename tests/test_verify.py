@@ -88,7 +88,8 @@ def test_label_out_of_range_and_missing_member(packed):
 
 def test_decode_catches_what_the_header_check_cannot(packed):
     jpg = synthetic.encode_jpeg(synthetic.class_image(0, 3, (64, 64)))
-    broken = jpg[:300] + bytes(len(jpg) - 302) + b"\xff\xd9"  # header fine, scan data zeroed
+    scan = jpg.index(b"\xff\xda") + 14  # the scan's data starts after its 3-component header
+    broken = jpg[:scan + 40]  # headers whole, the image data cut short
     _replace_shard(packed, "val", 0, [{"__key__": "z", "jpg": broken, "cls": b"0"}])
     assert verify(packed, progress=False).ok
     problems = verify(packed, decode=True, progress=False).problems
