@@ -11,13 +11,13 @@ failing command shows the end of the log.
 """
 from __future__ import annotations
 
+import codecs
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-from collections import deque
 from pathlib import Path
 from typing import IO
 
@@ -48,6 +48,9 @@ class _Console:
         self.pending = parts.pop()  # an unterminated tail waits for its end
         for segment, sep in zip(parts[::2], parts[1::2]):
             self._segment(segment, sep)
+        bar = _BAR_END.search(self.pending)  # a bar waits for its redraw's \r: draw it now
+        if bar and logs.is_product_line(self.pending[: bar.end()]):
+            self._bar(self.pending[: bar.end()].strip(), closed=False)
         self.out.flush()
 
     def close(self) -> None:
@@ -90,6 +93,15 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def _tail(path: str, lines: int = TAIL_LINES) -> str:
+    """The last lines of a log, each as a terminal left it (the text after its last \\r)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - (1 << 16)))
+        text = f.read().decode("utf-8", "replace")
+    last = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
+    return "\n".join(last[-lines - 1:]).strip("\n")
+
+
 def _run(command: list[str], log: IO[bytes], verbose: bool, results: str | None = None
          ) -> None:
     """Run one step; its output goes whole to `log`, and its product lines to the terminal."""
@@ -98,20 +110,18 @@ def _run(command: list[str], log: IO[bytes], verbose: bool, results: str | None 
     log.write(line.encode() + b"\n")
     log.flush()
     console = _Console(sys.stdout, verbose, re.compile(results) if results else None)
-    tail: deque[bytes] = deque(maxlen=TAIL_LINES)
+    text = codecs.getincrementaldecoder("utf-8")("replace")  # chunks split characters
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=_child_env())
     with proc:
         for chunk in iter(lambda: os.read(proc.stdout.fileno(), 1 << 16), b""):
             log.write(chunk)
             log.flush()
-            tail.extend(chunk.splitlines())
-            console.feed(chunk.decode("utf-8", "replace"))
+            console.feed(text.decode(chunk))
     console.close()
     if proc.returncode:
         if not verbose:
-            print(f"--- the last lines of {log.name}:", file=sys.stderr)
-            print(b"\n".join(tail).decode("utf-8", "replace"), file=sys.stderr)
+            print(f"--- the last lines of {log.name}:\n{_tail(log.name)}", file=sys.stderr)
         raise subprocess.CalledProcessError(proc.returncode, command)
 
 
@@ -145,7 +155,7 @@ def quickstart(out: Path, processes: int = 2, classes: int = 10, per_class: int 
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "-m", "resnet", "train", "--config", str(CONFIG),
               f"data.train={packed}", f"data.val={packed}", f"run.dir={run_dir}", *overrides],
-             log, verbose, results=r"final weights: ")
+             log, verbose)  # the trainer's own log line names the final weights
         final = run_dir / "final"
         _run([sys.executable, "-m", "resnet", "eval", "--weights", str(final),
               "--data", str(packed)], log, verbose, results=r"\{")
