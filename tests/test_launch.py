@@ -243,6 +243,12 @@ def test_integers_are_plain_decimals(config, value):
     assert "value too great for base" not in result.stderr
 
 
+def test_slurm_integers_are_plain_decimals(config):
+    result = _run("slurm.sbatch", config, MAIN_ADDR="gpu07", MAX_RESTARTS="08", **SLURM_ENV)
+    assert result.returncode == 2
+    assert "MAX_RESTARTS must be a non-negative integer, got '08'" in result.stderr
+
+
 def _ec2_functions(tmp_path) -> Path:
     """The bootstrap script without its last line (`main "$@"`), to call one function."""
     text = (LAUNCH / "ec2_bootstrap.sh").read_text()

@@ -5,10 +5,10 @@ number of samples, that each sample has a ``.jpg`` and a ``.cls``, that the ``.j
 (header: format and an RGB or grayscale mode), that the label is in range, and that keys are
 unique within the split. ``decode=True`` also decodes every image with PIL and with
 ``torchvision.io.decode_jpeg`` (the CPU path of the decoder the GPU pipeline uses), and reads
-every shard a second time with webdataset's own tar reader and key grouping (its
-``WebDataset`` pipeline over our storage streams) as an independent reference: the samples it
-sees must be the manifest's count, each with a ``.jpg`` and a ``.cls``; this is what another
-WebDataset user of the shards would get.
+every shard a second time with webdataset's own tar reader and key grouping (the stages of
+``webdataset.WebDataset``, fed by our storage streams so that s3:// and http(s):// work too) as
+an independent reference: the samples it sees must be the manifest's count, each with a
+``.jpg`` and a ``.cls``; this is what another WebDataset user of the shards would get.
 Problems are collected, not raised, so one run names every mismatch.
 """
 from __future__ import annotations
