@@ -25,6 +25,8 @@ import re
 import sys
 from pathlib import Path
 
+from resnet.report import read_metrics
+from resnet.runfiles import METRICS_FILE
 from resnet.train.audit import audit_files
 from resnet.train.audit import read_audit as read_steps
 
@@ -105,17 +107,8 @@ def compare_weights(base_dir: Path, resumed_dir: Path) -> tuple[bool, str]:
 
 def logged_losses(run_dir: Path) -> dict[int, float]:
     """step -> loss; the later line wins (a restart logs replayed steps again)."""
-    out = {}
-    path = Path(run_dir) / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            if r.get("loss") is not None:
-                out[r["step"]] = r["loss"]
-    return out
+    path = Path(run_dir) / METRICS_FILE
+    return read_metrics(path).get("loss", {}) if path.is_file() else {}
 
 
 def compare(base_dir: Path, resumed_dir: Path, out=sys.stdout) -> bool:

@@ -18,8 +18,8 @@
 #
 # The GPU machine has torch, torchvision, accelerate and transformers but no deepspeed,
 # webdataset, wandb, pydantic or omegaconf, and no package index: `prepare` puts their wheels
-# in .whl (../shared/device/wheelhouse.sh plus omegaconf), and this script sources
-# .whl/env.sh when it exists. Send .whl along (run's carry: [".whl"]). W&B is disabled.
+# in .whl (the wheelhouse script $WHEELHOUSE plus omegaconf: docs/gpu.md, "Running the
+# check"), and this script sources .whl/env.sh when it exists. Send .whl along (run's carry: [".whl"]). W&B is disabled.
 #
 # Output: everything small (logs, figures, metrics.jsonl, comparison) under $OUT (default
 # runs/gpu_check); images, shards and checkpoints under $GPU_CHECK_WORK (default

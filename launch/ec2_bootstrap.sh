@@ -67,7 +67,9 @@ write_file() {
     return
   fi
   mkdir -p "$(dirname "$path")"
-  printf '%s\n' "$content" > "$path.tmp"
+  # Created owner-only (umask 077), then given its mode: the env file holds the W&B key and
+  # must never be readable by others, not even between the write and the chmod.
+  (umask 077 && printf '%s\n' "$content" > "$path.tmp")
   chmod "$mode" "$path.tmp"
   mv "$path.tmp" "$path"
 }
@@ -109,13 +111,22 @@ attach_volume() {
 }
 
 # The only disk with no partitions and nothing mounted: an extra EBS volume on a fresh instance.
+# Instance-store NVMe disks (model "Amazon EC2 NVMe Instance Storage") are never chosen: their
+# data vanishes when the instance stops. Where the model says which disks are EBS ("Amazon
+# Elastic Block Store", Nitro), only those count.
 find_unused_disk() {
-  local disk found=()
+  local disk model found=() ebs=()
   while read -r disk; do
     if [[ $(lsblk -no NAME "$disk" | wc -l) -eq 1 ]] && [[ -z $(lsblk -no MOUNTPOINT "$disk" | tr -d '[:space:]') ]]; then
-      found+=("$disk")
+      model=$(lsblk -dno MODEL "$disk" | sed 's/[[:space:]]*$//')
+      case $model in
+        "Amazon EC2 NVMe Instance Storage"*) say "skipping $disk: instance store, lost on stop" ;;
+        "Amazon Elastic Block Store"*) ebs+=("$disk"); found+=("$disk") ;;
+        *) found+=("$disk") ;;
+      esac
     fi
   done < <(lsblk -dpno NAME,TYPE | awk '$2 == "disk" {print $1}')
+  if (( ${#ebs[@]} > 0 )); then found=("${ebs[@]}"); fi
   (( ${#found[@]} == 1 )) || die "found ${#found[@]} unused disks (${found[*]:-none}): set EBS_DEVICE or EBS_VOLUME_ID"
   echo "${found[0]}"
 }
@@ -216,7 +227,10 @@ Description=ResNet training (resumes from the newest checkpoint)
 Wants=network-online.target
 After=network-online.target
 RequiresMountsFor=$MOUNT_POINT
-StartLimitIntervalSec=0
+# A failure that repeats (bad config, broken install) stops after 5 starts in an hour instead
+# of restarting forever; \`systemctl reset-failed resnet-train\` then start it again.
+StartLimitIntervalSec=3600
+StartLimitBurst=5
 
 [Service]
 Type=simple

@@ -19,14 +19,19 @@ need() {
   done
 }
 
+# need_int NAME VALUE: decimal, no leading zero (bash arithmetic reads 08 as bad octal).
 need_int() {
-  [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a non-negative integer, got '$2'"
+  [[ "$2" =~ ^(0|[1-9][0-9]*)$ ]] || die "$1 must be a non-negative integer, got '$2'"
 }
 
 # count_gpus VAR: the GPUs nvidia-smi lists, for when the variable VAR was not given.
 count_gpus() {
   command -v nvidia-smi >/dev/null 2>&1 || die "$1 is not set and nvidia-smi is not found"
-  nvidia-smi -L | grep -c '^GPU'
+  local n
+  # grep -c prints 0 but fails when nothing matches: under pipefail that would end silently.
+  n=$(nvidia-smi -L | grep -c '^GPU') || true
+  [[ "${n:-0}" -gt 0 ]] || die "$1 is not set and nvidia-smi lists no GPU"
+  echo "$n"
 }
 
 check_overrides() {

@@ -7,6 +7,7 @@ To add a subcommand: write `_add_<name>(sub)` that registers its parser with
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -127,9 +128,13 @@ def _train(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         from resnet.train.checkpoint import CheckpointMismatch
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
         from resnet.train.trainer import TrainingError, train
 
-        final = train(cfg)
+        # Library log lines print above the progress bar, not glued to its line.
+        with logging_redirect_tqdm(loggers=[logging.root, logging.getLogger("DeepSpeed")]):
+            final = train(cfg)
     except (ConfigError, SetupError) as exc:
         print(f"resnet train: error: {exc}", file=sys.stderr)
         return 2
@@ -182,11 +187,19 @@ def _add_eval(sub) -> None:
 
 
 def _quickstart(args: argparse.Namespace) -> int:
+    import shlex
+    import subprocess
     from pathlib import Path
 
     from resnet.quickstart import quickstart
 
-    quickstart(Path(args.dir), processes=args.processes, overrides=args.overrides)
+    try:
+        quickstart(Path(args.dir), processes=args.processes, overrides=args.overrides,
+                   verbose=args.verbose)
+    except subprocess.CalledProcessError as exc:
+        print(f"resnet quickstart: `{shlex.join(exc.cmd)}` failed (exit status "
+              f"{exc.returncode})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -195,6 +208,8 @@ def _add_quickstart(sub) -> None:
                        "(DeepSpeed on CPU), evaluate: the whole product in ~2 minutes")
     p.add_argument("--dir", default="runs/quickstart", help="where everything goes")
     p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--verbose", action="store_true", help="show the libraries' output too "
+                   "(also RESNET_LOG_LEVEL=debug); it always goes to RUN_DIR/console.log")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training overrides")
     p.set_defaults(handler=_quickstart)
 
@@ -349,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from resnet.logs import configure
+
+    configure()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):

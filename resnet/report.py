@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-METRICS_FILE = "metrics.jsonl"
+from resnet.runfiles import METRICS_FILE
+
 DEFAULT_PNG = "report.png"
 
 # (panel title, y label, [(metric key, legend label), ...]); panels with no data are left blank.
@@ -26,10 +27,9 @@ class ReportError(RuntimeError):
     """The run directory has nothing to draw; the message says what is missing."""
 
 
-def read_metrics(path: Path) -> tuple[dict[str, dict[int, float]], int]:
-    """{metric: {step: value}} from a jsonl file (later lines win), and the bad-line count."""
+def read_metrics(path: Path) -> dict[str, dict[int, float]]:
+    """{metric: {step: value}} from a jsonl file (later lines win; unreadable lines skipped)."""
     series: dict[str, dict[int, float]] = {}
-    bad = 0
     with open(path) as f:
         for line in f:
             if not line.strip():
@@ -38,12 +38,11 @@ def read_metrics(path: Path) -> tuple[dict[str, dict[int, float]], int]:
                 record = json.loads(line)
                 step = int(record["step"])
             except (ValueError, KeyError, TypeError):
-                bad += 1  # e.g. the last line of a run killed mid-write
-                continue
+                continue  # e.g. the last line of a run killed mid-write
             for key, value in record.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     series.setdefault(key, {})[step] = float(value)
-    return series, bad
+    return series
 
 
 def _load(run_dir: Path) -> dict[str, dict[int, float]]:
@@ -51,7 +50,7 @@ def _load(run_dir: Path) -> dict[str, dict[int, float]]:
     if not path.is_file():
         raise ReportError(f"no {METRICS_FILE} in {run_dir}: is this a run directory (run.dir) "
                           "of a run that has logged at least one step?")
-    series, _bad = read_metrics(path)
+    series = read_metrics(path)
     series.pop("step", None)
     series.pop("time", None)
     if not series:

@@ -11,11 +11,18 @@ def test_help_lists_subcommands(capsys):
 
 
 def test_env_prints_versions_and_devices():
+    import importlib.metadata
+
+    import torch
+
     out = subprocess.run([sys.executable, "-m", "resnet", "env"], capture_output=True,
                          text=True, check=True).stdout
+    lines = out.splitlines()
     for name in ("torch", "torchvision", "accelerate", "deepspeed", "webdataset", "wandb"):
-        assert name in out
-    assert "cuda" in out or "CUDA" in out
+        assert f"{name:<12} {importlib.metadata.version(name)}" in lines, out
+    assert f"cuda build   {torch.version.cuda or 'none'}" in lines
+    devices = [line for line in lines if line.startswith(("cuda:", "devices "))]
+    assert len(devices) == max(1, torch.cuda.device_count()), out
 
 
 def test_console_script_help():

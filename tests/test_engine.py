@@ -46,9 +46,23 @@ def test_a_user_deepspeed_json_is_the_base_and_its_autos_are_filled(tmp_path):
 
 
 def test_shipped_deepspeed_jsons_load():
-    for name in ("zero0", "zero1"):
-        cfg = load_config([], [f"deepspeed.config_file=configs/deepspeed/{name}.json"])
-        assert deepspeed_config(cfg, _layout(1, 1))["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
+    """Each shipped JSON is the base of the config: its own settings survive, its "auto"s are
+    filled, and the stage in the file is the one its name says."""
+    def autos(d):
+        return [k for k, v in d.items() if v == "auto" or isinstance(v, dict) and autos(v)]
+
+    for stage in (0, 1):
+        path = f"configs/deepspeed/zero{stage}.json"
+        shipped = json.loads(open(path).read())
+        assert shipped["zero_optimization"]["stage"] == stage
+        cfg = load_config([], [f"deepspeed.config_file={path}", f"deepspeed.zero_stage={stage}",
+                               "train.precision=bf16", "train.batch_size=8"])
+        ds = deepspeed_config(cfg, _layout(8, 3, 2))
+        assert autos(shipped) and not autos(ds)
+        assert ds["train_batch_size"] == 48
+        for key, value in shipped.items():
+            if value != "auto":
+                assert ds[key] == value, key
 
 
 def test_fp16_needs_zero0_and_a_missing_json_is_named(tmp_path):

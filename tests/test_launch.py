@@ -227,3 +227,88 @@ def test_accelerate_configs_load(name):
 
     cfg = load_config_from_file(str(REPO / "configs/accelerate" / name))
     assert cfg.distributed_type in ("MULTI_GPU", "DEEPSPEED")
+
+
+def test_no_gpu_is_a_clear_error(tmp_path, config):
+    """nvidia-smi present but listing no GPU: `grep -c` fails under pipefail; say so."""
+    _fake(tmp_path / "bin", "nvidia-smi", 'echo "No devices were found"; exit 6\n')
+    result = _run("single_node.sh", config, path_prepend=tmp_path / "bin")
+    assert result.returncode == 2
+    assert "NUM_GPUS is not set and nvidia-smi lists no GPU" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["08", "1x", "-1", ""])
+def test_integers_are_plain_decimals(config, value):
+    result = _run("multi_node.sh", config, NUM_MACHINES="2", MACHINE_RANK=value,
+                  MAIN_ADDR="h", GPUS_PER_NODE="8")
+    assert result.returncode == 2
+    assert (f"MACHINE_RANK must be a non-negative integer, got '{value}'" in result.stderr
+            or "MACHINE_RANK is not set" in result.stderr), result.stderr
+    assert "value too great for base" not in result.stderr
+
+
+def test_slurm_integers_are_plain_decimals(config):
+    result = _run("slurm.sbatch", config, MAIN_ADDR="gpu07", MAX_RESTARTS="08", **SLURM_ENV)
+    assert result.returncode == 2
+    assert "MAX_RESTARTS must be a non-negative integer, got '08'" in result.stderr
+
+
+def _ec2_functions(tmp_path) -> Path:
+    """The bootstrap script without its last line (`main "$@"`), to call one function."""
+    text = (LAUNCH / "ec2_bootstrap.sh").read_text()
+    assert text.rstrip().endswith('main "$@"')
+    lib = tmp_path / "ec2_functions.sh"
+    lib.write_text(text.rstrip()[: -len('main "$@"')])
+    return lib
+
+
+def test_ec2_env_file_is_never_readable_by_others(tmp_path):
+    """The file with the W&B key exists with mode 600 before its chmod, whatever the umask."""
+    log = tmp_path / "modes.log"
+    _fake(tmp_path / "bin", "chmod", f'stat -c %a "$2" >> {log}\nexec /bin/chmod "$@"\n')
+    target = tmp_path / "etc" / "train.env"
+    script = f'umask 022; source {_ec2_functions(tmp_path)}; DRY_RUN=0; ' \
+             f'write_file {target} 600 <<<"WANDB_API_KEY=secret"'
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert log.read_text().split() == ["600"]
+    assert oct(target.stat().st_mode & 0o777) == "0o600"
+    assert target.read_text() == "WANDB_API_KEY=secret\n"
+
+
+def test_ec2_unit_stops_restarting_a_repeated_failure(config):
+    out = _run("ec2_bootstrap.sh", config, **EC2_ENV).stdout
+    unit = out[out.index("resnet-train.service (mode 644)"):]
+    unit = unit[: unit.index("+ end of")]
+    assert "StartLimitIntervalSec=3600" in unit and "StartLimitBurst=5" in unit
+    assert "StartLimitIntervalSec=0" not in unit
+    assert "systemctl reset-failed resnet-train" in unit
+
+
+# lsblk on a Nitro instance: root disk, an instance-store NVMe and the EBS data volume.
+FAKE_LSBLK = r'''
+case "$*" in
+  "-dpno NAME,TYPE") printf '/dev/nvme0n1 disk\n/dev/nvme1n1 disk\n/dev/nvme2n1 disk\n' ;;
+  "-no NAME /dev/nvme0n1") printf 'nvme0n1\nnvme0n1p1\n' ;;
+  "-no NAME "*) echo "${3#/dev/}" ;;
+  "-no MOUNTPOINT /dev/nvme0n1") printf '\n/\n' ;;
+  "-no MOUNTPOINT "*) echo ;;
+  "-dno MODEL /dev/nvme1n1") echo "Amazon EC2 NVMe Instance Storage        " ;;
+  "-dno MODEL /dev/nvme2n1") echo "Amazon Elastic Block Store              " ;;
+  *) echo "fake lsblk: unexpected $*" >&2; exit 1 ;;
+esac
+'''
+
+
+def test_ec2_never_picks_an_instance_store_disk(tmp_path, config):
+    _fake(tmp_path / "bin", "lsblk", FAKE_LSBLK)
+    env = dict(EC2_ENV, EBS_DEVICE="")
+    result = _run("ec2_bootstrap.sh", config, path_prepend=tmp_path / "bin", **env)
+    assert result.returncode == 0, result.stderr
+    assert "data volume: /dev/nvme2n1" in result.stderr
+    assert "skipping /dev/nvme1n1: instance store" in result.stderr
+    alone = FAKE_LSBLK.replace("/dev/nvme2n1 disk\\n", "")
+    _fake(tmp_path / "bin", "lsblk", alone)
+    result = _run("ec2_bootstrap.sh", config, path_prepend=tmp_path / "bin", **env)
+    assert result.returncode == 2 and "found 0 unused disks" in result.stderr

@@ -11,7 +11,8 @@ from accelerate import Accelerator
 
 from resnet.config import load_config, to_dict
 from resnet.train import metrics
-from resnet.train.progress import ProgressBar, RateLimitedLogger
+from resnet.logs import RateLimitedLogger
+from resnet.train.progress import ProgressBar
 from wandb_records import read_run, run_files
 
 

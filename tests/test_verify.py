@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import tarfile
 from dataclasses import replace
 
 import pytest
@@ -32,16 +33,19 @@ def _flip_byte(path: str, offset: int) -> None:
 
 def _replace_shard(dest: str, split: str, index: int, samples: list[dict]) -> None:
     """Write a new shard in place of one and fix its manifest entry, so only content differs."""
-    manifest = load_manifest(dest)
-    info = manifest.split(split).shards[index]
     buf = io.BytesIO()
     with TarWriter(buf, encoder=False, mtime=0) as tar:
         for s in samples:
             tar.write(s)
-    data = buf.getvalue()
+    _replace_shard_bytes(dest, split, index, buf.getvalue(), len(samples))
+
+
+def _replace_shard_bytes(dest: str, split: str, index: int, data: bytes, samples: int) -> None:
+    manifest = load_manifest(dest)
+    info = manifest.split(split).shards[index]
     storage.write_bytes(storage.join(dest, info.name), data)
     shards = list(manifest.split(split).shards)
-    shards[index] = ShardInfo(info.name, len(samples), len(data), hashlib.sha256(data).hexdigest())
+    shards[index] = ShardInfo(info.name, samples, len(data), hashlib.sha256(data).hexdigest())
     splits = dict(manifest.splits)
     splits[split] = replace(manifest.split(split), shards=tuple(shards))
     fixed = replace(manifest, splits=splits)
@@ -84,7 +88,8 @@ def test_label_out_of_range_and_missing_member(packed):
 
 def test_decode_catches_what_the_header_check_cannot(packed):
     jpg = synthetic.encode_jpeg(synthetic.class_image(0, 3, (64, 64)))
-    broken = jpg[:300] + bytes(len(jpg) - 302) + b"\xff\xd9"  # header fine, scan data zeroed
+    scan = jpg.index(b"\xff\xda") + 14  # the scan's data starts after its 3-component header
+    broken = jpg[:scan + 40]  # headers whole, the image data cut short
     _replace_shard(packed, "val", 0, [{"__key__": "z", "jpg": broken, "cls": b"0"}])
     assert verify(packed, progress=False).ok
     problems = verify(packed, decode=True, progress=False).problems
@@ -112,3 +117,41 @@ def test_verify_on_s3_catches_corruption(s3_server, tiny_imagefolder):
     data[2000] ^= 0xFF
     storage.write_bytes(url, bytes(data))
     assert any("train-000000.tar" in p for p in verify(dest, progress=False).problems)
+
+
+def test_webdataset_reads_the_manifests_samples(packed):
+    """The reference reader of `verify --decode` agrees with a plain webdataset.WebDataset."""
+    import webdataset as wds
+
+    from resnet.data.verify import webdataset_samples
+
+    for info in load_manifest(packed).split("train").shards:
+        path = os.path.join(packed, info.name)
+        plain = [(s["__key__"], {k for k in s if not k.startswith("__")})
+                 for s in wds.WebDataset(path, shardshuffle=False, empty_check=False)]
+        assert webdataset_samples(path) == plain
+        assert len(plain) == info.samples and all({"jpg", "cls"} <= exts for _, exts in plain)
+
+
+def test_decode_reads_each_shard_as_webdataset_does(packed):
+    """Members of one sample that are not consecutive: a reader by key sees 2 complete samples,
+    webdataset (and the training loader) sees 4 halves. Only the webdataset read catches it."""
+    jpg = synthetic.encode_jpeg(synthetic.class_image(0, 3, (16, 16)))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in [("a.jpg", jpg), ("b.jpg", jpg), ("a.cls", b"0"), ("b.cls", b"1")]:
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    _replace_shard_bytes(packed, "val", 0, buf.getvalue(), samples=2)
+    assert verify(packed, progress=False).ok
+    problems = verify(packed, decode=True, progress=False).problems
+    assert any("val-000000.tar: webdataset reads 4 samples, manifest says 2" in p
+               for p in problems), problems
+    assert any("webdataset's sample #0 'a' has no .cls" in p for p in problems), problems
+
+
+def test_upper_case_extension_is_reported(packed):
+    jpg = synthetic.encode_jpeg(synthetic.class_image(0, 3, (16, 16)))
+    _replace_shard(packed, "val", 0, [{"__key__": "u", "JPG": jpg, "cls": b"0"}])
+    assert any("sample 'u' has no .jpg" in p for p in verify(packed, progress=False).problems)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,8 +43,21 @@ class ManifestError(ValueError):
     """The manifest is missing, unreadable or inconsistent."""
 
 
+SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{6})\.tar$")  # shard_name's
+
+
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """WebDataset's key/extension split of a member name: the key ends at the first dot of the
+    basename. The extension keeps its case (readers lower it; `resnet verify` reports it)."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1:]
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,6 @@ import io
 import json
 import os
 import random
-import re
 import shutil
 import sys
 import tarfile
@@ -49,13 +48,12 @@ from PIL import Image
 
 from resnet.data import storage
 from resnet.data.format import (
-    FORMAT_VERSION, IMAGE_EXT, LABEL_EXT, MANIFEST_NAME, META_EXT, Manifest, ShardInfo, SplitInfo,
-    shard_name)
+    FORMAT_VERSION, IMAGE_EXT, LABEL_EXT, MANIFEST_NAME, META_EXT, SHARD_RE, Manifest, ShardInfo,
+    SplitInfo, shard_name)
 from resnet.data.layouts import Listing, Sample, list_source
 
 STATE_DIR = ".pack-state"
 PACKER_VERSION = 1  # bump when the bytes written for the same input change
-_SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-\d{6}\.tar$")
 _EOI_TAIL = 4096  # bytes at the end of a JPEG searched for the end-of-image marker
 
 
@@ -277,7 +275,7 @@ def _prepare_dest(dest: str, plans: list[ShardPlan], splits: list[str]) -> None:
         os.makedirs(dest, exist_ok=True)
     planned = {p.name for p in plans}
     for name in storage.listdir(dest) if storage.exists(dest) else []:
-        m = _SHARD_RE.match(name)
+        m = SHARD_RE.match(name)
         stale_shard = m and m.group("split") in splits and name not in planned
         if stale_shard or (name.startswith(".") and name.endswith(".partial")):
             storage.remove(storage.join(dest, name))

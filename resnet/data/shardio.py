@@ -19,6 +19,7 @@ import time
 from typing import Callable, Iterator
 
 from resnet.data import storage
+from resnet.data.format import split_name
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +33,6 @@ class ShardError(RuntimeError):
 
 class _Interrupted(Exception):
     """The stream ended or failed in the middle; reopen at the current member."""
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """WebDataset's key/extension split: the key ends at the first dot of the basename."""
-    slash = name.rfind("/") + 1
-    dot = name.find(".", slash)
-    if dot < 0:
-        return name, ""
-    return name[:dot], name[dot + 1:].lower()
 
 
 def _pax_path(data: bytes) -> str | None:
@@ -156,6 +148,7 @@ def _walk(cursor: _Cursor, state: dict, needed: set[int], last: int):
         if name is None:  # end of archive
             break
         key, ext = split_name(name)
+        ext = ext.lower()
         if key != state["key"]:
             if state["index"] in needed:
                 yield state["index"], state["key"], state["files"]

@@ -22,7 +22,6 @@ decoded or augmented.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Optional
 
@@ -35,6 +34,7 @@ from resnet.data import plan as P
 from resnet.data import storage
 from resnet.data.augment import AugmentParams
 from resnet.data.shardio import ShardError, read_samples
+from resnet.logs import RateLimitedLogger, rank_from_env
 
 log = logging.getLogger(__name__)
 
@@ -63,22 +63,6 @@ class Batch:
 
 class CorruptSample(ValueError):
     pass
-
-
-class RateLimitedLog:
-    """At most one warning per `interval` seconds, with the count of those held back."""
-
-    def __init__(self, interval: float = 10.0):
-        self.interval, self.last, self.held = interval, -float("inf"), 0
-
-    def warn(self, msg: str, *args) -> None:
-        now = time.monotonic()  # the clock only paces logging, never data
-        if now - self.last < self.interval:
-            self.held += 1
-            return
-        extra = f" ({self.held} more since the last report)" if self.held else ""
-        log.warning(msg + extra, *args)
-        self.last, self.held = now, 0
 
 
 @dataclass(frozen=True)
@@ -134,7 +118,7 @@ def _prepare(key: str, files: dict[str, bytes], job: _Job):
     return A.cpu_eval(img, p), label
 
 
-def _samples(job: _Job, positions, log_: RateLimitedLog) -> Iterator[tuple[str, object]]:
+def _samples(job: _Job, positions, log_: RateLimitedLogger) -> Iterator[tuple[str, object]]:
     """(key, (payload, label) or None for a corrupt/missing sample), in position order."""
     for shard, indices in job.order.reads(positions):
         info = job.shards[shard]
@@ -153,8 +137,8 @@ def _samples(job: _Job, positions, log_: RateLimitedLog) -> Iterator[tuple[str, 
             if index in pending:  # read, but held behind a missing one in the shuffled order
                 yield _one(url, index, *pending.pop(index), job, log_)
                 continue
-            log_.warn("shard %s: sample %d is missing (the shard is shorter than its manifest "
-                      "says); skipped", url, index)
+            log_.warning(f"shard {url}: sample {index} is missing (the shard is shorter than "
+                         f"its manifest says); skipped", key="sample")
             yield f"{info.name}#{index}", None
 
 
@@ -162,7 +146,8 @@ def _one(url, index, key, files, job, log_):
     try:
         return key, _prepare(key, files, job)
     except CorruptSample as exc:
-        log_.warn("shard %s: corrupt sample %s (#%d): %s; skipped", url, key, index, exc)
+        log_.warning(f"shard {url}: corrupt sample {key} (#{index}): {exc}; skipped",
+                     key="sample")
         return key, None
 
 
@@ -197,7 +182,7 @@ class _EpochStream(IterableDataset):
 
 
 def _batches(job: _Job, positions, sizes: tuple[int, ...]) -> Iterator[Batch]:
-    log_ = RateLimitedLog()
+    log_ = RateLimitedLogger(rank_from_env(), every_s=10.0)  # one key: at most 1 line / 10 s
     items: list = []
     produced = 0
     for item in _samples(job, positions, log_):

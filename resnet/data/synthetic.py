@@ -53,7 +53,7 @@ class SyntheticTree:
 # ----------------------------------------------------------------------------- pixels
 
 
-def _class_params(label: int, num_classes: int) -> tuple[tuple[float, float, float], float, float]:
+def _class_params(label: int) -> tuple[tuple[float, float, float], float, float]:
     # Golden-ratio spacing keeps hues and angles of neighbouring classes far apart.
     hue = (label * GOLDEN) % 1.0
     color = colorsys.hsv_to_rgb(hue, 0.75, 0.9)
@@ -62,8 +62,8 @@ def _class_params(label: int, num_classes: int) -> tuple[tuple[float, float, flo
     return color, angle, freq
 
 
-def _stripes(label: int, num_classes: int, w: int, h: int, rng: np.random.Generator):
-    color, angle, freq = _class_params(label, num_classes)
+def _stripes(label: int, w: int, h: int, rng: np.random.Generator):
+    color, angle, freq = _class_params(label)
     angle += rng.uniform(-0.15, 0.15)
     freq *= rng.uniform(0.8, 1.25)  # scale jitter
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) / float(min(w, h))
@@ -74,10 +74,13 @@ def _stripes(label: int, num_classes: int, w: int, h: int, rng: np.random.Genera
 
 
 def class_image(label: int, num_classes: int, size=(64, 64), rng=None) -> np.ndarray:
-    """A (H, W, 3) uint8 image of class ``label``: stripes in the class hue plus noise."""
+    """A (H, W, 3) uint8 image of class ``label``: stripes in the class hue plus noise.
+
+    Classes are spaced by the golden ratio, so ``num_classes`` (the makers' common signature)
+    does not change the image."""
     rng = rng if rng is not None else np.random.default_rng(label)
     w, h = size
-    img = _stripes(label, num_classes, w, h, rng)
+    img = _stripes(label, w, h, rng)
     img += rng.normal(0.0, 14.0, size=img.shape).astype(np.float32)
     return np.clip(img, 0, 255).astype(np.uint8)
 
@@ -97,7 +100,7 @@ def realistic_image(label: int, num_classes: int, size=(500, 375), rng=None) -> 
     """
     rng = rng if rng is not None else np.random.default_rng(label)
     w, h = size
-    img = _stripes(label, num_classes, w, h, rng) * 0.7
+    img = _stripes(label, w, h, rng) * 0.7
     for cells, amp in ((4, 90.0), (16, 50.0), (64, 60.0), (160, 60.0)):
         img += amp * _coarse_noise(rng, w, h, cells)
     img += rng.normal(0.0, 19.0, size=img.shape).astype(np.float32)  # sensor grain

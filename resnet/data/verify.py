@@ -4,13 +4,18 @@ Per shard: byte size and sha256 (hashed while streaming, so one read serves ever
 number of samples, that each sample has a ``.jpg`` and a ``.cls``, that the ``.jpg`` is a JPEG
 (header: format and an RGB or grayscale mode), that the label is in range, and that keys are
 unique within the split. ``decode=True`` also decodes every image with PIL and with
-``torchvision.io.decode_jpeg`` (the CPU path of the decoder the GPU pipeline uses).
+``torchvision.io.decode_jpeg`` (the CPU path of the decoder the GPU pipeline uses), and reads
+every shard a second time with webdataset's own tar reader and key grouping (the stages of
+``webdataset.WebDataset``, fed by our storage streams so that s3:// and http(s):// work too) as
+an independent reference: the samples it sees must be the manifest's count, each with a
+``.jpg`` and a ``.cls``; this is what another WebDataset user of the shards would get.
 Problems are collected, not raised, so one run names every mismatch.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import re
 import sys
 import tarfile
@@ -21,10 +26,8 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from resnet.data import storage
-from resnet.data.format import IMAGE_EXT, LABEL_EXT, Manifest, ShardInfo, load_manifest
-
-_MEMBER_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # WebDataset's key/extension split
-_SHARD_RE = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.tar$")
+from resnet.data.format import (
+    IMAGE_EXT, LABEL_EXT, SHARD_RE, Manifest, ShardInfo, load_manifest, split_name)
 
 
 @dataclass
@@ -90,8 +93,39 @@ def _decoder(decode: bool):
     return check
 
 
-def check_shard(url: str, info: ShardInfo, num_classes: int, labelled: bool, check_image
-                ) -> ShardReport:
+def webdataset_samples(url: str) -> list[tuple[str, set[str]]]:
+    """(key, extensions) of each sample as webdataset reads the shard: its tar expander and
+    key grouping (consecutive members sharing a key), fed by our storage streams."""
+    import webdataset as wds
+
+    def opened(urls):
+        for item in urls:
+            with storage.open_read(item["url"]) as stream:
+                yield {**item, "stream": stream}
+
+    pipeline = wds.DataPipeline(wds.SimpleShardList([url]), opened,
+                                wds.tariterators.tar_file_expander,
+                                wds.tariterators.group_by_keys)
+    return [(s["__key__"], {k for k in s if not k.startswith("__")}) for s in pipeline]
+
+
+def _check_with_webdataset(url: str, info: ShardInfo, report: ShardReport) -> None:
+    try:
+        samples = webdataset_samples(url)
+    except Exception as exc:  # noqa: BLE001  (whatever webdataset raises is the finding)
+        report.problems.append(f"{info.name}: webdataset cannot read it: {exc}")
+        return
+    if len(samples) != info.samples:
+        report.problems.append(f"{info.name}: webdataset reads {len(samples)} samples, manifest "
+                               f"says {info.samples} (are each sample's members consecutive?)")
+    incomplete = [(i, key, ext) for i, (key, exts) in enumerate(samples)
+                  for ext in (IMAGE_EXT, LABEL_EXT) if ext not in exts]
+    for i, key, ext in itertools.islice(incomplete, 3):
+        report.problems.append(f"{info.name}: webdataset's sample #{i} {key!r} has no .{ext}")
+
+
+def check_shard(url: str, info: ShardInfo, num_classes: int, labelled: bool, check_image,
+                reference: bool = False) -> ShardReport:
     report = ShardReport(info.name)
     members: dict[str, set[str]] = {}
     try:
@@ -121,17 +155,18 @@ def check_shard(url: str, info: ShardInfo, num_classes: int, labelled: bool, che
     if len(members) != info.samples:
         report.problems.append(f"{info.name}: {len(members)} samples, manifest says "
                                f"{info.samples}")
+    if reference:
+        _check_with_webdataset(url, info, report)
     return report
 
 
 def _check_member(tar, member, members, num_classes, labelled, check_image, report) -> None:
     if not member.isfile():
         return
-    m = _MEMBER_RE.match(member.name)
-    if not m:
+    key, ext = split_name(member.name)
+    if not ext or key.endswith("/") or not key:
         report.problems.append(f"{report.name}: member {member.name!r} has no key.extension name")
         return
-    key, ext = m.groups()
     members.setdefault(key, set()).add(ext)
     data = tar.extractfile(member).read()
     where = f"{report.name}: {member.name}"
@@ -162,7 +197,7 @@ def verify(dest: str, decode: bool = False, workers: int = 4, progress: bool = T
         split, info = job
         labelled = manifest.splits[split].labelled
         return split, check_shard(storage.join(dest, info.name), info, manifest.num_classes,
-                                  labelled, check_image)
+                                  labelled, check_image, reference=decode)
 
     total = sum(info.samples for _, info in jobs)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, tqdm(
@@ -182,7 +217,7 @@ def _warnings(dest: str, manifest: Manifest) -> list[str]:
     listed = {info.name for s in manifest.splits.values() for info in s.shards}
     # http(s) has no listing: only the manifest's shards can be checked there.
     names = [] if dest.startswith(("http://", "https://")) else storage.listdir(dest)
-    extra = [n for n in names if _SHARD_RE.match(n) and n not in listed]
+    extra = [n for n in names if SHARD_RE.match(n) and n not in listed]
     warnings = [f"{len(extra)} shard file(s) not in the manifest (ignored by readers): "
                 f"{extra[:5]}"] if extra else []
     if manifest.skipped:

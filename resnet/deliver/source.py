@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 
 from resnet.data.augment import AugmentParams
-from resnet.model import ARCHS, Bottleneck, ResNet, build_model
+from resnet.model import ARCHS, ResNet, build_model
+from resnet.runfiles import METRICS_FILE
 from resnet.train.checkpoint import find_latest, read_state
 from resnet.train.evaluate import (CLASSES_FILE, WEIGHTS_FILE, load_weights, run_config,
                                    run_dir_of)
 
 HUB_PREFIX = "hf-hub:"
 HUB_CONFIG = "config.json"
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -61,15 +61,14 @@ class Trained:
 
 
 def infer_arch(state: dict[str, torch.Tensor]) -> str:
-    """The architecture from the state dict alone (blocks per stage, bottleneck or not), for
-    weights that travel without their run's config.yaml."""
-    bottleneck = "layer1.0.conv3.weight" in state
-    blocks = [len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")})
-              for i in range(1, 5)]
-    for name, (block, layers) in ARCHS.items():
-        if (block is Bottleneck) == bottleneck and layers == blocks:
-            return name
-    raise ValueError(f"the weights are no ResNet this package builds (blocks per stage {blocks})")
+    """The architecture whose state-dict keys the weights have, for weights that travel
+    without their run's config.yaml (each candidate is built on the meta device: no memory)."""
+    with torch.device("meta"):
+        for name in ARCHS:
+            if build_model(name).state_dict().keys() == state.keys():
+                return name
+    raise ValueError(f"the weights are no ResNet this package builds ({len(state)} tensors, "
+                     f"first {next(iter(state), 'none')!r})")
 
 
 def last_val_metrics(run_dir: Path | None) -> dict:

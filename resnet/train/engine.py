@@ -1,6 +1,6 @@
 """Accelerate + DeepSpeed (or DDP) set-up. Every CPU/GPU and engine difference lives here.
 
-Measured on an H200 (see docs/gpu.md and ../shared/GUIDE.md): DeepSpeed crashes with
+Measured on an H200 (see docs/gpu.md): DeepSpeed crashes with
 channels_last *weights* and with its own bf16 module cast (BatchNorm running stats), so under
 DeepSpeed precision comes from its ``torch_autocast`` section and only the *input* is
 channels_last; plain DDP takes channels_last weights and input.
@@ -143,7 +143,7 @@ def make_accelerator(*, use_deepspeed: bool = False, **kwargs):
         # Without cpu=True Accelerate leaves several CPU processes undistributed (type NO: no
         # gradient sync); with it, it drops DeepSpeed, which on CPU finds gloo by itself.
         cpu=not on_gpu and not use_deepspeed,
-        # Without the explicit gloo kwarg on CPU, Accelerate reports one process (GUIDE.md).
+        # Without the explicit gloo kwarg on CPU, Accelerate reports one process (measured).
         kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timeout)],
         **kwargs,
     )
@@ -217,7 +217,9 @@ def _init_elastic_process_group(backend: str, timeout: timedelta) -> None:
               "admit a node that joins later; launch/elastic.sh sets it", flush=True)
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                           is_master=False, timeout=timeout)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    from resnet.train.metrics import restart_count
+
+    attempt = restart_count()
     dist.init_process_group(backend, store=dist.PrefixStore(f"resnet/attempt_{attempt}", store),
                             rank=int(os.environ["RANK"]),
                             world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)

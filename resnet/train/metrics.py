@@ -22,9 +22,9 @@ from urllib.parse import urlparse
 
 import torch
 
-from resnet.train.progress import RateLimitedLogger
+from resnet.logs import RateLimitedLogger, verbose
+from resnet.runfiles import METRICS_FILE
 
-METRICS_FILE = "metrics.jsonl"
 RUN_ID_FILE = "wandb_run_id"
 WANDB_TRACKER = "wandb"
 # wandb.init blocks up to init_timeout when the server is unreachable, and finish() blocks
@@ -188,7 +188,9 @@ class RunLogger:
     def _init_kwargs(self, mode: str) -> dict:
         import wandb
 
-        settings = {"finish_timeout": FINISH_TIMEOUT_S}
+        # quiet: no start banner and no run summary on the console (our own line says where
+        # the run is); RESNET_LOG_LEVEL=debug brings them back.
+        settings = {"finish_timeout": FINISH_TIMEOUT_S, "quiet": not verbose()}
         if "WANDB_INIT_TIMEOUT" not in os.environ:  # let the user's own setting win
             settings["init_timeout"] = INIT_TIMEOUT_S
         return {WANDB_TRACKER: {

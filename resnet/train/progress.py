@@ -1,79 +1,24 @@
-"""What a person watching the terminal sees: rank-tagged, rate-limited log lines and a progress bar.
+"""What a person watching the terminal sees: a progress bar, and (resnet.logs) rank-tagged,
+rate-limited log lines.
 
 Only the main process shows a bar and info lines; the other ranks stay quiet unless something
 goes wrong (warnings and errors), so an 8 x 8 GPU job does not print 64 copies of every line.
-Everything goes through `tqdm.write`, which prints above an active bar instead of through it.
+Log lines go through `tqdm.write`, which prints above an active bar instead of through it.
 """
 from __future__ import annotations
 
+import os
 import sys
-import time
-from typing import Callable, TextIO
+from typing import TextIO
 
 from tqdm.auto import tqdm
 
-# Below this interval per key, repeated lines are counted instead of printed.
-DEFAULT_EVERY_S = 30.0
+
 # A bar redrawn every 0.5 s in a log file (SLURM, systemd) would fill it: redraw rarely there.
 TTY_REFRESH_S = 0.5
 FILE_REFRESH_S = 60.0
-
-
-class RateLimitedLogger:
-    """Log lines that name the rank, at most one per key per `every_s` seconds.
-
-    Rank 0 prints info and above; other ranks print warnings and above only. A line held back
-    is counted, and the next line with that key says how many were suppressed.
-    """
-
-    LEVELS = {"info": 20, "warning": 30, "error": 40}
-
-    def __init__(
-        self,
-        rank: int,
-        every_s: float = DEFAULT_EVERY_S,
-        clock: Callable[[], float] = time.monotonic,
-        stream: TextIO | None = None,
-    ) -> None:
-        self.rank = rank
-        self.every_s = every_s
-        self._clock = clock
-        self._stream = stream
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    @classmethod
-    def for_accelerator(cls, accelerator, every_s: float = DEFAULT_EVERY_S) -> "RateLimitedLogger":
-        return cls(rank=accelerator.process_index, every_s=every_s)
-
-    def info(self, message: str, key: str | None = None) -> bool:
-        return self._log("info", message, key)
-
-    def warning(self, message: str, key: str | None = None) -> bool:
-        return self._log("warning", message, key)
-
-    def error(self, message: str, key: str | None = None) -> bool:
-        return self._log("error", message, key)
-
-    def _log(self, level: str, message: str, key: str | None) -> bool:
-        """Print the line unless this rank is quiet at `level` or the key spoke recently."""
-        if self.rank != 0 and self.LEVELS[level] < self.LEVELS["warning"]:
-            return False
-        key = key or message
-        now = self._clock()
-        last = self._last.get(key)
-        if last is not None and now - last < self.every_s:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
-            return False
-        self._last[key] = now
-        held = self._suppressed.pop(key, 0)
-        suffix = f" ({held} similar lines suppressed)" if held else ""
-        stamp = time.strftime("%H:%M:%S")
-        self._emit(f"{stamp} [rank {self.rank}] {level.upper()}: {message}{suffix}")
-        return True
-
-    def _emit(self, line: str) -> None:
-        tqdm.write(line, file=self._stream or sys.stderr)
+# Set by `resnet quickstart`, which reads the output through a pipe and shows it to a person.
+TTY_ENV = "RESNET_TTY"
 
 
 class ProgressBar:
@@ -89,7 +34,8 @@ class ProgressBar:
         if not enabled:
             return
         stream = stream or sys.stderr
-        interactive = getattr(stream, "isatty", lambda: False)()
+        interactive = (getattr(stream, "isatty", lambda: False)()
+                       or os.environ.get(TTY_ENV) == "1")
         self._bar = tqdm(
             total=total_steps,
             initial=initial_step,

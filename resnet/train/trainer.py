@@ -24,7 +24,8 @@ from resnet.train.evaluate import batch_images, evaluate, export_final, normaliz
 from resnet.train.metrics import RunLogger, restart_count, system_metrics
 from resnet.train.optim import Schedule, build_optimizer, peak_lr, set_lr
 from resnet.train.preflight import RunPlan, check_resumable, preflight
-from resnet.train.progress import ProgressBar, RateLimitedLogger
+from resnet.logs import RateLimitedLogger
+from resnet.train.progress import ProgressBar
 
 
 class TrainingError(RuntimeError):
