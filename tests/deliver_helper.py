@@ -20,7 +20,7 @@ from resnet.cli import main
 from resnet.config import load_config, save_config
 from resnet.data import synthetic
 from resnet.data.format import load_manifest
-from resnet.model import build_model
+from resnet.model import build_model, forward_features, forward_head
 from resnet.train.evaluate import export_final
 
 CLASSES, SIZE, CHECKPOINT = 6, 32, "step-000000004"
@@ -49,7 +49,7 @@ def reference_inputs(paths) -> torch.Tensor:
 def _nearest_centroid(model, x: torch.Tensor) -> None:
     """fc(f) = 2 f.c_k - |c_k|^2 = |f|^2 - |f - c_k|^2: image k is closest to its own centroid."""
     with torch.no_grad():
-        feats = model.forward_head(model.forward_features(x), pre_logits=True)
+        feats = forward_head(model, forward_features(model, x), pre_logits=True)
         model.fc.weight.copy_(2 * feats)
         model.fc.bias.copy_(-(feats ** 2).sum(1))
         scale = model.fc(feats).abs().max() / 20  # logits of a trained model's size, same order
