@@ -1,13 +1,10 @@
-"""Shared fixtures: a real S3 API on loopback (moto_server) and small generated source trees."""
+"""Shared fixtures: a real S3 API on loopback (moto's server) and small generated source trees."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import subprocess
-import sys
+import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -27,25 +24,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _moto_command(port: int) -> list[str]:
-    exe = shutil.which("moto_server")
-    if exe:
-        return [exe, "-H", "127.0.0.1", "-p", str(port)]
-    return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+def _free_port_below_ephemeral() -> int:
+    """A free port under Linux's ephemeral range (32768+), which client connections take their
+    local ports from: one of them could hold ours while the server is stopped."""
+    import random
+
+    for port in random.Random().sample(range(20000, 32000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    return _free_port()
 
 
 class MotoServer:
-    """A `moto_server` process on a fixed loopback port that can be stopped and started again.
+    """moto's S3 server on a fixed loopback port, in a thread of the test process, that can be
+    stopped (connections refused) and started again on the same endpoint.
 
-    `stop()` keeps the buckets' objects (read out before the process ends) and `start()` puts
-    them back, so a test can cut the store off mid-stream and restore it on the same endpoint.
+    moto keeps its buckets in this process's memory, so they outlive a stop: a started server
+    serves them from its first request (a `moto_server` process would have to be refilled
+    after it listens, and a client retrying in between would see its buckets missing).
     """
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = _free_port_below_ephemeral()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self._saved: dict[str, dict[str, bytes]] = {}
+        self._server = None
+        self._connections: set[socket.socket] = set()
 
     def _client(self):
         import boto3
@@ -55,59 +62,47 @@ class MotoServer:
             "region_name": "us-east-1"})
 
     def start(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        from moto.server import DomainDispatcherApplication, create_backend_app
+        from werkzeug.serving import make_server
+
+        if self._server is not None:
             return
-        self.proc = subprocess.Popen(
-            _moto_command(self.port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        app = DomainDispatcherApplication(create_backend_app)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
-            try:
-                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1).close()
+            try:  # bound here, so a port still held is an error here, not in the thread
+                self._server = make_server("127.0.0.1", self.port, app, threaded=True)
                 break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.terminate()
-                    raise RuntimeError(f"moto_server did not start on {self.endpoint}")
+            except (OSError, SystemExit):  # werkzeug exits when the port is taken
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"moto's server could not listen on {self.endpoint}")
                 time.sleep(0.1)
-        self._restore()
+        accept = self._server.get_request
+
+        def get_request():  # remembered, so that stop() cuts them as a dying process would
+            connection, address = accept()
+            self._connections.add(connection)
+            return connection, address
+
+        self._server.get_request = get_request
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def stop(self) -> None:
-        """End the process (connections are then refused); the data comes back on `start()`."""
-        if self.proc is None or self.proc.poll() is not None:
+        """Stop serving, cut open connections and close the port: connections are refused
+        until `start()`."""
+        if self._server is None:
             return
-        self._save()
-        self.terminate()
-
-    def terminate(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
+        self._server.shutdown()
+        self._server.server_close()
+        for connection in self._connections:
             try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-            self.proc = None
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by its handler
+        self._connections.clear()
+        self._server = None
 
-    def _save(self) -> None:
-        client = self._client()
-        self._saved = {}
-        for bucket in client.list_buckets().get("Buckets", []):
-            name = bucket["Name"]
-            objects = {}
-            for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
-                for obj in page.get("Contents", ()):
-                    body = client.get_object(Bucket=name, Key=obj["Key"])["Body"].read()
-                    objects[obj["Key"]] = body
-            self._saved[name] = objects
-
-    def _restore(self) -> None:
-        client = self._client()
-        for name, objects in self._saved.items():
-            client.create_bucket(Bucket=name)
-            for key, body in objects.items():
-                client.put_object(Bucket=name, Key=key, Body=body)
-        self._saved = {}
+    terminate = stop
 
 
 class S3Handle:
@@ -136,7 +131,7 @@ def _moto_server():
     try:
         yield server
     finally:
-        server.terminate()
+        server.stop()
 
 
 @pytest.fixture

@@ -135,12 +135,15 @@ def test_two_agents_one_killed_the_other_finishes_at_world_size_one(baseline, tm
                 "keep_alive_max_attempt=3", "--monitor-interval", "0.5",
                 "-m", "resnet", "train", *train]
 
-    first = tu.Launch(agent(), tmp_path / "agent1.txt")  # hosts the c10d store
+    # As docs/operations.md says for plain torchrun: without it, agent 2 joining after agent 1
+    # already started alone (a slow machine) makes both agents exit in their rendezvous.
+    store = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    first = tu.Launch(agent(), tmp_path / "agent1.txt", **store)  # hosts the c10d store
     second = None
     try:
         tu.wait_for(lambda: _listening(port), 60, "the c10d store", [first])
         second = tu.Launch(agent(), tmp_path / "agent2.txt", RESNET_TEST_FAULT_AFTER_STEP=6,
-                           RESNET_TEST_FAULT_HOLD=hold)
+                           RESNET_TEST_FAULT_HOLD=hold, **store)
         tu.wait_for(hold.exists, tu.RUN_TIMEOUT_S, "agent 2's worker holding after step 6",
                     [first, second])
         assert tu.checkpoints(run_dir) == ["step-000000004"]
