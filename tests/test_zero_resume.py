@@ -2,8 +2,7 @@
 
 Two processes train under ZeRO-1 (or ZeRO-2) until a SIGTERM mid-epoch (checkpoint at step 7);
 the run resumes on one process (global batch 16 = 8 x 2 accumulation) or on three (micro-batches
-5/6/5... differing by one), converts the checkpoint once, and finishes the epoch with every sample
-used once. What the resumed ranks hold right after loading (saved by the test shim's
+5, 5 and 6), converts the checkpoint once, and finishes the epoch with every sample used once. What the resumed ranks hold right after loading (saved by the test shim's
 RESNET_TEST_SAVE_AFTER_RESUME, before any step) equals the checkpoint: fp32 weights and SGD
 momentum from the ZeRO shards, module weights and BatchNorm statistics. A checkpoint written
 before checkpoints declared DeepSpeed's universal_checkpoint_info is refused, saying what works.
