@@ -4,6 +4,8 @@ Layout of ``run.dir/checkpoints/``::
 
     step-000001200/        complete checkpoints (a rename makes them visible)
         pytorch_model/ ... accelerator.save_state: model, optimizer (DeepSpeed: per-rank)
+            zero/, universal.json  ZeRO-1/2 resumed on another world size: DeepSpeed's
+                               universal checkpoint, added once (resnet/train/universal.py)
         trainer_state.json the parts' state_dicts (loader, progress, ...), written before rename
     .tmp-step-000001300/   a checkpoint being written; ignored and removed at the next start
     latest                 the name of the newest complete checkpoint, replaced atomically, last

@@ -151,15 +151,17 @@ def make_accelerator(*, use_deepspeed: bool = False, **kwargs):
     return accelerator
 
 
-def create_engine(cfg: Config, layout: MicroLayout) -> Engine:
+def create_engine(cfg: Config, layout: MicroLayout, load_universal: bool = False) -> Engine:
     from accelerate.utils import DeepSpeedPlugin
 
     use_ds = cfg.deepspeed.engine == "deepspeed"
     plugin = None
     mixed = "no"
     if use_ds:
-        plugin = DeepSpeedPlugin(
-            hf_ds_config=deepspeed_config(cfg, layout))
+        ds = deepspeed_config(cfg, layout)
+        if load_universal:  # ZeRO shards of another world size (resnet/train/universal.py)
+            ds.setdefault("checkpoint", {})["load_universal"] = True
+        plugin = DeepSpeedPlugin(hf_ds_config=ds)
     elif cfg.train.precision in AUTOCAST_DTYPES:
         mixed = cfg.train.precision
     accelerator = make_accelerator(

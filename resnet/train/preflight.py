@@ -12,6 +12,7 @@ from resnet.config import Config
 from resnet.data.augment import AugmentParams
 from resnet.data.format import Manifest, ManifestError, load_manifest
 from resnet.model import ARCHS
+from resnet.train import universal
 from resnet.train.checkpoint import find_latest, read_state
 from resnet.data.plan import MicroLayout
 from resnet.train.engine import SetupError, launched_world_size, micro_layout
@@ -25,6 +26,7 @@ class RunPlan:
     world_size: int
     global_batch: int
     layout: MicroLayout  # the global batch over this world size: micro-batches, accumulation
+    load_universal: bool = False  # resume a ZeRO-1/2 checkpoint of another world size
 
     @property
     def accumulation(self) -> int:
@@ -61,8 +63,9 @@ def _saved_progress(cfg: Config) -> tuple[Path, dict] | None:
 
 
 def check_resumable(checkpoint: Path, saved: dict, *, fingerprint: str, global_batch: int,
-                    world_size: int) -> None:
-    """Refuse, with what to do, a checkpoint this run cannot continue."""
+                    world_size: int) -> bool:
+    """Refuse, with what to do, a checkpoint this run cannot continue. True: it is ZeRO-1/2
+    of another world size, loaded through DeepSpeed's universal checkpoint (universal.py)."""
     if saved["fingerprint"] != fingerprint:
         raise SetupError(f"{checkpoint} was trained on another data set (fingerprint "
                          f"{saved['fingerprint'][:12]}, data.train has {fingerprint[:12]}); "
@@ -70,13 +73,10 @@ def check_resumable(checkpoint: Path, saved: dict, *, fingerprint: str, global_b
     if saved["global_batch"] != global_batch:
         raise SetupError(f"{checkpoint} was trained with global batch {saved['global_batch']}; "
                          f"set train.global_batch_size={saved['global_batch']}")
-    if saved["zero_stage"] > 0 and saved["world_size"] != world_size:
-        raise SetupError(
-            f"{checkpoint} holds ZeRO-{saved['zero_stage']} optimizer shards for "
-            f"{saved['world_size']} processes, and this run has {world_size}. Restart with "
-            f"{saved['world_size']} processes, or convert it with DeepSpeed's universal "
-            f"checkpoint (python -m deepspeed.checkpoint.ds_to_universal) into a new run. "
-            f"The default deepspeed.zero_stage=0 resumes on any world size.")
+    if universal.needs_conversion(saved, world_size):  # ZeRO shards of another world size
+        universal.check_convertible(checkpoint, saved, world_size)
+        return True
+    return False
 
 
 def preflight(cfg: Config, world_size: int | None = None) -> RunPlan:
@@ -103,10 +103,11 @@ def preflight(cfg: Config, world_size: int | None = None) -> RunPlan:
     global_batch = ((saved and saved[1]["global_batch"]) or cfg.train.global_batch_size
                     or cfg.train.batch_size * world_size)
     layout = micro_layout(global_batch, cfg.train.batch_size, world_size)
-    if saved:
-        check_resumable(*saved, fingerprint=train_manifest.fingerprint,
-                        global_batch=global_batch, world_size=world_size)
+    load_universal = bool(saved) and check_resumable(
+        *saved, fingerprint=train_manifest.fingerprint, global_batch=global_batch,
+        world_size=world_size)
     if global_batch > train_manifest.split("train").samples:
         raise SetupError(f"the global batch {global_batch} is larger than the training set "
                          f"({train_manifest.split('train').samples} samples)")
-    return RunPlan(train_manifest, val_manifest, num_classes, world_size, global_batch, layout)
+    return RunPlan(train_manifest, val_manifest, num_classes, world_size, global_batch, layout,
+                   load_universal)

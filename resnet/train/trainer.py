@@ -17,6 +17,7 @@ from torch import nn
 from resnet.config import Config, save_config, to_dict
 from resnet.data.stream import AugmentParams, ShardLoader
 from resnet.model import build_model
+from resnet.train import universal
 from resnet.train.audit import AuditLog, new_start_id
 from resnet.train.checkpoint import CheckpointManager, CheckpointMismatch, read_state
 from resnet.train.engine import Engine, create_engine
@@ -100,6 +101,7 @@ class Trainer:
             # wraps the compiled module as it is.
             model.compile(backend=cfg.train.compile_backend)
             self.log.info(f"model compiled (torch.compile backend {cfg.train.compile_backend})")
+        universal.declare(model)  # its ZeRO-1/2 checkpoints convert to another world size
         optimizer = build_optimizer(model, cfg.optim, plan.global_batch)
         self.model, self.optimizer = engine.accelerator.prepare(model, optimizer)
         # Summed, then scaled so that the gradient (averaged over ranks and micro-steps by
@@ -129,10 +131,12 @@ class Trainer:
         if latest is None or not self.cfg.checkpoint.resume:
             return
         # Checked in preflight for a local checkpoint; again here for one from the mirror.
-        check_resumable(latest, read_state(latest)["progress"],
-                        fingerprint=self.progress.fingerprint,
-                        global_batch=self.plan.global_batch, world_size=self.engine.world_size)
-        self.checkpoints.load(latest)
+        if check_resumable(latest, read_state(latest)["progress"],
+                           fingerprint=self.progress.fingerprint,
+                           global_batch=self.plan.global_batch, world_size=self.engine.world_size):
+            universal.load(self.checkpoints, latest, self.model, self.cfg.checkpoint.mirror)
+        else:
+            self.checkpoints.load(latest)
         self._check_same_resume_point(latest)
         self.log.info(f"resumed from {latest.name}: step {self.progress.step}, "
                       f"epoch {self.loader.epoch}, world size {self.engine.world_size}")
@@ -369,5 +373,5 @@ class _Window:
 
 def train(cfg: Config) -> Path:
     plan = preflight(cfg)  # bad input fails here, before any process group
-    engine = create_engine(cfg, plan.layout)
+    engine = create_engine(cfg, plan.layout, plan.load_universal)
     return Trainer(cfg, plan, engine).fit()

@@ -28,6 +28,12 @@ Gates (every rank, every attempt), for tests that must act while training is at 
                                        to stop (SIGTERM: torchrun restarts the group for a
                                        joining node), at most 120 s
 
+State probe (every rank, every attempt), for tests that compare what a resume loaded:
+
+    RESNET_TEST_SAVE_AFTER_RESUME=DIR  right after the trainer resumed from a checkpoint, before
+                                       any step, every rank writes accelerate's save_state into
+                                       DIR (DeepSpeed: its shards at the new world size)
+
 W&B faults (wandb), RESNET_TEST_WANDB_FAULT:
 
     init      wandb.init raises (as an unreachable server or a bad setting would)
@@ -95,8 +101,16 @@ def _gate(trainer) -> None:
         time.sleep(0.05)
 
 
+SAVE_AFTER_RESUME = os.environ.get("RESNET_TEST_SAVE_AFTER_RESUME", "")
+
+
 def _patch_trainer(module) -> None:
-    real_step = module.Trainer.train_step
+    real_step, real_resume = module.Trainer.train_step, module.Trainer.resume
+
+    def resume(self):
+        real_resume(self)
+        if SAVE_AFTER_RESUME:
+            self.engine.accelerator.save_state(SAVE_AFTER_RESUME)
 
     def train_step(self, *args, **kwargs):
         if AFTER_STEP is not None and not IN_CHECKPOINT and _fires(self.progress.step):
@@ -106,6 +120,7 @@ def _patch_trainer(module) -> None:
         return real_step(self, *args, **kwargs)
 
     module.Trainer.train_step = train_step
+    module.Trainer.resume = resume
 
 
 def _patch_save_state(module) -> None:
@@ -178,7 +193,7 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
 
 _patches = {}
-if (AFTER_STEP is not None and not IN_CHECKPOINT) or GATES:
+if (AFTER_STEP is not None and not IN_CHECKPOINT) or GATES or SAVE_AFTER_RESUME:
     _patches["resnet.train.trainer"] = _patch_trainer
 if AFTER_STEP is not None and IN_CHECKPOINT:
     _patches["accelerate.accelerator"] = _patch_save_state
