@@ -11,10 +11,10 @@ from pathlib import Path
 from resnet.config import Config
 from resnet.data.augment import AugmentParams
 from resnet.data.format import Manifest, ManifestError, load_manifest
+from resnet.data.plan import MicroLayout
 from resnet.model import ARCHS
 from resnet.train import universal
 from resnet.train.checkpoint import find_latest, read_state
-from resnet.data.plan import MicroLayout
 from resnet.train.engine import SetupError, launched_world_size, micro_layout
 
 
