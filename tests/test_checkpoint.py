@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from resnet.data import storage
-from resnet.train.checkpoint import (STATE_FILE, CheckpointManager, CheckpointMismatch,
+from resnet.train.checkpoint import (STATE_FILE, CheckpointManager, CheckpointError,
                                      find_latest)
 
 
@@ -111,7 +111,8 @@ def test_mirror_to_s3_and_restore_on_an_empty_disk(tmp_path, s3_server):
 
 def test_a_missing_mirror_bucket_is_refused_before_training(tmp_path, s3_server):
     ckpt, _, _ = _manager(tmp_path, mirror="s3://no-such-bucket-anywhere/run")
-    with pytest.raises(storage.StorageError, match="bucket 'no-such-bucket-anywhere' does not"):
+    with pytest.raises(CheckpointError, match="failed on 1 rank.*bucket 'no-such-bucket-anywhere' "
+                                              "does not exist"):
         ckpt.prepare()
 
 
@@ -236,9 +237,15 @@ def test_contents_reach_the_disk_before_the_checkpoint_becomes_visible(tmp_path,
 
 
 def _node(run_dir: Path, mirror: str = "", *, rank: int, other: tuple):
+    """A rank of a 2-rank job; the other rank's view is `other`, and its other collective
+    steps succeed (with rank 0's mirror read in `other`)."""
     acc, part = StubAccelerator(), Counter()
     acc.process_index = rank
-    gather = (lambda mine: [mine, other]) if rank == 0 else (lambda mine: [other, mine])
+
+    def gather(mine):
+        theirs = other if len(mine) == 3 else (other[2], None)  # a view, or (result, error)
+        return [mine, theirs] if rank == 0 else [theirs, mine]
+
     return CheckpointManager(acc, run_dir, {"counter": part}, keep=3, mirror=mirror,
                              gather=gather), acc, part
 
@@ -285,11 +292,11 @@ def test_nodes_that_see_different_checkpoints_without_a_mirror_are_an_error(tmp_
     _trained(tmp_path / "run", "", [4, 8])
     ckpt, _, _ = _node(tmp_path / "run", rank=0,
                        other=("rank 1 on host-b (/elsewhere/checkpoints)", "step-000000004", None))
-    with pytest.raises(CheckpointMismatch, match=r"has step-000000008, rank 1 on host-b "
+    with pytest.raises(CheckpointError, match=r"has step-000000008, rank 1 on host-b "
                                                  r"\(/elsewhere/checkpoints\) has step-000000004"):
         ckpt.prepare()
     ckpt, _, _ = _node(tmp_path / "run", rank=0, other=("rank 1 on host-b", None, None))
-    with pytest.raises(CheckpointMismatch, match="rank 1 on host-b has none"):
+    with pytest.raises(CheckpointError, match="rank 1 on host-b has none"):
         ckpt.prepare()  # the node that sees nothing would train from step 0
 
 
@@ -307,6 +314,6 @@ def test_a_mirror_pointer_that_is_not_a_checkpoint_name_is_refused(tmp_path, nam
     mirror.mkdir()
     (mirror / "latest").write_text(name)
     ckpt, _, _ = _manager(tmp_path / "run", mirror=str(mirror))
-    with pytest.raises(CheckpointMismatch, match="not a checkpoint"):
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
         ckpt.prepare()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mirror", "run"]

@@ -36,8 +36,9 @@ TMP_PREFIX = ".tmp-"
 NAME = re.compile(r"step-\d{9}")  # what a checkpoint folder (and `latest`) may be called
 
 
-class CheckpointMismatch(RuntimeError):
-    """Nodes see different checkpoints; training from either would fork the run."""
+class CheckpointError(RuntimeError):
+    """No checkpoint every rank can resume from: nodes see different ones (training from
+    either would fork the run), or preparing one failed on some rank."""
 
 
 class Stateful(Protocol):
@@ -86,7 +87,7 @@ def step_of(name: str) -> int:
 def checked_name(name: str, where: str) -> str:
     """A checkpoint name read from outside (a mirror's `latest`): never a path of its own."""
     if not NAME.fullmatch(name):
-        raise CheckpointMismatch(f"{where} names {name[:80]!r}, not a checkpoint "
+        raise CheckpointError(f"{where} names {name[:80]!r}, not a checkpoint "
                                  f"(step-NNNNNNNNN); refusing to use it")
     return name
 
@@ -138,16 +139,35 @@ class CheckpointManager:
             for leftover in self.dir.glob(f"{TMP_PREFIX}*"):
                 shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
         self.accelerator.wait_for_everyone()
-        mirrored = self._mirror_latest() if self.mirror and self._main else None
+        # Every step that can fail on one rank reports through the gather, so all ranks raise
+        # together instead of the others waiting at the next barrier for one that is gone.
+        mirrored = self._on_every_rank(lambda: self._mirror_latest() if self.mirror and
+                                       self._main else None)[0]
         local = find_latest(self.dir)
         views = self.gather((self.location, local.name if local else None, mirrored))
         chosen = self._agree(views)
-        if chosen and local_main:
-            if not (self.dir / chosen / STATE_FILE).is_file():
-                self._restore(chosen)
-            self._discard_newer_than(chosen)
-        self.accelerator.wait_for_everyone()
+
+        def restore() -> None:
+            if chosen and local_main:
+                if not (self.dir / chosen / STATE_FILE).is_file():
+                    self._restore(chosen)
+                self._discard_newer_than(chosen)
+
+        self._on_every_rank(restore)
         return self.dir / chosen if chosen else None
+
+    def _on_every_rank(self, step: Callable[[], Any]) -> list:
+        """Run `step` here; if it failed on any rank, raise on every rank naming where."""
+        try:
+            result, error = step(), None
+        except (OSError, RuntimeError, CheckpointError) as exc:
+            result, error = None, f"{self.location}: {exc}"
+        outcomes = self.gather((result, error))
+        failed = [e for _, e in outcomes if e]
+        if failed:
+            raise CheckpointError(f"preparing the checkpoint to resume from failed on "
+                                     f"{len(failed)} rank(s): {failed[0]}")
+        return [r for r, _ in outcomes]
 
     def _discard_newer_than(self, chosen: str) -> None:
         """Local checkpoints past the agreed one (written here, never mirrored) would be a fork
@@ -176,7 +196,7 @@ class CheckpointManager:
         if len({name for _, name, _ in views}) == 1:
             return None  # nothing anywhere: a fresh start
         (where_a, a, _), (where_b, b, _) = _first_difference(views)
-        raise CheckpointMismatch(
+        raise CheckpointError(
             f"nodes see different checkpoints: {where_a} has {a or 'none'}, {where_b} has "
             f"{b or 'none'}. run.dir must be storage every node shares, or give "
             f"checkpoint.mirror=s3://... so that nodes with their own disks restore the "

@@ -19,7 +19,7 @@ from resnet.data.stream import AugmentParams, ShardLoader
 from resnet.model import build_model
 from resnet.train import universal
 from resnet.train.audit import AuditLog, new_start_id
-from resnet.train.checkpoint import CheckpointManager, CheckpointMismatch, read_state
+from resnet.train.checkpoint import CheckpointError, CheckpointManager, read_state
 from resnet.train.engine import Engine, create_engine
 from resnet.train.evaluate import batch_images, evaluate, export_final, normalize
 from resnet.train.metrics import RunLogger, restart_count, system_metrics
@@ -148,7 +148,7 @@ class Trainer:
         differ = [v for v in views if v[2] != views[0][2]]
         if differ:
             (where_a, name_a, a), (where_b, name_b, b) = views[0], differ[0]
-            raise CheckpointMismatch(
+            raise CheckpointError(
                 f"ranks resumed from different points: {where_a} loaded {name_a} (step, epoch, "
                 f"data set = {a[0]}, {a[1]}, {a[2][:12]}), {where_b} loaded {name_b} "
                 f"({b[0]}, {b[1]}, {b[2][:12]}); run.dir must be shared or mirrored")
