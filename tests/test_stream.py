@@ -271,13 +271,93 @@ def test_reading_stops_after_the_last_needed_sample(tmp_path):
 
 def test_device_decode_matches_cpu_shapes_and_content(shards):
     cpu = next(iter(loader(shards, b=4, train=False)))
-    dev = next(iter(loader(shards, b=4, train=False, decode="device")))
-    assert dev.images is None and len(dev.jpegs) == 4 and dev.boxes.shape == (4, 4)
+    dev = next(iter(loader(shards, b=4, train=False, decode="device", k=2)))
+    # One byte buffer per batch (one shared-memory handle), not one tensor per sample.
+    assert dev.images is None and dev.jpegs.dtype == torch.uint8 and dev.jpegs.dim() == 1
+    assert dev.jpeg_offsets.tolist()[0] == 0 and len(dev.jpeg_offsets) == 5
+    assert dev.jpeg_offsets[-1] == len(dev.jpegs) and dev.boxes.shape == (4, 4)
     out = A.decode_on_device(dev, "cpu", AUG)
     assert out.dtype == torch.uint8 and out.shape == cpu.images.shape
-    assert (out.float() - cpu.images.float()).abs().mean() < 20
+    assert (out.float() - cpu.images.float()).abs().mean() < 3
     train = next(iter(loader(shards, b=4, decode="device")))
     assert A.decode_on_device(train, "cpu", AUG).shape == (4, 3, 16, 16)
+
+
+def _device_batch(datas, p, train):
+    """A decode="device" batch of `datas` as the workers build it, and the CPU path's output."""
+    from types import SimpleNamespace
+
+    jpegs, boxes, flips, cpu = [], [], [], []
+    for k, data in enumerate(datas):
+        jpeg, w, h = A.for_device(data)
+        box, flip = A.train_view(w, h, p, 0, 0, str(k)) if train else (A.eval_box(w, h, p), False)
+        jpegs.append(jpeg), boxes.append(box), flips.append(flip)
+        img = A.decode(data)
+        cpu.append(A.cpu_train(img, box, flip, p.image_size) if train else A.cpu_eval(img, p))
+    buffer, offsets = A.pack_jpegs(jpegs)
+    return SimpleNamespace(jpegs=buffer, jpeg_offsets=offsets, boxes=torch.tensor(boxes),
+                           flips=torch.tensor(flips)), torch.stack(cpu)
+
+
+def _photos(sizes, seed=0):
+    import numpy as np
+
+    from resnet.data import synthetic
+
+    rng = np.random.default_rng(seed)
+    out = [synthetic.encode_jpeg(synthetic.realistic_image(i, 10, size=s, rng=rng))
+           for i, s in enumerate(sizes)]
+    gray = synthetic.realistic_image(3, 10, size=(400, 300), rng=rng)[..., 0]
+    return out + [synthetic.encode_jpeg(gray, mode="L")]  # grayscale JPEG: expanded to RGB
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_device_decode_matches_the_cpu_path_at_realistic_sizes(train):
+    p = AugmentParams(image_size=224)
+    batch, cpu = _device_batch(_photos([(500, 375), (375, 500), (1200, 900), (64, 48)]), p,
+                               train)
+    out = A.decode_on_device(batch, "cpu", p)
+    assert out.shape == cpu.shape == (5, 3, 224, 224) and out.dtype == torch.uint8
+    per_image = (out.float() - cpu.float()).abs().mean(dim=(1, 2, 3))
+    assert per_image.max() < 2.0, per_image  # same boxes, flips; antialiased either way
+    # The flip is applied: unflipping a flipped image makes it much worse.
+    if train and batch.flips.any():
+        i = int(batch.flips.nonzero()[0])
+        assert (out[i].flip(-1).float() - cpu[i].float()).abs().mean() > 4 * per_image[i]
+
+
+def test_device_decode_memory_is_bounded_by_the_output_not_the_largest_image(monkeypatch):
+    """Old: one float canvas n x 3 x max_h x max_w. Now every float tensor roi_align reads is
+    at most the output batch's size, whatever the largest image, and the result is the same."""
+    import numpy as np
+    import torchvision.ops
+
+    from resnet.data import synthetic
+
+    real, seen = torchvision.ops.roi_align, []
+
+    def recording(canvas, *args, **kwargs):
+        seen.append(canvas.numel())
+        return real(canvas, *args, **kwargs)
+
+    p = AugmentParams(image_size=224, scale=(0.9, 1.0))  # large crops of the large photo
+    budget = 4 * 3 * 224 * 224
+    monkeypatch.setattr(torchvision.ops, "roi_align", recording)
+    peaks = []
+    for big in [(2000, 1500), (4000, 3000)]:
+        rng = np.random.default_rng(1)
+        arr = (rng.random((big[1] // 50, big[0] // 50, 3)) * 255).astype(np.uint8)
+        arr = np.kron(arr, np.ones((50, 50, 1), dtype=np.uint8))  # blocky: fast to encode
+        datas = _photos([(500, 375), (300, 200)]) + [synthetic.encode_jpeg(arr)]
+        batch, cpu = _device_batch(datas, p, True)
+        seen.clear()
+        out = A.decode_on_device(batch, "cpu", p)
+        assert max(seen) <= budget and len(seen) > 2  # the big crop went in bands
+        peaks.append(max(seen))
+        assert (out.float() - cpu.float()).abs().mean() < 2.0
+        whole = A.decode_on_device(batch, "cpu", p, budget=10 ** 9)  # one canvas for all
+        assert (whole.float() - out.float()).abs().max() <= 1
+    assert 4 * 3 * 3000 * 4000 > 100 * budget  # what the old canvas would have asked for
 
 
 def test_crop_parameters_are_a_function_of_seed_epoch_key():

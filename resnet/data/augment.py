@@ -6,9 +6,10 @@ resumed run, or a run with another number of workers, augments every sample iden
 Two paths share the same boxes:
 - decode="cpu": workers decode (torchvision.io.decode_jpeg, PIL for what it refuses), crop,
   resize with antialiasing and flip; batches hold uint8 images.
-- decode="device": workers only read each JPEG's header to draw its box; `decode_on_device`
-  decodes the batch in one call (nvJPEG on CUDA) and crops + resizes every image with one
-  `roi_align`. It runs on CPU too.
+- decode="device": workers only read each JPEG's header to draw its box and hand the batch's
+  JPEGs over as one byte buffer; `decode_on_device` decodes the batch in one call (nvJPEG on
+  CUDA) and crops + resizes each box straight into the output with `roi_align`, in memory
+  bounded by the output batch plus the decoded images. It runs on CPU too.
 """
 from __future__ import annotations
 
@@ -97,10 +98,15 @@ def eval_resize(p: AugmentParams) -> int:
 
 
 def eval_box(width: int, height: int, p: AugmentParams) -> Box:
-    """The source region that resize-shorter-side + center-crop keeps (for the device path)."""
-    side = p.image_size * min(width, height) / eval_resize(p)
-    x0, y0 = (width - side) / 2, (height - side) / 2
-    return (x0, y0, x0 + side, y0 + side)
+    """The source region that `cpu_eval` keeps: torchvision's resize of the shorter side to
+    eval_resize (the longer side rounded down) then its center crop (offsets rounded)."""
+    short, long_ = sorted((width, height))
+    new_short, new_long = eval_resize(p), int(eval_resize(p) * long_ / short)
+    rw, rh = (new_short, new_long) if width <= height else (new_long, new_short)
+    left = int(round((rw - p.image_size) / 2.0))
+    top = int(round((rh - p.image_size) / 2.0))
+    sx, sy = width / rw, height / rh
+    return (left * sx, top * sy, (left + p.image_size) * sx, (top + p.image_size) * sy)
 
 
 # ----------------------------------------------------------------------------- CPU path
@@ -154,36 +160,133 @@ def header(data: bytes) -> tuple[int, int, bool]:
         raise DecodeError(f"not a readable image: {exc}") from None
 
 
-def for_device(data: bytes) -> tuple[torch.Tensor, int, int]:
+def for_device(data: bytes) -> tuple[bytes, int, int]:
     """JPEG bytes the device decoder accepts (PNG and CMYK re-encoded on CPU; rare), and size."""
     width, height, ok = header(data)
     if ok:
-        return _as_tensor(data), width, height
-    return encode_jpeg(decode(data), quality=95), width, height
+        return data, width, height
+    return encode_jpeg(decode(data), quality=95).numpy().tobytes(), width, height
 
 
-def decode_on_device(batch, device: torch.device | str, params: AugmentParams) -> torch.Tensor:
-    """uint8 [n, 3, S, S] on `device` from a decode="device" batch (jpegs, boxes, flips).
+def pack_jpegs(jpegs: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One contiguous uint8 buffer and int64 offsets [n + 1]: a batch crosses from a worker in
+    two tensors (two shared-memory handles), not one per sample."""
+    offsets = torch.zeros(len(jpegs) + 1, dtype=torch.int64)
+    if jpegs:
+        offsets[1:] = torch.tensor([len(j) for j in jpegs], dtype=torch.int64).cumsum(0)
+    return torch.frombuffer(bytearray(b"".join(jpegs)) or bytearray(1), dtype=torch.uint8)[
+        : int(offsets[-1])], offsets
 
-    One batched decode, then one roi_align over a zero-padded canvas for every crop+resize;
-    sampling_ratio=0 averages ceil(box/out) samples per output pixel, which antialiases.
+
+def unpack_jpegs(buffer: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
+    """Views of each JPEG in the buffer (no copies)."""
+    bounds = offsets.tolist()
+    return [buffer[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Output rows [r0, r1) of image `i`: the source rows/columns they sample, and the box in
+    the coordinates of that region."""
+
+    i: int
+    r0: int
+    r1: int
+    region: tuple[int, int, int, int]  # x0, y0, x1, y1 (integers, clipped to the image)
+    box: Box
+
+
+def _pieces(i: int, box: Box, width: int, height: int, size: int,
+            budget: int) -> list[_Piece]:
+    """Split image i's crop into bands of output rows whose float source region (3 channels,
+    one replicated row and column added) holds at most `budget` elements; one band when the
+    whole crop fits, and at least one output row per band."""
+    x0, y0, x1, y1 = box
+    rx0, rx1 = max(0, math.floor(x0) - 2), min(width, math.ceil(x1) + 2)
+    row_h = (y1 - y0) / size  # source rows per output row
+    per_row = 3 * (rx1 - rx0 + 1)  # elements per source row
+    rows = max(1, min(size, int((budget / per_row - 6) / max(row_h, 1e-9))))  # + 4 + 1 + 1
+    out = []
+    for r0 in range(0, size, rows):
+        r1 = min(size, r0 + rows)
+        ya, yb = y0 + r0 * row_h, y0 + r1 * row_h
+        ry0, ry1 = max(0, math.floor(ya) - 2), min(height, math.ceil(yb) + 2)
+        out.append(_Piece(i, r0, r1, (rx0, ry0, rx1, ry1),
+                          (x0 - rx0, ya - ry0, x1 - rx0, yb - ry0)))
+    return out
+
+
+def _fill(canvas: torch.Tensor, image: torch.Tensor, piece: _Piece) -> None:
+    """Copy the piece's source region into `canvas` [3, H, W] (converting to float on the way)
+    and repeat its last row and column once, so that samples in the image's last half pixel
+    interpolate the edge rather than the zero padding."""
+    rx0, ry0, rx1, ry1 = piece.region
+    h, w = ry1 - ry0, rx1 - rx0
+    canvas[:, :h, :w] = image[:, ry0:ry1, rx0:rx1]
+    canvas[:, h, :w] = canvas[:, h - 1, :w]
+    canvas[:, : h + 1, w] = canvas[:, : h + 1, w - 1]
+
+
+def decode_on_device(batch, device: torch.device | str, params: AugmentParams,
+                     budget: int | None = None) -> torch.Tensor:
+    """uint8 [n, 3, S, S] on `device` from a decode="device" batch (jpegs + jpeg_offsets,
+    boxes, flips), in memory bounded by the output batch plus the decoded images.
+
+    One batched decode (nvJPEG on CUDA, grayscale expanded to RGB), then each image's box is
+    cropped and resized straight into the output by `roi_align` (sampling_ratio=0 averages
+    ceil(box/out) samples per output pixel, which antialiases). Crops are gathered into float
+    canvases of at most `budget` elements (default: the output batch's, n x 3 x S x S), one
+    roi_align per canvas; a crop larger than the budget is resampled in bands of output rows,
+    so no float tensor is larger than the output batch (or, for a crop so tall that one output
+    row samples more than the budget, one such row band).
     """
     from torchvision.ops import roi_align
 
     size = params.image_size
-    n = len(batch.jpegs)
+    jpegs = unpack_jpegs(batch.jpegs, batch.jpeg_offsets)
+    n = len(jpegs)
+    out = torch.empty(n, 3, size, size, dtype=torch.uint8, device=device)
     if n == 0:
-        return torch.empty(0, 3, size, size, dtype=torch.uint8, device=device)
-    images = decode_jpeg(list(batch.jpegs), mode=ImageReadMode.RGB, device=device)
-    hmax = max(im.shape[1] for im in images)
-    wmax = max(im.shape[2] for im in images)
-    canvas = torch.zeros(n, 3, hmax, wmax, dtype=torch.float32, device=device)
-    for i, im in enumerate(images):
-        canvas[i, :, : im.shape[1], : im.shape[2]] = im
-    index = torch.arange(n, dtype=torch.float32, device=device)[:, None]
-    rois = torch.cat([index, batch.boxes.to(device=device, dtype=torch.float32)], dim=1)
-    out = roi_align(canvas, rois, output_size=(size, size), spatial_scale=1.0,
-                    sampling_ratio=0, aligned=True)
-    flips = batch.flips.to(device)
-    out = torch.where(flips[:, None, None, None], out.flip(-1), out)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+        return out
+    budget = budget or n * 3 * size * size
+    images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+    boxes = batch.boxes.tolist()
+    flips = batch.flips.tolist()
+    pieces = [p for i, im in enumerate(images)
+              for p in _pieces(i, tuple(boxes[i]), im.shape[2], im.shape[1], size, budget)]
+    whole = [p for p in pieces if p.r1 - p.r0 == size]
+    bands = [p for p in pieces if p.r1 - p.r0 < size]
+
+    def place(group: list[_Piece], result: torch.Tensor) -> None:
+        result = result.round_().clamp_(0, 255).to(torch.uint8)
+        for k, p in enumerate(group):
+            res = result[k].flip(-1) if flips[p.i] else result[k]
+            out[p.i, :, p.r0:p.r1] = res
+
+    def run(group: list[_Piece], rows: int) -> None:
+        h = max(p.region[3] - p.region[1] for p in group) + 1
+        w = max(p.region[2] - p.region[0] for p in group) + 1
+        canvas = torch.zeros(len(group), 3, h, w, dtype=torch.float32, device=device)
+        for k, p in enumerate(group):
+            _fill(canvas[k], images[p.i], p)
+        rois = torch.tensor([[k, *p.box] for k, p in enumerate(group)], dtype=torch.float32,
+                            device=device)
+        place(group, roi_align(canvas, rois, output_size=(rows, size), spatial_scale=1.0,
+                               sampling_ratio=0, aligned=True))
+
+    # Whole crops, smallest first, into canvases that stay within the budget.
+    whole.sort(key=lambda p: (p.region[3] - p.region[1], p.region[2] - p.region[0]))
+    group: list[_Piece] = []
+    h = w = 0
+    for p in whole:
+        ph, pw = p.region[3] - p.region[1] + 1, p.region[2] - p.region[0] + 1
+        if group and (len(group) + 1) * 3 * max(h, ph) * max(w, pw) > budget:
+            run(group, size)
+            group, h, w = [], 0, 0
+        group.append(p)
+        h, w = max(h, ph), max(w, pw)
+    if group:
+        run(group, size)
+    for p in bands:  # crops larger than the budget, one band of output rows at a time
+        run([p], p.r1 - p.r0)
+    return out
