@@ -387,3 +387,80 @@ def test_a_shard_shorter_than_its_manifest_skips_only_the_missing_samples(tmp_pa
     batches = list(loader(root, b=8, k=0))
     assert sum(b.skipped for b in batches) == 1
     assert len({k for b in batches for k in b.keys}) == 7
+
+
+def test_cpu_decode_scales_the_dct_only_where_the_crop_is_twice_the_output(monkeypatch):
+    """simplejpeg decodes at 1/k (k = 2, 4, 8) only where the crop still spans k x the output;
+    the box stays the same region of the photo, so the view matches a full-scale decode."""
+    import simplejpeg
+
+    real, shapes = simplejpeg.decode_jpeg, []
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        shapes.append(out.shape[:2])
+        return out
+
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", recording)
+    photos = [_marked_photo(500, 375), _marked_photo(1200, 900)]
+    for size, small_output in [(224, False), (96, True)]:
+        p = AugmentParams(image_size=size, scale=(0.9, 1.0))
+        for data in photos:
+            img = A.decode(data)  # torchvision.io.decode_jpeg at full scale: the reference
+            for key in ("a", "b", "c"):
+                shapes.clear()
+                box, flip = A.train_view(img.shape[2], img.shape[1], p, 0, 1, key)
+                got = A.train_image(data, p, 0, 1, key)
+                want = A.cpu_train(img, box, flip, size)
+                k = round(img.shape[1] / shapes[0][0])  # libjpeg rounds the size up
+                crop = min(box[2] - box[0], box[3] - box[1])
+                assert k == max(kk for kk in (1, 2, 4, 8) if crop >= kk * size or kk == 1)
+                if k == 1:  # the same libjpeg-turbo decode: the same pixels
+                    assert (got.int() - want.int()).abs().max() <= 1
+                else:  # the same region: a bright patch lands on the same output pixels
+                    assert _centroid_shift(got, want) <= 0.5 + 0.1  # box rounded at 1/k
+            if data is photos[0]:  # 500x375: crops of 340-375 px scale for 96, not for 224
+                assert k == (2 if small_output else 1)
+        ev = A.eval_image(photos[1], p)
+        assert (ev.float() - A.cpu_eval(A.decode(photos[1]), p).float()).abs().mean() < 8
+
+
+def _marked_photo(width, height):
+    """A dark JPEG with bright, smooth blobs: where they land locates the crop box."""
+    import numpy as np
+
+    from resnet.data import synthetic
+
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    arr = np.zeros((height, width), np.float32)
+    for fx, fy in ((0.3, 0.4), (0.6, 0.55), (0.45, 0.7)):
+        r = 0.06 * width
+        arr += 220 * np.exp(-(((xx - fx * width) ** 2 + (yy - fy * height) ** 2) / r ** 2))
+    arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return synthetic.encode_jpeg(np.stack([arr, arr // 2, arr], axis=-1), quality=95)
+
+
+def _centroid_shift(a, b):
+    """How far (output pixels) the brightness centroid of image a lies from b's."""
+    def centroid(img):
+        w = img.float().mean(0)
+        ys, xs = torch.meshgrid(torch.arange(w.shape[0]), torch.arange(w.shape[1]),
+                                indexing="ij")
+        return torch.stack([(w * ys).sum(), (w * xs).sum()]) / w.sum()
+
+    return float((centroid(a) - centroid(b)).abs().max())
+
+
+@pytest.mark.parametrize("oddity", ["gray", "cmyk", "png"])
+def test_cpu_decode_falls_back_for_what_simplejpeg_refuses(oddity, monkeypatch):
+    import numpy as np
+
+    from resnet.data import synthetic
+
+    p = AugmentParams(image_size=32)
+    arr = synthetic.realistic_image(2, 10, size=(120, 90), rng=np.random.default_rng(0))
+    data = synthetic._odd_bytes(oddity, arr, 90)
+    got = A.train_image(data, p, 0, 0, "k")
+    monkeypatch.setattr(A, "simplejpeg", None)  # not installed: torchvision / PIL do it all
+    assert (A.train_image(data, p, 0, 0, "k").int() - got.int()).abs().max() <= 1
+    assert got.shape == (3, 32, 32) and got.dtype == torch.uint8

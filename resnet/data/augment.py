@@ -4,8 +4,10 @@ Randomness is a pure function of (seed, epoch, sample key), never of a worker's 
 resumed run, or a run with another number of workers, augments every sample identically.
 
 Two paths share the same boxes:
-- decode="cpu": workers decode (torchvision.io.decode_jpeg, PIL for what it refuses), crop,
-  resize with antialiasing and flip; batches hold uint8 images.
+- decode="cpu": workers decode (simplejpeg's libjpeg-turbo at the smallest power-of-two DCT
+  scale that keeps the crop at least the output size; torchvision.io.decode_jpeg, then PIL,
+  for what it refuses or where simplejpeg is not installed), crop, resize with antialiasing
+  and flip; batches hold uint8 images.
 - decode="device": workers only read each JPEG's header to draw its box and hand the batch's
   JPEGs over as one byte buffer; `decode_on_device` decodes the batch in one call (nvJPEG on
   CUDA) and crops + resizes each box straight into the output with `roi_align`, in memory
@@ -23,6 +25,11 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 from torchvision.transforms.v2 import functional as F
+
+try:  # libjpeg-turbo with DCT scaling, in a small wheel; without it decode_jpeg does all
+    import simplejpeg
+except ImportError:  # pragma: no cover - the package is in install_requires
+    simplejpeg = None
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in source pixels
 
@@ -135,8 +142,39 @@ def decode(data: bytes) -> torch.Tensor:
         return _decode_pil(data)
 
 
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a JPEG simplejpeg decodes to RGB exactly (YCbCr, RGB, gray), from
+    its header alone; None for anything else (CMYK, PNG, ...) or without simplejpeg."""
+    if simplejpeg is None:
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return (width, height) if colorspace in ("YCbCr", "RGB", "Gray") else None
+
+
+def decode_scaled(data: bytes, width: int, height: int, box: Box,
+                  size: int) -> tuple[torch.Tensor, Box] | None:
+    """uint8 [3, h, w] decoded at the smallest DCT scale 1/k (k = 1, 2, 4, 8) at which `box`
+    (source pixels) still spans at least `size` pixels each way, and the box in its pixels.
+    The IDCT, upsampling and colour conversion then work on 1/k^2 of the pixels; the box is
+    the same region of the photo. Needs `jpeg_size(data)` to be (width, height); None where
+    libjpeg-turbo refuses the data (the caller falls back to `decode`)."""
+    x0, y0, x1, y1 = box
+    k = next(k for k in (8, 4, 2, 1) if k == 1 or min(x1 - x0, y1 - y0) >= k * size)
+    try:
+        arr = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True,
+                                     min_height=-(-height // k), min_width=-(-width // k))
+    except ValueError:
+        return None
+    sx, sy = arr.shape[1] / width, arr.shape[0] / height
+    img = torch.from_numpy(arr).permute(2, 0, 1)  # a view: no HWC -> CHW copy
+    return img, (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+
+
 def cpu_train(img: torch.Tensor, box: Box, flip: bool, size: int) -> torch.Tensor:
-    x0, y0, x1, y1 = (int(v) for v in box)
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
     out = F.resize(img[:, y0:y1, x0:x1], [size, size], antialias=True)
     return out.flip(-1) if flip else out
 
@@ -144,6 +182,27 @@ def cpu_train(img: torch.Tensor, box: Box, flip: bool, size: int) -> torch.Tenso
 def cpu_eval(img: torch.Tensor, p: AugmentParams) -> torch.Tensor:
     out = F.resize(img, [eval_resize(p)], antialias=True)
     return F.center_crop(out, [p.image_size, p.image_size])
+
+
+def train_image(data: bytes, p: AugmentParams, seed: int, epoch: int, key: str) -> torch.Tensor:
+    """The training view of one sample: uint8 [3, S, S]; its box and flip from train_view."""
+    size = jpeg_size(data)
+    if size is not None:
+        box, flip = train_view(*size, p, seed, epoch, key)
+        scaled = decode_scaled(data, *size, box, p.image_size)
+        if scaled is not None:
+            return cpu_train(*scaled, flip, p.image_size)
+    img = decode(data)
+    box, flip = train_view(img.shape[2], img.shape[1], p, seed, epoch, key)
+    return cpu_train(img, box, flip, p.image_size)
+
+
+def eval_image(data: bytes, p: AugmentParams) -> torch.Tensor:
+    """The evaluation view: resize the shorter side to eval_resize, center crop S (decoded at a
+    reduced DCT scale where the shorter side is at least twice eval_resize)."""
+    size = jpeg_size(data)
+    scaled = decode_scaled(data, *size, (0, 0, *size), eval_resize(p)) if size else None
+    return cpu_eval(scaled[0] if scaled else decode(data), p)
 
 
 # ----------------------------------------------------------------------------- device path

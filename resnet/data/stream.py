@@ -126,13 +126,11 @@ def _prepare(key: str, files: dict[str, bytes], job: _Job):
             box, flip = A.train_view(w, h, p, seed, epoch, key) if job.train else (
                 A.eval_box(w, h, p), False)
             return (jpeg, box, flip), label
-        img = A.decode(data)
+        if job.train:
+            return A.train_image(data, p, seed, epoch, key), label
+        return A.eval_image(data, p), label
     except A.DecodeError as exc:
         raise CorruptSample(str(exc)) from None
-    if job.train:
-        box, flip = A.train_view(img.shape[2], img.shape[1], p, seed, epoch, key)
-        return A.cpu_train(img, box, flip, p.image_size), label
-    return A.cpu_eval(img, p), label
 
 
 def _samples(job: _Job, positions, log_: RateLimitedLog) -> Iterator[tuple[str, object]]:
