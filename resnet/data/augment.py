@@ -55,10 +55,40 @@ class AugmentParams:
             raise ValueError(f"eval_crop_ratio must be in (0, 1], got {self.eval_crop_ratio}")
 
     @classmethod
-    def from_config(cls, data) -> "AugmentParams":
-        """From a `resnet.config.DataConfig`."""
-        return cls(data.image_size, (data.scale_min, data.scale_max),
+    def from_config(cls, data, image_size: int = 0) -> "AugmentParams":
+        """From a `resnet.config.DataConfig` (at data.image_size unless given)."""
+        return cls(image_size or data.image_size, (data.scale_min, data.scale_max),
                    (data.ratio_min, data.ratio_max), data.hflip, data.eval_crop_ratio)
+
+    @classmethod
+    def for_epoch(cls, data, epoch: int) -> "AugmentParams":
+        """Training augmentation of `epoch`: at the progressive-resizing size."""
+        return cls.from_config(data, train_image_size(data, epoch))
+
+    @classmethod
+    def for_eval(cls, data) -> "AugmentParams":
+        """Evaluation (and prediction, export): at data.eval_image_size, else image_size."""
+        return cls.from_config(data, data.eval_image_size or data.image_size)
+
+
+def ramp_size(min_size: int, max_size: int, start: int, end: int, epoch: int) -> int:
+    """FFCV's progressive resizing: linear from min_size at epoch `start` to max_size at `end`,
+    rounded to a multiple of 32; a pure function of the epoch (resume needs nothing saved)."""
+    if epoch >= end:
+        size = max_size
+    elif epoch <= start:
+        size = min_size
+    else:
+        size = min_size + (max_size - min_size) * (epoch - start) / (end - start)
+    return max(32, int(round(size / 32)) * 32)
+
+
+def train_image_size(data, epoch: int) -> int:
+    """The training size of `epoch` under a `resnet.config.DataConfig`."""
+    if not data.min_image_size:
+        return data.image_size
+    return ramp_size(data.min_image_size, data.image_size, data.resize_start_epoch,
+                     data.resize_end_epoch, epoch)
 
 
 # ----------------------------------------------------------------------------- boxes (pure)
