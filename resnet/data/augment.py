@@ -347,10 +347,15 @@ def decode_on_device(batch, device: torch.device | str, params: AugmentParams,
     bands = [p for p in pieces if p.r1 - p.r0 < size]
 
     def place(group: list[_Piece], result: torch.Tensor) -> None:
+        """Flip and store a canvas's results: one indexed copy for whole crops."""
         result = result.round_().clamp_(0, 255).to(torch.uint8)
-        for k, p in enumerate(group):
-            res = result[k].flip(-1) if flips[p.i] else result[k]
-            out[p.i, :, p.r0:p.r1] = res
+        flip = torch.tensor([flips[p.i] for p in group], device=device)
+        result = torch.where(flip[:, None, None, None], result.flip(-1), result)
+        if group[0].r1 - group[0].r0 == size:
+            out[torch.tensor([p.i for p in group], device=device)] = result
+            return
+        for k, p in enumerate(group):  # a band of output rows
+            out[p.i, :, p.r0:p.r1] = result[k]
 
     def run(group: list[_Piece], rows: int) -> None:
         h = max(p.region[3] - p.region[1] for p in group) + 1
