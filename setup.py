@@ -29,6 +29,7 @@ setup(
         "omegaconf>=2.3",
         "tqdm>=4.66",
         "pillow>=10",
+        "simplejpeg>=1.7",  # libjpeg-turbo with DCT scaling; a 0.4 MB wheel (CPU decode path)
         "numpy>=1.24",
         "safetensors>=0.4",
         "matplotlib>=3.7",  # `resnet report`

@@ -232,6 +232,10 @@ def _add_bench(sub) -> None:
     d.add_argument("--warmup", type=int, default=4, help="batches before timing starts")
     d.add_argument("--image-size", type=int, default=224)
     d.add_argument("--no-baseline", action="store_true", help="time the shard loader only")
+    d.add_argument("--repeats", type=int, default=1,
+                   help="run every pipeline this many times in turn; report medians")
+    d.add_argument("--compare-decode-jpeg", action="store_true",
+                   help="also time the loader decoding with torchvision.io.decode_jpeg only")
     d.add_argument("--resume-cost", action="store_true",
                    help="time to the first batch: fresh vs resumed at 50%% of the epoch")
     d.set_defaults(handler=_bench_data)

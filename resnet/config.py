@@ -19,8 +19,15 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 class DataConfig:
     train: str = ""  # a packed data set (DEST of `resnet pack`): local path, s3:// or http(s)://
     val: str = ""  # a packed data set whose "val" split is evaluated; may equal `train`
-    image_size: int = 224
-    eval_crop_ratio: float = 0.875  # eval resizes the shorter side to image_size / ratio
+    image_size: int = 224  # the training size (at the end of a progressive ramp)
+    eval_crop_ratio: float = 0.875  # eval resizes the shorter side to eval_image_size / ratio
+    eval_image_size: int = 0  # 0: image_size (FFCV evaluates at 256 after training at 192)
+    # Progressive resizing: the train size ramps linearly from min_image_size (at
+    # resize_start_epoch) to image_size (at resize_end_epoch), rounded to a multiple of 32 and
+    # constant within an epoch; min_image_size 0 keeps image_size throughout.
+    min_image_size: int = 0
+    resize_start_epoch: int = 0
+    resize_end_epoch: int = 0
     scale_min: float = 0.08  # RandomResizedCrop area range
     scale_max: float = 1.0
     ratio_min: float = 0.75  # RandomResizedCrop aspect-ratio range

@@ -271,13 +271,93 @@ def test_reading_stops_after_the_last_needed_sample(tmp_path):
 
 def test_device_decode_matches_cpu_shapes_and_content(shards):
     cpu = next(iter(loader(shards, b=4, train=False)))
-    dev = next(iter(loader(shards, b=4, train=False, decode="device")))
-    assert dev.images is None and len(dev.jpegs) == 4 and dev.boxes.shape == (4, 4)
+    dev = next(iter(loader(shards, b=4, train=False, decode="device", k=2)))
+    # One byte buffer per batch (one shared-memory handle), not one tensor per sample.
+    assert dev.images is None and dev.jpegs.dtype == torch.uint8 and dev.jpegs.dim() == 1
+    assert dev.jpeg_offsets.tolist()[0] == 0 and len(dev.jpeg_offsets) == 5
+    assert dev.jpeg_offsets[-1] == len(dev.jpegs) and dev.boxes.shape == (4, 4)
     out = A.decode_on_device(dev, "cpu", AUG)
     assert out.dtype == torch.uint8 and out.shape == cpu.images.shape
-    assert (out.float() - cpu.images.float()).abs().mean() < 20
+    assert (out.float() - cpu.images.float()).abs().mean() < 3
     train = next(iter(loader(shards, b=4, decode="device")))
     assert A.decode_on_device(train, "cpu", AUG).shape == (4, 3, 16, 16)
+
+
+def _device_batch(datas, p, train):
+    """A decode="device" batch of `datas` as the workers build it, and the CPU path's output."""
+    from types import SimpleNamespace
+
+    jpegs, boxes, flips, cpu = [], [], [], []
+    for k, data in enumerate(datas):
+        jpeg, w, h = A.for_device(data)
+        box, flip = A.train_view(w, h, p, 0, 0, str(k)) if train else (A.eval_box(w, h, p), False)
+        jpegs.append(jpeg), boxes.append(box), flips.append(flip)
+        img = A.decode(data)
+        cpu.append(A.cpu_train(img, box, flip, p.image_size) if train else A.cpu_eval(img, p))
+    buffer, offsets = A.pack_jpegs(jpegs)
+    return SimpleNamespace(jpegs=buffer, jpeg_offsets=offsets, boxes=torch.tensor(boxes),
+                           flips=torch.tensor(flips)), torch.stack(cpu)
+
+
+def _photos(sizes, seed=0):
+    import numpy as np
+
+    from resnet.data import synthetic
+
+    rng = np.random.default_rng(seed)
+    out = [synthetic.encode_jpeg(synthetic.realistic_image(i, 10, size=s, rng=rng))
+           for i, s in enumerate(sizes)]
+    gray = synthetic.realistic_image(3, 10, size=(400, 300), rng=rng)[..., 0]
+    return out + [synthetic.encode_jpeg(gray, mode="L")]  # grayscale JPEG: expanded to RGB
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_device_decode_matches_the_cpu_path_at_realistic_sizes(train):
+    p = AugmentParams(image_size=224)
+    batch, cpu = _device_batch(_photos([(500, 375), (375, 500), (1200, 900), (64, 48)]), p,
+                               train)
+    out = A.decode_on_device(batch, "cpu", p)
+    assert out.shape == cpu.shape == (5, 3, 224, 224) and out.dtype == torch.uint8
+    per_image = (out.float() - cpu.float()).abs().mean(dim=(1, 2, 3))
+    assert per_image.max() < 2.0, per_image  # same boxes, flips; antialiased either way
+    # The flip is applied: unflipping a flipped image makes it much worse.
+    if train and batch.flips.any():
+        i = int(batch.flips.nonzero()[0])
+        assert (out[i].flip(-1).float() - cpu[i].float()).abs().mean() > 4 * per_image[i]
+
+
+def test_device_decode_memory_is_bounded_by_the_output_not_the_largest_image(monkeypatch):
+    """Old: one float canvas n x 3 x max_h x max_w. Now every float tensor roi_align reads is
+    at most the output batch's size, whatever the largest image, and the result is the same."""
+    import numpy as np
+    import torchvision.ops
+
+    from resnet.data import synthetic
+
+    real, seen = torchvision.ops.roi_align, []
+
+    def recording(canvas, *args, **kwargs):
+        seen.append(canvas.numel())
+        return real(canvas, *args, **kwargs)
+
+    p = AugmentParams(image_size=224, scale=(0.9, 1.0))  # large crops of the large photo
+    budget = 4 * 3 * 224 * 224
+    monkeypatch.setattr(torchvision.ops, "roi_align", recording)
+    peaks = []
+    for big in [(2000, 1500), (4000, 3000)]:
+        rng = np.random.default_rng(1)
+        arr = (rng.random((big[1] // 50, big[0] // 50, 3)) * 255).astype(np.uint8)
+        arr = np.kron(arr, np.ones((50, 50, 1), dtype=np.uint8))  # blocky: fast to encode
+        datas = _photos([(500, 375), (300, 200)]) + [synthetic.encode_jpeg(arr)]
+        batch, cpu = _device_batch(datas, p, True)
+        seen.clear()
+        out = A.decode_on_device(batch, "cpu", p)
+        assert max(seen) <= budget and len(seen) > 2  # the big crop went in bands
+        peaks.append(max(seen))
+        assert (out.float() - cpu.float()).abs().mean() < 2.0
+        whole = A.decode_on_device(batch, "cpu", p, budget=10 ** 9)  # one canvas for all
+        assert (whole.float() - out.float()).abs().max() <= 1
+    assert 4 * 3 * 3000 * 4000 > 100 * budget  # what the old canvas would have asked for
 
 
 def test_crop_parameters_are_a_function_of_seed_epoch_key():
@@ -307,3 +387,80 @@ def test_a_shard_shorter_than_its_manifest_skips_only_the_missing_samples(tmp_pa
     batches = list(loader(root, b=8, k=0))
     assert sum(b.skipped for b in batches) == 1
     assert len({k for b in batches for k in b.keys}) == 7
+
+
+def test_cpu_decode_scales_the_dct_only_where_the_crop_is_twice_the_output(monkeypatch):
+    """simplejpeg decodes at 1/k (k = 2, 4, 8) only where the crop still spans k x the output;
+    the box stays the same region of the photo, so the view matches a full-scale decode."""
+    import simplejpeg
+
+    real, shapes = simplejpeg.decode_jpeg, []
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        shapes.append(out.shape[:2])
+        return out
+
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", recording)
+    photos = [_marked_photo(500, 375), _marked_photo(1200, 900)]
+    for size, small_output in [(224, False), (96, True)]:
+        p = AugmentParams(image_size=size, scale=(0.9, 1.0))
+        for data in photos:
+            img = A.decode(data)  # torchvision.io.decode_jpeg at full scale: the reference
+            for key in ("a", "b", "c"):
+                shapes.clear()
+                box, flip = A.train_view(img.shape[2], img.shape[1], p, 0, 1, key)
+                got = A.train_image(data, p, 0, 1, key)
+                want = A.cpu_train(img, box, flip, size)
+                k = round(img.shape[1] / shapes[0][0])  # libjpeg rounds the size up
+                crop = min(box[2] - box[0], box[3] - box[1])
+                assert k == max(kk for kk in (1, 2, 4, 8) if crop >= kk * size or kk == 1)
+                if k == 1:  # the same libjpeg-turbo decode: the same pixels
+                    assert (got.int() - want.int()).abs().max() <= 1
+                else:  # the same region: a bright patch lands on the same output pixels
+                    assert _centroid_shift(got, want) <= 0.5 + 0.1  # box rounded at 1/k
+            if data is photos[0]:  # 500x375: crops of 340-375 px scale for 96, not for 224
+                assert k == (2 if small_output else 1)
+        ev = A.eval_image(photos[1], p)
+        assert (ev.float() - A.cpu_eval(A.decode(photos[1]), p).float()).abs().mean() < 8
+
+
+def _marked_photo(width, height):
+    """A dark JPEG with bright, smooth blobs: where they land locates the crop box."""
+    import numpy as np
+
+    from resnet.data import synthetic
+
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    arr = np.zeros((height, width), np.float32)
+    for fx, fy in ((0.3, 0.4), (0.6, 0.55), (0.45, 0.7)):
+        r = 0.06 * width
+        arr += 220 * np.exp(-(((xx - fx * width) ** 2 + (yy - fy * height) ** 2) / r ** 2))
+    arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return synthetic.encode_jpeg(np.stack([arr, arr // 2, arr], axis=-1), quality=95)
+
+
+def _centroid_shift(a, b):
+    """How far (output pixels) the brightness centroid of image a lies from b's."""
+    def centroid(img):
+        w = img.float().mean(0)
+        ys, xs = torch.meshgrid(torch.arange(w.shape[0]), torch.arange(w.shape[1]),
+                                indexing="ij")
+        return torch.stack([(w * ys).sum(), (w * xs).sum()]) / w.sum()
+
+    return float((centroid(a) - centroid(b)).abs().max())
+
+
+@pytest.mark.parametrize("oddity", ["gray", "cmyk", "png"])
+def test_cpu_decode_falls_back_for_what_simplejpeg_refuses(oddity, monkeypatch):
+    import numpy as np
+
+    from resnet.data import synthetic
+
+    p = AugmentParams(image_size=32)
+    arr = synthetic.realistic_image(2, 10, size=(120, 90), rng=np.random.default_rng(0))
+    data = synthetic._odd_bytes(oddity, arr, 90)
+    got = A.train_image(data, p, 0, 0, "k")
+    monkeypatch.setattr(A, "simplejpeg", None)  # not installed: torchvision / PIL do it all
+    assert (A.train_image(data, p, 0, 0, "k").int() - got.int()).abs().max() <= 1
+    assert got.shape == (3, 32, 32) and got.dtype == torch.uint8

@@ -354,3 +354,30 @@ def test_device_decode_trains_and_evaluates(data, tmp_path):
     assert code == 0, out[-4000:]
     evals = [m for m in tu.metrics(run_dir) if "val_top1" in m]
     assert evals and evals[-1]["val_samples"] == tu.CLASSES * tu.VAL_PER_CLASS
+
+
+@pytest.mark.slow
+def test_progressive_resizing_resumes_exactly_after_a_kill(data, tmp_path):
+    """Train size 32 -> 64 -> 96 px over three epochs (eval at 64): a run SIGKILLed mid-epoch 1
+    and started again equals the uninterrupted run bit for bit, because the size is a function
+    of the epoch; the size is logged as `image_size`."""
+    ramp = ["train.epochs=3", "train.global_batch_size=16", "checkpoint.every_steps=4",
+            "data.image_size=96", "data.min_image_size=32", "data.resize_start_epoch=0",
+            "data.resize_end_epoch=2", "data.eval_image_size=64"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    code, out = tu.run(tu.resnet_cmd("train", *tu.overrides(data, whole, *ramp)),
+                       tmp_path / "whole.txt")
+    assert code == 0, out[-4000:]
+    code, out = tu.run(tu.resnet_cmd("train", *tu.overrides(data, killed, *ramp)),
+                       tmp_path / "killed.txt", RESNET_TEST_FAULT_AFTER_STEP=14)
+    assert code != 0 and tu.checkpoints(killed)[-1] == "step-000000012", out[-4000:]
+    code, out = tu.run(tu.resnet_cmd("train", *tu.overrides(data, killed, *ramp)),
+                       tmp_path / "again.txt")
+    assert code == 0 and tu.resumed_from(out) == ["step-000000012"], out[-4000:]
+    sizes = {m["epoch"]: m["image_size"] for m in tu.metrics(whole) if "image_size" in m}
+    assert sizes == {0: 32, 1: 64, 2: 96}
+    resumed = {m["epoch"]: m["image_size"] for m in tu.metrics(killed) if "image_size" in m}
+    assert resumed == sizes
+    tu.assert_bit_identical(tu.final_weights(killed), tu.final_weights(whole))
+    evals = [m for m in tu.metrics(whole) if "val_top1" in m]
+    assert evals and evals[-1]["val_samples"] == tu.CLASSES * tu.VAL_PER_CLASS

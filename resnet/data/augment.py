@@ -4,11 +4,14 @@ Randomness is a pure function of (seed, epoch, sample key), never of a worker's 
 resumed run, or a run with another number of workers, augments every sample identically.
 
 Two paths share the same boxes:
-- decode="cpu": workers decode (torchvision.io.decode_jpeg, PIL for what it refuses), crop,
-  resize with antialiasing and flip; batches hold uint8 images.
-- decode="device": workers only read each JPEG's header to draw its box; `decode_on_device`
-  decodes the batch in one call (nvJPEG on CUDA) and crops + resizes every image with one
-  `roi_align`. It runs on CPU too.
+- decode="cpu": workers decode (simplejpeg's libjpeg-turbo at the smallest power-of-two DCT
+  scale that keeps the crop at least the output size; torchvision.io.decode_jpeg, then PIL,
+  for what it refuses or where simplejpeg is not installed), crop, resize with antialiasing
+  and flip; batches hold uint8 images.
+- decode="device": workers only read each JPEG's header to draw its box and hand the batch's
+  JPEGs over as one byte buffer; `decode_on_device` decodes the batch in one call (nvJPEG on
+  CUDA) and crops + resizes each box straight into the output with `roi_align`, in memory
+  bounded by the output batch plus the decoded images. It runs on CPU too.
 """
 from __future__ import annotations
 
@@ -22,6 +25,11 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 from torchvision.transforms.v2 import functional as F
+
+try:  # libjpeg-turbo with DCT scaling, in a small wheel; without it decode_jpeg does all
+    import simplejpeg
+except ImportError:  # pragma: no cover - the package is in install_requires
+    simplejpeg = None
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in source pixels
 
@@ -47,10 +55,40 @@ class AugmentParams:
             raise ValueError(f"eval_crop_ratio must be in (0, 1], got {self.eval_crop_ratio}")
 
     @classmethod
-    def from_config(cls, data) -> "AugmentParams":
-        """From a `resnet.config.DataConfig`."""
-        return cls(data.image_size, (data.scale_min, data.scale_max),
+    def from_config(cls, data, image_size: int = 0) -> "AugmentParams":
+        """From a `resnet.config.DataConfig` (at data.image_size unless given)."""
+        return cls(image_size or data.image_size, (data.scale_min, data.scale_max),
                    (data.ratio_min, data.ratio_max), data.hflip, data.eval_crop_ratio)
+
+    @classmethod
+    def for_epoch(cls, data, epoch: int) -> "AugmentParams":
+        """Training augmentation of `epoch`: at the progressive-resizing size."""
+        return cls.from_config(data, train_image_size(data, epoch))
+
+    @classmethod
+    def for_eval(cls, data) -> "AugmentParams":
+        """Evaluation (and prediction, export): at data.eval_image_size, else image_size."""
+        return cls.from_config(data, data.eval_image_size or data.image_size)
+
+
+def ramp_size(min_size: int, max_size: int, start: int, end: int, epoch: int) -> int:
+    """FFCV's progressive resizing: linear from min_size at epoch `start` to max_size at `end`,
+    rounded to a multiple of 32; a pure function of the epoch (resume needs nothing saved)."""
+    if epoch >= end:
+        size = max_size
+    elif epoch <= start:
+        size = min_size
+    else:
+        size = min_size + (max_size - min_size) * (epoch - start) / (end - start)
+    return max(32, int(round(size / 32)) * 32)
+
+
+def train_image_size(data, epoch: int) -> int:
+    """The training size of `epoch` under a `resnet.config.DataConfig`."""
+    if not data.min_image_size:
+        return data.image_size
+    return ramp_size(data.min_image_size, data.image_size, data.resize_start_epoch,
+                     data.resize_end_epoch, epoch)
 
 
 # ----------------------------------------------------------------------------- boxes (pure)
@@ -97,10 +135,15 @@ def eval_resize(p: AugmentParams) -> int:
 
 
 def eval_box(width: int, height: int, p: AugmentParams) -> Box:
-    """The source region that resize-shorter-side + center-crop keeps (for the device path)."""
-    side = p.image_size * min(width, height) / eval_resize(p)
-    x0, y0 = (width - side) / 2, (height - side) / 2
-    return (x0, y0, x0 + side, y0 + side)
+    """The source region that `cpu_eval` keeps: torchvision's resize of the shorter side to
+    eval_resize (the longer side rounded down) then its center crop (offsets rounded)."""
+    short, long_ = sorted((width, height))
+    new_short, new_long = eval_resize(p), int(eval_resize(p) * long_ / short)
+    rw, rh = (new_short, new_long) if width <= height else (new_long, new_short)
+    left = int(round((rw - p.image_size) / 2.0))
+    top = int(round((rh - p.image_size) / 2.0))
+    sx, sy = width / rw, height / rh
+    return (left * sx, top * sy, (left + p.image_size) * sx, (top + p.image_size) * sy)
 
 
 # ----------------------------------------------------------------------------- CPU path
@@ -129,8 +172,39 @@ def decode(data: bytes) -> torch.Tensor:
         return _decode_pil(data)
 
 
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a JPEG simplejpeg decodes to RGB exactly (YCbCr, RGB, gray), from
+    its header alone; None for anything else (CMYK, PNG, ...) or without simplejpeg."""
+    if simplejpeg is None:
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return (width, height) if colorspace in ("YCbCr", "RGB", "Gray") else None
+
+
+def decode_scaled(data: bytes, width: int, height: int, box: Box,
+                  size: int) -> tuple[torch.Tensor, Box] | None:
+    """uint8 [3, h, w] decoded at the smallest DCT scale 1/k (k = 1, 2, 4, 8) at which `box`
+    (source pixels) still spans at least `size` pixels each way, and the box in its pixels.
+    The IDCT, upsampling and colour conversion then work on 1/k^2 of the pixels; the box is
+    the same region of the photo. Needs `jpeg_size(data)` to be (width, height); None where
+    libjpeg-turbo refuses the data (the caller falls back to `decode`)."""
+    x0, y0, x1, y1 = box
+    k = next(k for k in (8, 4, 2, 1) if k == 1 or min(x1 - x0, y1 - y0) >= k * size)
+    try:
+        arr = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True,
+                                     min_height=-(-height // k), min_width=-(-width // k))
+    except ValueError:
+        return None
+    sx, sy = arr.shape[1] / width, arr.shape[0] / height
+    img = torch.from_numpy(arr).permute(2, 0, 1)  # a view: no HWC -> CHW copy
+    return img, (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+
+
 def cpu_train(img: torch.Tensor, box: Box, flip: bool, size: int) -> torch.Tensor:
-    x0, y0, x1, y1 = (int(v) for v in box)
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
     out = F.resize(img[:, y0:y1, x0:x1], [size, size], antialias=True)
     return out.flip(-1) if flip else out
 
@@ -138,6 +212,27 @@ def cpu_train(img: torch.Tensor, box: Box, flip: bool, size: int) -> torch.Tenso
 def cpu_eval(img: torch.Tensor, p: AugmentParams) -> torch.Tensor:
     out = F.resize(img, [eval_resize(p)], antialias=True)
     return F.center_crop(out, [p.image_size, p.image_size])
+
+
+def train_image(data: bytes, p: AugmentParams, seed: int, epoch: int, key: str) -> torch.Tensor:
+    """The training view of one sample: uint8 [3, S, S]; its box and flip from train_view."""
+    size = jpeg_size(data)
+    if size is not None:
+        box, flip = train_view(*size, p, seed, epoch, key)
+        scaled = decode_scaled(data, *size, box, p.image_size)
+        if scaled is not None:
+            return cpu_train(*scaled, flip, p.image_size)
+    img = decode(data)
+    box, flip = train_view(img.shape[2], img.shape[1], p, seed, epoch, key)
+    return cpu_train(img, box, flip, p.image_size)
+
+
+def eval_image(data: bytes, p: AugmentParams) -> torch.Tensor:
+    """The evaluation view: resize the shorter side to eval_resize, center crop S (decoded at a
+    reduced DCT scale where the shorter side is at least twice eval_resize)."""
+    size = jpeg_size(data)
+    scaled = decode_scaled(data, *size, (0, 0, *size), eval_resize(p)) if size else None
+    return cpu_eval(scaled[0] if scaled else decode(data), p)
 
 
 # ----------------------------------------------------------------------------- device path
@@ -154,36 +249,138 @@ def header(data: bytes) -> tuple[int, int, bool]:
         raise DecodeError(f"not a readable image: {exc}") from None
 
 
-def for_device(data: bytes) -> tuple[torch.Tensor, int, int]:
+def for_device(data: bytes) -> tuple[bytes, int, int]:
     """JPEG bytes the device decoder accepts (PNG and CMYK re-encoded on CPU; rare), and size."""
     width, height, ok = header(data)
     if ok:
-        return _as_tensor(data), width, height
-    return encode_jpeg(decode(data), quality=95), width, height
+        return data, width, height
+    return encode_jpeg(decode(data), quality=95).numpy().tobytes(), width, height
 
 
-def decode_on_device(batch, device: torch.device | str, params: AugmentParams) -> torch.Tensor:
-    """uint8 [n, 3, S, S] on `device` from a decode="device" batch (jpegs, boxes, flips).
+def pack_jpegs(jpegs: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One contiguous uint8 buffer and int64 offsets [n + 1]: a batch crosses from a worker in
+    two tensors (two shared-memory handles), not one per sample."""
+    offsets = torch.zeros(len(jpegs) + 1, dtype=torch.int64)
+    if jpegs:
+        offsets[1:] = torch.tensor([len(j) for j in jpegs], dtype=torch.int64).cumsum(0)
+    return torch.frombuffer(bytearray(b"".join(jpegs)) or bytearray(1), dtype=torch.uint8)[
+        : int(offsets[-1])], offsets
 
-    One batched decode, then one roi_align over a zero-padded canvas for every crop+resize;
-    sampling_ratio=0 averages ceil(box/out) samples per output pixel, which antialiases.
+
+def unpack_jpegs(buffer: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
+    """Views of each JPEG in the buffer (no copies)."""
+    bounds = offsets.tolist()
+    return [buffer[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Output rows [r0, r1) of image `i`: the source rows/columns they sample, and the box in
+    the coordinates of that region."""
+
+    i: int
+    r0: int
+    r1: int
+    region: tuple[int, int, int, int]  # x0, y0, x1, y1 (integers, clipped to the image)
+    box: Box
+
+
+def _pieces(i: int, box: Box, width: int, height: int, size: int,
+            budget: int) -> list[_Piece]:
+    """Split image i's crop into bands of output rows whose float source region (3 channels,
+    one replicated row and column added) holds at most `budget` elements; one band when the
+    whole crop fits, and at least one output row per band."""
+    x0, y0, x1, y1 = box
+    rx0, rx1 = max(0, math.floor(x0) - 2), min(width, math.ceil(x1) + 2)
+    row_h = (y1 - y0) / size  # source rows per output row
+    per_row = 3 * (rx1 - rx0 + 1)  # elements per source row
+    rows = max(1, min(size, int((budget / per_row - 6) / max(row_h, 1e-9))))  # + 4 + 1 + 1
+    out = []
+    for r0 in range(0, size, rows):
+        r1 = min(size, r0 + rows)
+        ya, yb = y0 + r0 * row_h, y0 + r1 * row_h
+        ry0, ry1 = max(0, math.floor(ya) - 2), min(height, math.ceil(yb) + 2)
+        out.append(_Piece(i, r0, r1, (rx0, ry0, rx1, ry1),
+                          (x0 - rx0, ya - ry0, x1 - rx0, yb - ry0)))
+    return out
+
+
+def _fill(canvas: torch.Tensor, image: torch.Tensor, piece: _Piece) -> None:
+    """Copy the piece's source region into `canvas` [3, H, W] (converting to float on the way)
+    and repeat its last row and column once, so that samples in the image's last half pixel
+    interpolate the edge rather than the zero padding."""
+    rx0, ry0, rx1, ry1 = piece.region
+    h, w = ry1 - ry0, rx1 - rx0
+    canvas[:, :h, :w] = image[:, ry0:ry1, rx0:rx1]
+    canvas[:, h, :w] = canvas[:, h - 1, :w]
+    canvas[:, : h + 1, w] = canvas[:, : h + 1, w - 1]
+
+
+def decode_on_device(batch, device: torch.device | str, params: AugmentParams,
+                     budget: int | None = None) -> torch.Tensor:
+    """uint8 [n, 3, S, S] on `device` from a decode="device" batch (jpegs + jpeg_offsets,
+    boxes, flips), in memory bounded by the output batch plus the decoded images.
+
+    One batched decode (nvJPEG on CUDA, grayscale expanded to RGB), then each image's box is
+    cropped and resized straight into the output by `roi_align` (sampling_ratio=0 averages
+    ceil(box/out) samples per output pixel, which antialiases). Crops are gathered into float
+    canvases of at most `budget` elements (default: the output batch's, n x 3 x S x S), one
+    roi_align per canvas; a crop larger than the budget is resampled in bands of output rows,
+    so no float tensor is larger than the output batch (or, for a crop so tall that one output
+    row samples more than the budget, one such row band).
     """
     from torchvision.ops import roi_align
 
     size = params.image_size
-    n = len(batch.jpegs)
+    jpegs = unpack_jpegs(batch.jpegs, batch.jpeg_offsets)
+    n = len(jpegs)
+    out = torch.empty(n, 3, size, size, dtype=torch.uint8, device=device)
     if n == 0:
-        return torch.empty(0, 3, size, size, dtype=torch.uint8, device=device)
-    images = decode_jpeg(list(batch.jpegs), mode=ImageReadMode.RGB, device=device)
-    hmax = max(im.shape[1] for im in images)
-    wmax = max(im.shape[2] for im in images)
-    canvas = torch.zeros(n, 3, hmax, wmax, dtype=torch.float32, device=device)
-    for i, im in enumerate(images):
-        canvas[i, :, : im.shape[1], : im.shape[2]] = im
-    index = torch.arange(n, dtype=torch.float32, device=device)[:, None]
-    rois = torch.cat([index, batch.boxes.to(device=device, dtype=torch.float32)], dim=1)
-    out = roi_align(canvas, rois, output_size=(size, size), spatial_scale=1.0,
-                    sampling_ratio=0, aligned=True)
-    flips = batch.flips.to(device)
-    out = torch.where(flips[:, None, None, None], out.flip(-1), out)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+        return out
+    budget = budget or n * 3 * size * size
+    images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+    boxes = batch.boxes.tolist()
+    flips = batch.flips.tolist()
+    pieces = [p for i, im in enumerate(images)
+              for p in _pieces(i, tuple(boxes[i]), im.shape[2], im.shape[1], size, budget)]
+    whole = [p for p in pieces if p.r1 - p.r0 == size]
+    bands = [p for p in pieces if p.r1 - p.r0 < size]
+
+    def place(group: list[_Piece], result: torch.Tensor) -> None:
+        """Flip and store a canvas's results: one indexed copy for whole crops."""
+        result = result.round_().clamp_(0, 255).to(torch.uint8)
+        flip = torch.tensor([flips[p.i] for p in group], device=device)
+        result = torch.where(flip[:, None, None, None], result.flip(-1), result)
+        if group[0].r1 - group[0].r0 == size:
+            out[torch.tensor([p.i for p in group], device=device)] = result
+            return
+        for k, p in enumerate(group):  # a band of output rows
+            out[p.i, :, p.r0:p.r1] = result[k]
+
+    def run(group: list[_Piece], rows: int) -> None:
+        h = max(p.region[3] - p.region[1] for p in group) + 1
+        w = max(p.region[2] - p.region[0] for p in group) + 1
+        canvas = torch.zeros(len(group), 3, h, w, dtype=torch.float32, device=device)
+        for k, p in enumerate(group):
+            _fill(canvas[k], images[p.i], p)
+        rois = torch.tensor([[k, *p.box] for k, p in enumerate(group)], dtype=torch.float32,
+                            device=device)
+        place(group, roi_align(canvas, rois, output_size=(rows, size), spatial_scale=1.0,
+                               sampling_ratio=0, aligned=True))
+
+    # Whole crops, smallest first, into canvases that stay within the budget.
+    whole.sort(key=lambda p: (p.region[3] - p.region[1], p.region[2] - p.region[0]))
+    group: list[_Piece] = []
+    h = w = 0
+    for p in whole:
+        ph, pw = p.region[3] - p.region[1] + 1, p.region[2] - p.region[0] + 1
+        if group and (len(group) + 1) * 3 * max(h, ph) * max(w, pw) > budget:
+            run(group, size)
+            group, h, w = [], 0, 0
+        group.append(p)
+        h, w = max(h, ph), max(w, pw)
+    if group:
+        run(group, size)
+    for p in bands:  # crops larger than the budget, one band of output rows at a time
+        run([p], p.r1 - p.r0)
+    return out

@@ -1,18 +1,22 @@
 """`resnet bench data`: the shard loader's throughput against the original pipeline, and the
 cost of resuming mid-epoch.
 
-Throughput: both pipelines run on the same images (the shards' JPEGs, written out once as an
+Throughput: the pipelines run on the same images (the shards' JPEGs, written out once as an
 ImageFolder tree for the baseline), the same batch size and worker count, and are timed over
 the same number of batches after a warm-up (worker start and the first prefetch excluded).
 The baseline is the original project's: torchvision ImageFolder + PIL RandomResizedCrop + flip
 + ToTensor + Normalize in a shuffled DataLoader. Ours hands out uint8 and normalises on the
-device, so the comparison is between what each feeds the training step.
+device, so the comparison is between what each feeds the training step. `--repeats N` runs
+each pipeline N times in turn and reports medians (ratios taken within each repeat);
+`--compare-decode-jpeg` adds the shard loader with torchvision.io.decode_jpeg at full scale
+(the CPU path before simplejpeg and DCT scaling).
 
 Resume cost: time from building a loader (manifest read included) to its first batch, fresh
 versus with a state halfway through the epoch; the median of a few alternating runs.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import statistics
@@ -20,6 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from resnet.data import augment
 from resnet.data import format as fmt
 from resnet.data import storage
 from resnet.data.shardio import read_samples
@@ -144,20 +149,54 @@ def run(args) -> int:
         print(f"resume cost ({n} samples, resumed at 50%): first batch fresh {fresh:.2f} s, "
               f"resumed {resumed:.2f} s, ratio {resumed / fresh:.2f}")
         return 0
-    ours = loader_rate(args.shards, args.split, args.workers, args.batch_size, args.steps,
-                       args.warmup, args.image_size)
-    per = ours.per_s / max(1, args.workers)
-    print(f"shard loader: {ours.per_s:.0f} img/s ({per:.0f} per worker)")
-    if args.no_baseline:
-        return 0
-    tmp = tempfile.mkdtemp(prefix="resnet-bench-")
-    try:
-        extract_imagefolder(args.shards, args.split, tmp)
-        base = baseline_rate(tmp, args.workers, args.batch_size, args.steps, args.warmup,
-                             args.image_size)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"ImageFolder + PIL: {base.per_s:.0f} img/s "
-          f"({base.per_s / max(1, args.workers):.0f} per worker)")
-    print(f"ratio: {ours.per_s / base.per_s:.2f}")
+    runs = _throughput(args)
+    for name, rates in runs.items():
+        per_s = [r.per_s for r in rates]
+        med = statistics.median(per_s)
+        each = f" (runs: {', '.join(f'{x:.0f}' for x in per_s)})" if len(per_s) > 1 else ""
+        print(f"{name}: {med:.0f} img/s ({med / max(1, args.workers):.0f} per worker){each}")
+    base = runs.get(BASELINE)
+    for name, rates in runs.items():
+        if base and name != BASELINE:  # ratio within each repeat, then the median of those
+            ratios = [o.per_s / b.per_s for o, b in zip(rates, base)]
+            print(f"ratio {name} / {BASELINE}: {statistics.median(ratios):.2f}"
+                  + (f" (runs: {', '.join(f'{x:.2f}' for x in ratios)})" if len(ratios) > 1
+                     else ""))
     return 0
+
+
+BASELINE = "ImageFolder + PIL"
+
+
+@contextlib.contextmanager
+def _decode_jpeg_only():
+    """The CPU path as before simplejpeg: torchvision.io.decode_jpeg at full scale (workers
+    fork, so they inherit the switch)."""
+    saved, augment.simplejpeg = augment.simplejpeg, None
+    try:
+        yield
+    finally:
+        augment.simplejpeg = saved
+
+
+def _throughput(args) -> dict[str, list[Rate]]:
+    """Each pipeline once per repeat, in turn, so load drifts on a shared machine hit all."""
+    tmp = None if args.no_baseline else tempfile.mkdtemp(prefix="resnet-bench-")
+    runs: dict[str, list[Rate]] = {}
+    timing = (args.workers, args.batch_size, args.steps, args.warmup, args.image_size)
+    try:
+        if tmp:
+            extract_imagefolder(args.shards, args.split, tmp)
+        for _ in range(max(1, args.repeats)):
+            runs.setdefault("shard loader", []).append(
+                loader_rate(args.shards, args.split, *timing))
+            if args.compare_decode_jpeg:
+                with _decode_jpeg_only():
+                    runs.setdefault("shard loader, decode_jpeg only", []).append(
+                        loader_rate(args.shards, args.split, *timing))
+            if tmp:
+                runs.setdefault(BASELINE, []).append(baseline_rate(tmp, *timing))
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return runs

@@ -48,17 +48,18 @@ class Batch:
     keys: list[str]
     skipped: int = 0  # corrupt samples left out of this batch
     images: Optional[torch.Tensor] = None  # uint8 [n, 3, S, S] (decode="cpu")
-    jpegs: Optional[list[torch.Tensor]] = None  # decode="device": encoded bytes ...
+    jpegs: Optional[torch.Tensor] = None  # decode="device": uint8, the JPEGs end to end ...
     boxes: Optional[torch.Tensor] = None  # ... float [n, 4] x0, y0, x1, y1 in source pixels
     flips: Optional[torch.Tensor] = None  # ... bool [n]
+    jpeg_offsets: Optional[torch.Tensor] = None  # ... int64 [n + 1]: jpeg i is [o[i], o[i+1])
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
         pin = lambda t: t.pin_memory() if t is not None else None  # noqa: E731
-        return Batch(pin(self.labels), self.keys, self.skipped, pin(self.images), self.jpegs,
-                     pin(self.boxes), pin(self.flips))
+        return Batch(pin(self.labels), self.keys, self.skipped, pin(self.images),
+                     pin(self.jpegs), pin(self.boxes), pin(self.flips), self.jpeg_offsets)
 
 
 class CorruptSample(ValueError):
@@ -109,13 +110,11 @@ def _prepare(key: str, files: dict[str, bytes], job: _Job):
             box, flip = A.train_view(w, h, p, seed, epoch, key) if job.train else (
                 A.eval_box(w, h, p), False)
             return (jpeg, box, flip), label
-        img = A.decode(data)
+        if job.train:
+            return A.train_image(data, p, seed, epoch, key), label
+        return A.eval_image(data, p), label
     except A.DecodeError as exc:
         raise CorruptSample(str(exc)) from None
-    if job.train:
-        box, flip = A.train_view(img.shape[2], img.shape[1], p, seed, epoch, key)
-        return A.cpu_train(img, box, flip, p.image_size), label
-    return A.cpu_eval(img, p), label
 
 
 def _samples(job: _Job, positions, log_: RateLimitedLogger) -> Iterator[tuple[str, object]]:
@@ -158,7 +157,8 @@ def _collate(items: list[tuple[str, object]], job: _Job) -> Batch:
     skipped = len(items) - len(good)
     if job.decode == "device":
         payload = [v[0] for _, v in good]
-        return Batch(labels, keys, skipped, jpegs=[x[0] for x in payload],
+        jpegs, offsets = A.pack_jpegs([x[0] for x in payload])
+        return Batch(labels, keys, skipped, jpegs=jpegs, jpeg_offsets=offsets,
                      boxes=torch.tensor([x[1] for x in payload],
                                         dtype=torch.float32).reshape(-1, 4),
                      flips=torch.tensor([x[2] for x in payload], dtype=torch.bool))

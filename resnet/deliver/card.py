@@ -54,7 +54,8 @@ def _recipe(trained: Trained) -> str:
     hardware = (f"{val['processes']} {'GPU' if val.get('gpu') else 'CPU'} process(es)"
                 if "processes" in val else "not recorded")
     return "\n".join([
-        f"- architecture: `{cfg.model.arch}` (ResNet v1.5), {cfg.data.image_size} px input",
+        f"- architecture: `{cfg.model.arch}` (ResNet v1.5), "
+        f"{cfg.data.eval_image_size or cfg.data.image_size} px input",
         f"- epochs: {cfg.train.epochs} configured; weights from optimizer step {step}",
         f"- global batch: {batch} (per device {cfg.train.batch_size}), precision "
         f"{cfg.train.precision}, engine {cfg.deepspeed.engine}",

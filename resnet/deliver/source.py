@@ -137,7 +137,7 @@ def _from_run(path: Path) -> Trained:
         [f"class {i}" for i in range(n)]
     ids = [c["id"] for c in classes][:n] if len(classes) >= n else names
     return Trained(state, cfg.model.arch if cfg else infer_arch(state), names,
-                   AugmentParams.from_config(cfg.data) if cfg else AugmentParams(), path,
+                   AugmentParams.for_eval(cfg.data) if cfg else AugmentParams(), path,
                    run_dir, cfg, ids, layout)
 
 

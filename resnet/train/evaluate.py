@@ -130,7 +130,7 @@ def evaluate_weights(weights: str, data: str, *, arch: str = "", image_size: int
         raise FileNotFoundError(f"--weights {weights}: no such file or folder")
     cfg = run_config(path.resolve() if path.is_dir() else path.resolve().parent)
     arch = arch or (cfg.model.arch if cfg else "resnet50")
-    augment = AugmentParams.from_config(cfg.data) if cfg else AugmentParams()
+    augment = AugmentParams.for_eval(cfg.data) if cfg else AugmentParams()
     if image_size:
         augment = dataclasses.replace(augment, image_size=image_size)
     state = load_weights(path)

@@ -89,6 +89,13 @@ def preflight(cfg: Config, world_size: int | None = None) -> RunPlan:
         AugmentParams.from_config(cfg.data)
     except ValueError as exc:
         raise SetupError(f"data.scale_min/max, ratio_min/max or eval_crop_ratio: {exc}") from None
+    d = cfg.data
+    if d.min_image_size and not (32 <= d.min_image_size <= d.image_size
+                                 and 0 <= d.resize_start_epoch <= d.resize_end_epoch):
+        raise SetupError(f"progressive resizing needs 32 <= data.min_image_size <= "
+                         f"data.image_size and 0 <= data.resize_start_epoch <= "
+                         f"data.resize_end_epoch (got {d.min_image_size}, {d.image_size}, "
+                         f"{d.resize_start_epoch}, {d.resize_end_epoch})")
     train_manifest = _manifest(cfg.data.train, "train", "data.train")
     val_manifest = _manifest(cfg.data.val, "val", "data.val") if cfg.data.val else None
     if val_manifest and val_manifest.fingerprint != train_manifest.fingerprint:

@@ -69,17 +69,19 @@ class Trainer:
         self.cfg, self.plan, self.engine = cfg, plan, engine
         self.run_dir = Path(cfg.run.dir)
         self.log = RateLimitedLogger(engine.rank)
-        self.augment = AugmentParams.from_config(cfg.data)
+        # The train size is a function of the epoch (progressive resizing), set per epoch.
+        self.augment = AugmentParams.for_epoch(cfg.data, 0)
         common = dict(rank=engine.rank, world_size=engine.world_size, seed=cfg.seed,
-                      workers=cfg.data.workers, augment=self.augment, decode=cfg.data.decode,
+                      workers=cfg.data.workers, decode=cfg.data.decode,
                       prefetch_factor=cfg.data.prefetch_factor)
         self.loader = ShardLoader(cfg.data.train, "train", batch_size=cfg.train.batch_size,
-                                  global_batch=plan.global_batch, train=True, **common)
+                                  global_batch=plan.global_batch, train=True,
+                                  augment=self.augment, **common)
         self.val_loader = None
         if cfg.data.val:
             self.val_loader = ShardLoader(cfg.data.val, "val", batch_size=cfg.train.batch_size,
                                           global_batch=cfg.train.batch_size, train=False,
-                                          **common)
+                                          augment=AugmentParams.for_eval(cfg.data), **common)
         self.accum = plan.accumulation
         self.steps_per_epoch = self.loader.batches_per_epoch // self.accum
         self.log.info(f"global batch {plan.layout.describe()}")
@@ -171,7 +173,10 @@ class Trainer:
 
     def run_epoch(self) -> bool:
         """Train until the loader's epoch ends (True) or the step budget is spent (False)."""
-        batches, epoch = iter(self.loader), self.loader.epoch
+        epoch = self.loader.epoch
+        # Set before the epoch's workers start; a resumed run recomputes it from the epoch.
+        self.augment = self.loader.augment = AugmentParams.for_epoch(self.cfg.data, epoch)
+        batches = iter(self.loader)
         window = self.window = _Window()
         every = self.cfg.checkpoint.every_steps
         while self.progress.step < self.total_steps:
@@ -323,6 +328,7 @@ class Trainer:
             "img_per_s": img_s, "img_per_s_per_device": img_s / self.engine.world_size,
             "data_wait_frac": window.wait / elapsed, "step_time_s": elapsed / max(window.steps, 1),
             "epoch": self.loader.epoch, "samples_seen": self.progress.samples_seen,
+            "image_size": self.augment.image_size,
             "skipped_samples": self.skipped,
             **system_metrics(self.engine.device),
         }
