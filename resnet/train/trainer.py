@@ -165,6 +165,10 @@ class Trainer:
         self.bar = ProgressBar(self.total_steps, self.progress.step, enabled=self.engine.is_main)
         self.last_save = time.monotonic()
         self.nonfinite_at = torch.full((), -1, dtype=torch.long, device=self.engine.device)
+        self.compiling = time.monotonic() if self.cfg.train.compile else None
+        if self.compiling is not None:  # (a resumed run compiles again: say why it waits)
+            self.log.info(f"step {self.progress.step + 1} compiles the model first (torch.compile "
+                          f"warm-up: a minute or more on a GPU)")
         while self.progress.step < self.total_steps and self.loader.epoch < self.cfg.train.epochs:
             if self.run_epoch():  # False: max_steps reached inside the epoch
                 self.save()
@@ -185,6 +189,10 @@ class Trainer:
                 return True
             loss = self.train_step(micro, epoch)
             self.feed.mark()  # a checkpoint from here on records these batches as used
+            if self.compiling is not None:
+                self.log.info(f"compile warm-up done: the first step took "
+                              f"{time.monotonic() - self.compiling:.0f} s")
+                self.compiling = None
             self.progress.step += 1
             step = self.progress.step
             self._note_nonfinite(loss)
