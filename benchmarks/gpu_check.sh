@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# Issue 5's GPU check, in one prepared script: images/s and exact resume on one GPU.
+# Issues 5 and 11's GPU check, in one prepared script: images/s and exact resume on one GPU.
 #
 #   bash benchmarks/gpu_check.sh prepare     # HERE (with a package index), once: fills .whl
-#   bash benchmarks/gpu_check.sh             # on the GPU machine (about 8 minutes)
+#   bash benchmarks/gpu_check.sh             # on the GPU machine (8 minutes at most)
 #   GPU_CHECK_TINY=1 bash benchmarks/gpu_check.sh   # the same steps on a CPU, tiny sizes
 #
 # Steps: (1) generate ~5,000 ImageNet-like JPEGs (500x375) on local disk and pack them with
-# `resnet pack`; (2) benchmarks/bench_step.py: the model step on synthetic tensors, one figure
-# per configuration; (3) train ResNet-50 at 224 px with the default (GPU) config for a few
-# hundred steps under `torchrun --nproc-per-node 1 --max-restarts 1` with the sample audit on,
+# `resnet pack`; (2) `resnet bench train`: the model step on synthetic tensors per
+# configuration (fp32, bf16, bf16 channels_last, DDP, DeepSpeed ZeRO-0) and end to end from the
+# shards (data.decode cpu and device); (3) train ResNet-50 at 224 px with the default (GPU)
+# config for 120 steps under `torchrun --nproc-per-node 1 --max-restarts 1` with the audit on,
 # uninterrupted (run A) and with the worker killed mid-epoch by the trainer's fault hook
 # (run B, tests/fault_shim; torchrun restarts it and it resumes from its checkpoint);
 # (4) benchmarks/compare_runs.py: same samples from the resumed step on and bitwise equal
-# final weights -> "resume exact: yes/no"; (5) a summary with the img/s figures.
+# final weights -> "resume exact: yes/no"; (5) `resnet bench train` of the compiled
+# configurations (bf16 channels_last and DeepSpeed ZeRO-0, torch.compile: a minute or more of
+# compiling each) with what is left of the budget; (6) a summary with the img/s figures.
 # Both runs use benchmarks/deterministic_train.py (deterministic cuDNN) so that bitwise
 # equality means something on a GPU; their end-to-end img/s is therefore a lower bound.
 #
@@ -25,7 +28,8 @@
 # runs/gpu_check); images, shards and checkpoints under $GPU_CHECK_WORK (default
 # ${TMPDIR:-/tmp}/gpu_check, local disk). A failing step does not stop the later ones; the
 # exit status is 1 if any failed. Sizes: GPU_CHECK_IMAGES, GPU_CHECK_STEPS, GPU_CHECK_FAULT_STEP,
-# GPU_CHECK_CKPT_EVERY, GPU_CHECK_WORKERS, GPU_CHECK_BENCH_CONFIGS, GPU_CHECK_COMPILE=1.
+# GPU_CHECK_CKPT_EVERY, GPU_CHECK_WORKERS, GPU_CHECK_BENCH_CONFIGS, GPU_CHECK_COMPILE=0 (skip
+# the compiled configurations), GPU_CHECK_BUDGET_S (default 480: every phase ends by then).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 
@@ -70,28 +74,31 @@ if [[ "${GPU_CHECK_TINY:-0}" == 1 ]]; then
   IMAGES=${GPU_CHECK_IMAGES:-120}; CLASSES=4; SIZE=64x48; SHARD=32
   STEPS=${GPU_CHECK_STEPS:-10}; FAULT_STEP=${GPU_CHECK_FAULT_STEP:-6}
   CKPT_EVERY=${GPU_CHECK_CKPT_EVERY:-4}; LOG_EVERY=2; WORKERS=${GPU_CHECK_WORKERS:-1}
-  BENCH=(--arch resnet18 --batch-size 8 --image-size 64 --steps 2 --warmup 1 --repeats 1
-         --timeout 300)
+  BENCH=(--arch resnet18 --batch-size 8 --image-size 32 --steps 2 --warmup 1 --repeats 2
+         --workers "$WORKERS" --timeout 200)
+  BENCH_CONFIGS=${GPU_CHECK_BENCH_CONFIGS:-fp32,deepspeed_zero0}
+  COMPILED=(--configs deepspeed_zero0_compile --compile-backend eager)
   MODEL=(model.arch=resnet18 data.image_size=32 train.batch_size=8)
   T_BENCH=300; T_TRAIN=300; export OMP_NUM_THREADS=1
 else
   IMAGES=${GPU_CHECK_IMAGES:-5000}; CLASSES=100; SIZE=500x375; SHARD=250
-  STEPS=${GPU_CHECK_STEPS:-200}; FAULT_STEP=${GPU_CHECK_FAULT_STEP:-110}
-  CKPT_EVERY=${GPU_CHECK_CKPT_EVERY:-50}; LOG_EVERY=10
+  STEPS=${GPU_CHECK_STEPS:-120}; FAULT_STEP=${GPU_CHECK_FAULT_STEP:-70}
+  CKPT_EVERY=${GPU_CHECK_CKPT_EVERY:-30}; LOG_EVERY=10
   WORKERS=${GPU_CHECK_WORKERS:-$(( cores > 3 ? cores - 2 : 1 ))}
-  BENCH=(--arch resnet50 --batch-size 256 --image-size 224 --steps 20 --warmup 10 --repeats 3
-         --timeout 240)
+  # Warm-up excluded (cuDNN autotuning, the loader's first prefetch, compiling); median of 3.
+  BENCH=(--arch resnet50 --batch-size 256 --image-size 224 --steps 10 --warmup 8 --repeats 3
+         --workers "$WORKERS" --timeout 120)
+  BENCH_CONFIGS=${GPU_CHECK_BENCH_CONFIGS:-fp32,bf16,bf16_cl,accelerate_ddp,deepspeed_zero0}
+  COMPILED=(--configs bf16_cl_compile,deepspeed_zero0_compile --timeout 150)
   MODEL=()  # the defaults are the GPU recipe: resnet50, 224 px, batch 256, bf16, ZeRO-0
-  T_BENCH=240; T_TRAIN=200
+  T_BENCH=230; T_TRAIN=130
 fi
-BENCH+=(--configs "${GPU_CHECK_BENCH_CONFIGS:-fp32,bf16,bf16_cl,accelerate_ddp,deepspeed_zero0}")
-[[ "${GPU_CHECK_COMPILE:-0}" == 1 ]] && BENCH+=(--compile)
 
 failed=()
 t_start=$SECONDS
 # One run on a lent machine may last 600 s: every phase ends before this many seconds, so the
 # summary and the files in $OUT always come back, whatever hangs.
-BUDGET=${GPU_CHECK_BUDGET_S:-560}
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
 # phase NAME TIMEOUT_S CMD...: run CMD with its output in $OUT/NAME.log; note a failure, go on.
 phase() {
   local name=$1 limit=$2 t0=$SECONDS rc left
@@ -129,9 +136,9 @@ phase generate 150 "$PY" benchmarks/gen_images.py "$WORK/src" --images "$IMAGES"
     --samples-per-shard "$SHARD" --quiet
 grep -h "gen_images\|^packed" "$OUT/generate.log" "$OUT/pack.log" 2>/dev/null | sed 's/^/   /'
 
-phase bench_step "$T_BENCH" "$PY" benchmarks/bench_step.py "${BENCH[@]}" \
-  --json "$OUT/bench_step.json"
-grep '^|' "$OUT/bench_step.log" 2>/dev/null | sed 's/^/   /'
+phase bench_train "$T_BENCH" "$PY" -m resnet bench train --data "$DATA" "${BENCH[@]}" \
+  --configs "$BENCH_CONFIGS" --e2e cpu,device --json "$OUT/bench_train.json"
+grep '^|' "$OUT/bench_train.log" 2>/dev/null | sed 's/^/   /'
 
 TRAIN=(data.train="$DATA" data.val="$DATA" train.epochs=1000 train.max_steps="$STEPS"
        data.workers="$WORKERS" audit.sample_keys=true checkpoint.every_steps="$CKPT_EVERY"
@@ -155,6 +162,14 @@ grep -h "resumed from" "$OUT/train_b.log" 2>/dev/null | sed 's/^/   /'
 phase compare 60 "$PY" benchmarks/compare_runs.py "$WORK/train_a" "$WORK/train_b"
 sed 's/^/   /' "$OUT/compare.log" 2>/dev/null
 
+# Last: the compiled configurations (a minute or more of compiling each on a GPU), in what is
+# left of the budget; the rows print as they finish, so a cut-short phase still reports some.
+if [[ "${GPU_CHECK_COMPILE:-1}" == 1 ]]; then
+  phase bench_compiled 400 "$PY" -m resnet bench train --data "$DATA" "${BENCH[@]}" \
+    "${COMPILED[@]}" --e2e "" --json "$OUT/bench_compiled.json"
+  grep '^|' "$OUT/bench_compiled.log" 2>/dev/null | sed 's/^/   /'
+fi
+
 # End-to-end img/s from run A's metrics.jsonl, past the first fifth of the steps (warm-up).
 "$PY" - "$OUT/train_a.metrics.jsonl" "$STEPS" > "$OUT/end_to_end.txt" 2>&1 <<'EOF'
 import json, statistics, sys
@@ -176,9 +191,10 @@ EOF
 {
   echo "gpu_check summary ($(date -u +%FT%TZ), $(( SECONDS - t_start )) s," \
     "tiny=${GPU_CHECK_TINY:-0})"
-  grep '^# \(device\|CPU\|python\)' "$OUT/bench_step.log" 2>/dev/null
-  echo "model step on synthetic tensors (benchmarks/bench_step.py):"
-  grep '^|' "$OUT/bench_step.log" 2>/dev/null
+  grep '^# \(device\|CPU\|python\|resnet\)' "$OUT/bench_train.log" 2>/dev/null
+  echo "resnet bench train (synthetic tensors, then end to end from the shards):"
+  grep '^|' "$OUT/bench_train.log" 2>/dev/null
+  grep '^|' "$OUT/bench_compiled.log" 2>/dev/null | grep -v '^| config \|^|---'
   cat "$OUT/end_to_end.txt"
   grep "^resume exact" "$OUT/compare.log" 2>/dev/null || echo "resume exact: not determined"
   if [[ ${#failed[@]} -gt 0 ]]; then

@@ -220,9 +220,23 @@ def _bench_data(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _bench_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from resnet.train.bench import check_arguments, run
+
+    check_arguments(parser, args)
+    return run(args)
+
+
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks (`resnet bench data SHARDS`)")
+    from resnet.train.bench import add_arguments
+
+    p = sub.add_parser("bench", help="benchmarks (`resnet bench data SHARDS`, "
+                       "`resnet bench train [--data SHARDS]`)")
     kinds = p.add_subparsers(dest="bench", metavar="KIND")
+    t = kinds.add_parser("train", help="training img/s: the model step per engine/precision/"
+                         "compile on synthetic tensors, and end to end from shards")
+    add_arguments(t)
+    t.set_defaults(handler=lambda args: _bench_train(t, args))
     d = kinds.add_parser("data", help="shard loader img/s vs ImageFolder + PIL, or resume cost")
     d.add_argument("shards", metavar="SHARDS", help="a packed data set (local, s3://, http(s)://)")
     d.add_argument("--split", default="train")

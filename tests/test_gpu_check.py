@@ -1,9 +1,10 @@
 """benchmarks/gpu_check.sh in its tiny CPU mode: every step of the GPU check works end to end.
 
 The GPU check runs once, on a machine lent for minutes; a broken step there wastes the loan.
-Tiny mode runs the same steps (generate + pack, bench_step, two torchrun trainings with the
-audit on, one killed mid-epoch by the fault hook and restarted, compare_runs) on a CPU with
-tiny sizes in about 1.5 minutes, and on a CPU the resume must be bitwise exact.
+Tiny mode runs the same steps (generate + pack, `resnet bench train` synthetic and end to end,
+two torchrun trainings with the audit on, one killed mid-epoch by the fault hook and restarted,
+compare_runs, a compiled configuration) on a CPU with tiny sizes in about 2.5 minutes, and on a
+CPU the resume must be bitwise exact.
 """
 from __future__ import annotations
 
@@ -32,8 +33,13 @@ def test_tiny_gpu_check_runs_every_step_and_resume_is_exact(tmp_path):
     assert "restarts [0, 1]" in compare  # the worker really was killed and restarted
     assert "final weights: " in compare and "bitwise identical" in compare
     assert "resumed from step-000000004" in (out / "train_b.log").read_text()
-    bench = json.loads((out / "bench_step.json").read_text())["results"]
-    assert len(bench) == 5 and all(r["img_per_s"] > 0 for r in bench)
+    bench = json.loads((out / "bench_train.json").read_text())["results"]
+    assert [r["config"] for r in bench] == ["fp32", "deepspeed_zero0", "e2e_cpu", "e2e_device"]
+    assert all(r["img_per_s"] > 0 for r in bench)
+    compiled = json.loads((out / "bench_compiled.json").read_text())["results"]
+    assert [r["config"] for r in compiled] == ["deepspeed_zero0_compile"]
+    summary_rows = [line for line in summary.splitlines() if line.startswith("| ")]
+    assert len(summary_rows) == 6, summary  # the table's head and the 5 configurations
     assert "img/s" in (out / "end_to_end.txt").read_text()
     # Only small files come back from a GPU machine: no images, shards or checkpoints in OUT.
     assert all(p.stat().st_size < 5_000_000 for p in out.rglob("*") if p.is_file())

@@ -282,6 +282,8 @@ def test_compiled_model_trains_and_exports_torchvision_keys(data, tmp_path):
         "audit.sample_keys=false", val=False)), tmp_path / "log.txt", timeout=240)
     assert code == 0, out[-4000:]
     assert "model compiled (torch.compile backend eager)" in out
+    # The compile warm-up is announced and its end logged (a resumed run does not stall mute).
+    assert "step 1 compiles the model first" in out and "compile warm-up done" in out
     weights = load_file(str(run_dir / "final" / "model.safetensors"))
     assert not any("_orig_mod" in k for k in weights)
     torchvision.models.resnet18(num_classes=4).load_state_dict(weights, strict=True)

@@ -269,7 +269,7 @@ def pack_jpegs(jpegs: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def unpack_jpegs(buffer: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
     """Views of each JPEG in the buffer (no copies)."""
-    bounds = offsets.tolist()
+    bounds = offsets.numpy().tolist()  # host metadata: numpy() refuses a device tensor (no sync)
     return [buffer[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
@@ -316,6 +316,14 @@ def _fill(canvas: torch.Tensor, image: torch.Tensor, piece: _Piece) -> None:
     canvas[:, : h + 1, w] = canvas[:, : h + 1, w - 1]
 
 
+def _to_device(values: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A small host-built tensor on `device` without a blocking copy (pinned, then async)."""
+    host = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def decode_on_device(batch, device: torch.device | str, params: AugmentParams,
                      budget: int | None = None) -> torch.Tensor:
     """uint8 [n, 3, S, S] on `device` from a decode="device" batch (jpegs + jpeg_offsets,
@@ -339,8 +347,8 @@ def decode_on_device(batch, device: torch.device | str, params: AugmentParams,
         return out
     budget = budget or n * 3 * size * size
     images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
-    boxes = batch.boxes.tolist()
-    flips = batch.flips.tolist()
+    boxes = batch.boxes.numpy().tolist()  # host metadata from the workers: no device sync
+    flips = batch.flips.numpy().tolist()
     pieces = [p for i, im in enumerate(images)
               for p in _pieces(i, tuple(boxes[i]), im.shape[2], im.shape[1], size, budget)]
     whole = [p for p in pieces if p.r1 - p.r0 == size]
@@ -349,10 +357,10 @@ def decode_on_device(batch, device: torch.device | str, params: AugmentParams,
     def place(group: list[_Piece], result: torch.Tensor) -> None:
         """Flip and store a canvas's results: one indexed copy for whole crops."""
         result = result.round_().clamp_(0, 255).to(torch.uint8)
-        flip = torch.tensor([flips[p.i] for p in group], device=device)
+        flip = _to_device([flips[p.i] for p in group], torch.bool, device)
         result = torch.where(flip[:, None, None, None], result.flip(-1), result)
         if group[0].r1 - group[0].r0 == size:
-            out[torch.tensor([p.i for p in group], device=device)] = result
+            out[_to_device([p.i for p in group], torch.int64, device)] = result
             return
         for k, p in enumerate(group):  # a band of output rows
             out[p.i, :, p.r0:p.r1] = result[k]
@@ -363,8 +371,7 @@ def decode_on_device(batch, device: torch.device | str, params: AugmentParams,
         canvas = torch.zeros(len(group), 3, h, w, dtype=torch.float32, device=device)
         for k, p in enumerate(group):
             _fill(canvas[k], images[p.i], p)
-        rois = torch.tensor([[k, *p.box] for k, p in enumerate(group)], dtype=torch.float32,
-                            device=device)
+        rois = _to_device([[k, *p.box] for k, p in enumerate(group)], torch.float32, device)
         place(group, roi_align(canvas, rois, output_size=(rows, size), spatial_scale=1.0,
                                sampling_ratio=0, aligned=True))
 

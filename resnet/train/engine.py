@@ -163,6 +163,11 @@ def create_engine(cfg: Config, layout: MicroLayout, load_universal: bool = False
             ds.setdefault("checkpoint", {})["load_universal"] = True
         plugin = DeepSpeedPlugin(hf_ds_config=ds)
     elif cfg.train.precision in AUTOCAST_DTYPES:
+        if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+            # Accelerate would run it as plain fp32 (no autocast, no loss scaler) without a word.
+            raise SetupError("train.precision=fp16 with deepspeed.engine=ddp needs CUDA "
+                             "(Accelerate has no fp16 autocast or loss scaler on a CPU); use "
+                             "bf16, or fp16 under deepspeed.engine=deepspeed with zero_stage=0")
         mixed = cfg.train.precision
     accelerator = make_accelerator(
         use_deepspeed=use_ds,

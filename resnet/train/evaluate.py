@@ -20,12 +20,23 @@ WEIGHTS_FILE = "model.safetensors"
 CLASSES_FILE = "classes.json"
 
 
+_ON_DEVICE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD as [1,3,1,1] on `device`, copied there once per process (not per batch)."""
+    if device not in _ON_DEVICE:
+        _ON_DEVICE[device] = (MEAN.to(device).view(1, 3, 1, 1), STD.to(device).view(1, 3, 1, 1))
+    return _ON_DEVICE[device]
+
+
 def normalize(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """uint8 [N,3,H,W] on the device -> normalised float; done on the device, not in workers."""
-    mean = MEAN.to(images.device).view(1, 3, 1, 1)
-    std = STD.to(images.device).view(1, 3, 1, 1)
-    x = (images.float() - mean) / std
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    """uint8 [N,3,H,W] on the device -> normalised float; done on the device, not in workers.
+    One float tensor, in the wanted memory format, normalised in place."""
+    mean, std = _mean_std(images.device)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = images.to(dtype=torch.float32, memory_format=layout, copy=True)  # never the input
+    return x.sub_(mean).div_(std)
 
 
 def batch_images(batch, device: torch.device, params) -> torch.Tensor:
@@ -45,20 +56,21 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast, reduce_su
     (images: uint8 on the device, however they were decoded)."""
     was_training = model.training
     model.eval()
+    from resnet.train.prefetch import DeviceFeed
+
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
-    for batch in loader:
-        labels = batch.labels.to(device)
+    for batch in DeviceFeed(loader, device, loader.augment):  # (no host-device sync per batch)
+        labels, images = batch.labels, batch.images
         if labels.numel() == 0:
             continue
-        images = batch_images(batch, device, loader.augment)
         with autocast():
             logits = model(normalize(images, channels_last)).float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == labels[:, None]
-        totals += torch.stack([
+        totals[:3] += torch.stack([
             nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
-            hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
-            torch.tensor(float(labels.numel()), dtype=torch.float64, device=device)])
+            hits[:, 0].sum().double(), hits.any(dim=1).sum().double()])
+        totals[3] += labels.numel()
         if on_batch is not None:
             on_batch(batch, images, logits)
     totals = reduce_sum(totals)

@@ -16,8 +16,10 @@ from torch import nn
 
 from resnet.config import Config, save_config, to_dict
 from resnet.data.stream import AugmentParams, ShardLoader
+from resnet.logs import RateLimitedLogger
 from resnet.model import build_model
 from resnet.train import universal
+from resnet.train.agreement import Agreement
 from resnet.train.audit import AuditLog, new_start_id
 from resnet.train.checkpoint import CheckpointError, CheckpointManager, read_state
 from resnet.train.engine import Engine, create_engine
@@ -25,7 +27,7 @@ from resnet.train.evaluate import batch_images, evaluate, export_final, normaliz
 from resnet.train.metrics import RunLogger, restart_count, system_metrics
 from resnet.train.optim import Schedule, build_optimizer, peak_lr, set_lr
 from resnet.train.preflight import RunPlan, check_resumable, preflight
-from resnet.logs import RateLimitedLogger
+from resnet.train.prefetch import DeviceFeed
 from resnet.train.progress import ProgressBar
 
 
@@ -73,7 +75,8 @@ class Trainer:
         self.augment = AugmentParams.for_epoch(cfg.data, 0)
         common = dict(rank=engine.rank, world_size=engine.world_size, seed=cfg.seed,
                       workers=cfg.data.workers, decode=cfg.data.decode,
-                      prefetch_factor=cfg.data.prefetch_factor)
+                      prefetch_factor=cfg.data.prefetch_factor,
+                      pin_memory=engine.device.type == "cuda")
         self.loader = ShardLoader(cfg.data.train, "train", batch_size=cfg.train.batch_size,
                                   global_batch=plan.global_batch, train=True,
                                   augment=self.augment, **common)
@@ -82,6 +85,9 @@ class Trainer:
             self.val_loader = ShardLoader(cfg.data.val, "val", batch_size=cfg.train.batch_size,
                                           global_batch=cfg.train.batch_size, train=False,
                                           augment=AugmentParams.for_eval(cfg.data), **common)
+        # Batches reach the device through the feed (copied on a side stream on CUDA); it
+        # stands in for the loader in checkpoints (its state as of the trained steps).
+        self.feed = DeviceFeed(self.loader, engine.device, self.augment)
         self.accum = plan.accumulation
         self.steps_per_epoch = self.loader.batches_per_epoch // self.accum
         self.log.info(f"global batch {plan.layout.describe()}")
@@ -112,13 +118,14 @@ class Trainer:
                                              reduction="sum")
         self.loss_scale = plan.layout.loss_weight
         self.checkpoints = CheckpointManager(
-            engine.accelerator, self.run_dir, {"progress": self.progress, "loader": self.loader},
+            engine.accelerator, self.run_dir, {"progress": self.progress, "loader": self.feed},
             keep=cfg.checkpoint.keep, mirror=cfg.checkpoint.mirror, gather=engine.gather)
         self.logger = RunLogger(engine.accelerator, cfg, self.run_dir)
         self.restart = restart_count()
         self.audit = (AuditLog(self.run_dir, engine.rank, self._agreed_start_id())
                       if cfg.audit.sample_keys else None)
         self.stop = StopFlag()
+        self.agreement = Agreement(engine)
         self.skipped = 0
         self.evaluated_at = -1  # the step of the last evaluation
 
@@ -165,6 +172,10 @@ class Trainer:
         self.bar = ProgressBar(self.total_steps, self.progress.step, enabled=self.engine.is_main)
         self.last_save = time.monotonic()
         self.nonfinite_at = torch.full((), -1, dtype=torch.long, device=self.engine.device)
+        self.compiling = time.monotonic() if self.cfg.train.compile else None
+        if self.compiling is not None:  # (a resumed run compiles again: say why it waits)
+            self.log.info(f"step {self.progress.step + 1} compiles the model first (torch.compile "
+                          f"warm-up: a minute or more on a GPU)")
         while self.progress.step < self.total_steps and self.loader.epoch < self.cfg.train.epochs:
             if self.run_epoch():  # False: max_steps reached inside the epoch
                 self.save()
@@ -176,16 +187,23 @@ class Trainer:
         epoch = self.loader.epoch
         # Set before the epoch's workers start; a resumed run recomputes it from the epoch.
         self.augment = self.loader.augment = AugmentParams.for_epoch(self.cfg.data, epoch)
-        batches = iter(self.loader)
+        self.feed.params = self.augment  # (data.decode=device crops to this size)
+        batches = iter(self.feed)
         window = self.window = _Window()
         every = self.cfg.checkpoint.every_steps
         while self.progress.step < self.total_steps:
             window.start_wait()
             micro = [b for _, b in zip(range(self.accum), batches)]
             window.end_wait()
+            self._act_on_agreement(window)  # the last step's flags, agreed while data came
             if not micro:
                 return True
             loss = self.train_step(micro, epoch)
+            self.feed.mark()  # a checkpoint from here on records these batches as used
+            if self.compiling is not None:
+                self.log.info(f"compile warm-up done: the first step took "
+                              f"{time.monotonic() - self.compiling:.0f} s")
+                self.compiling = None
             self.progress.step += 1
             step = self.progress.step
             self._note_nonfinite(loss)
@@ -193,19 +211,32 @@ class Trainer:
             window.add(loss.detach(), self.plan.global_batch, sum(b.skipped for b in micro))
             due = (self.cfg.checkpoint.every_minutes > 0 and
                    time.monotonic() - self.last_save > 60 * self.cfg.checkpoint.every_minutes)
-            stop, save_now = self.engine.agree(float(self.stop.signum), float(due))
-            if step % self.cfg.train.log_every_steps == 0 or stop:
+            if step % self.cfg.train.log_every_steps == 0:
                 self._log_train(window)
-            if (every and step % every == 0) or save_now or stop:
+            if every and step % every == 0:
                 self.save()
-            if stop:
-                self.log.warning(f"stopped by signal {int(stop)} at step {step}; "
-                                 f"checkpoint saved, run again to resume")
-                self.checkpoints.close()
-                raise SystemExit(128 + int(stop))
             if self.cfg.train.eval_every_steps and step % self.cfg.train.eval_every_steps == 0:
                 self.run_eval()
+            # Stop/save agreement without a per-step barrier: started now, read (and acted on
+            # at this step) once the next step's batches are fetched.
+            self.agreement.start(float(self.stop.signum), float(due))
+        self._act_on_agreement(window)
         return False
+
+    def _act_on_agreement(self, window: "_Window") -> None:
+        """Save and/or stop at the last finished step if the ranks agreed to (same step on
+        every rank: each reads the same all-reduce at the same point of the loop)."""
+        stop, save_now = self.agreement.result()
+        step = self.progress.step
+        if stop and window.steps:
+            self._log_train(window)
+        if save_now or stop:
+            self.save()
+        if stop:
+            self.log.warning(f"stopped by signal {int(stop)} at step {step}; "
+                             f"checkpoint saved, run again to resume")
+            self.checkpoints.close()
+            raise SystemExit(128 + int(stop))
 
     def save(self) -> None:
         self._check_finite()  # never checkpoint weights that a NaN already reached
@@ -263,7 +294,7 @@ class Trainer:
 
         def keep_examples(batch, images, logits):
             if self.engine.is_main and len(shown) < 1:
-                shown.append((images[:32].cpu(), batch.labels[:32],
+                shown.append((images[:32].cpu(), batch.labels[:32].cpu(),
                               logits[:32].topk(min(5, logits.shape[1]), dim=1).indices.cpu()))
 
         result = evaluate(model, self.val_loader, self.engine.device, self.engine.autocast,
@@ -310,8 +341,7 @@ class Trainer:
                                 f"checkpoint is kept in {self.checkpoints.dir}; {advice}")
 
     def _log_train(self, window: "_Window") -> None:
-        # One all-reduce for the window's sums, on the device on every rank (a window of only
-        # empty batches never moved `hits` there).
+        # One all-reduce for the window's sums (kept on the device between log steps).
         device = self.engine.device
         totals = torch.cat([window.loss_sum.reshape(1).to(device, torch.float64),
                             window.hits.to(device),
@@ -340,7 +370,8 @@ class Trainer:
 
 
 class _Window:
-    """Throughput and loss over the steps since the last log line."""
+    """Throughput and loss over the steps since the last log line. The sums stay on the
+    device where the steps put them (created there on first use): no sync between logs."""
 
     def __init__(self) -> None:
         self.reset()
@@ -349,6 +380,7 @@ class _Window:
         self.t0 = time.perf_counter()
         self.loss_sum = torch.zeros(())
         self.hits = torch.zeros(3, dtype=torch.float64)  # top-1 hits, top-5 hits, samples
+        self._fresh = True  # the zeros above are on the CPU, not yet where the steps run
         self.steps = self.samples = self.skipped = 0
         self.wait = 0.0
         self._wait_start = 0.0
@@ -359,8 +391,15 @@ class _Window:
     def end_wait(self) -> None:
         self.wait += time.perf_counter() - self._wait_start
 
+    def _on(self, device: torch.device) -> None:
+        if self._fresh:  # new zeros there, not a copy of the CPU ones
+            self.loss_sum = torch.zeros((), device=device)
+            self.hits = torch.zeros(3, dtype=torch.float64, device=device)
+            self._fresh = False
+
     def add(self, loss: torch.Tensor, samples: int, skipped: int) -> None:
-        self.loss_sum = self.loss_sum.to(loss.device) + loss
+        self._on(loss.device)
+        self.loss_sum += loss
         self.steps += 1
         self.samples += samples
         self.skipped += skipped
@@ -368,10 +407,10 @@ class _Window:
     def add_hits(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         if labels.numel() == 0:
             return
+        self._on(labels.device)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-        counts = torch.stack([top5[:, 0].sum(), top5.any(dim=1).sum(),
-                              torch.tensor(labels.numel(), device=labels.device)]).double()
-        self.hits = self.hits.to(counts.device) + counts
+        self.hits[:2] += torch.stack([top5[:, 0].sum(), top5.any(dim=1).sum()])
+        self.hits[2] += labels.numel()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
