@@ -19,7 +19,7 @@ from resnet.data.stream import AugmentParams, ShardLoader
 from resnet.model import build_model
 from resnet.train.audit import AuditLog, new_start_id
 from resnet.train.checkpoint import CheckpointManager, CheckpointMismatch, read_state
-from resnet.train.engine import Engine, create_engine
+from resnet.train.engine import Engine, create_engine, describe_running, settle
 from resnet.train.evaluate import batch_images, evaluate, export_final, normalize
 from resnet.train.metrics import RunLogger, restart_count, system_metrics
 from resnet.train.optim import Schedule, build_optimizer, peak_lr, set_lr
@@ -101,6 +101,7 @@ class Trainer:
             self.log.info(f"model compiled (torch.compile backend {cfg.train.compile_backend})")
         optimizer = build_optimizer(model, cfg.optim, plan.global_batch)
         self.model, self.optimizer = engine.accelerator.prepare(model, optimizer)
+        self.log.info(describe_running(self.model, engine))
         # Summed, then scaled so that the gradient (averaged over ranks and micro-steps by
         # DDP/DeepSpeed) is the mean over exactly the global batch, whatever the split.
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing,
@@ -367,6 +368,7 @@ class _Window:
 
 
 def train(cfg: Config) -> Path:
+    cfg = settle(cfg)  # precision, stage, clipping: what runs, from the config and the JSON
     plan = preflight(cfg)  # bad input fails here, before any process group
     engine = create_engine(cfg, plan.layout)
     return Trainer(cfg, plan, engine).fit()
