@@ -68,6 +68,29 @@ def test_keeps_the_last_k(tmp_path):
         "step-000000003", "step-000000004"]
 
 
+def test_after_a_rollback_the_checkpoint_just_written_is_kept_and_latest(tmp_path):
+    """Pruning goes by the order of writing: after resuming from an older checkpoint (a NaN,
+    an older mirror copy) the new one has a lower step than checkpoints written before it."""
+    import shutil
+
+    ckpt, acc, _ = _manager(tmp_path, keep=2)
+    folder = tmp_path / "checkpoints"
+    ckpt.save(10)
+    shutil.copytree(folder / "step-000000010", tmp_path / "mirror-copy")
+    for step in (20, 30):
+        ckpt.save(step)
+    shutil.copytree(tmp_path / "mirror-copy", folder / "step-000000010")  # restored
+    ckpt.load(folder / "step-000000010")  # the rollback
+    acc.weights = 15
+    ckpt.save(15)
+    assert sorted(p.name for p in folder.glob("step-*")) == ["step-000000015", "step-000000030"]
+    assert (folder / "latest").read_text() == "step-000000015"
+    (folder / "latest").unlink()  # lost: the fallback is the last written, not the highest step
+    assert find_latest(folder).name == "step-000000015"
+    ckpt.save(16)
+    assert sorted(p.name for p in folder.glob("step-*")) == ["step-000000015", "step-000000016"]
+
+
 def test_a_half_written_checkpoint_is_ignored_and_cleaned(tmp_path):
     ckpt, _, _ = _manager(tmp_path)
     ckpt.save(4)

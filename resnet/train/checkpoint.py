@@ -32,6 +32,10 @@ LATEST = "latest"
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 NAME = re.compile(r"step-\d{9}")  # what a checkpoint folder (and `latest`) may be called
+# In trainer_state.json: the checkpoint's place in the order of writing (1 + the highest on
+# disk). After a rollback a newer checkpoint can have a lower step than older ones: pruning
+# and the fallback for a missing `latest` go by this order, never by the step in the name.
+ORDER = "written"
 
 
 class CheckpointMismatch(RuntimeError):
@@ -89,14 +93,31 @@ def checked_name(name: str, where: str) -> str:
     return name
 
 
+def _written(checkpoint: Path) -> tuple[int, int]:
+    """Sort key: the order of writing (checkpoints without one, from older versions, first),
+    then the step."""
+    try:
+        order = int(read_state(checkpoint).get(ORDER, 0))
+    except (OSError, ValueError, AttributeError):
+        order = 0
+    return order, step_of(checkpoint.name)
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """The complete checkpoints in `directory`, in the order they were written."""
+    found = [p for p in directory.glob(f"{PREFIX}*")
+             if NAME.fullmatch(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=_written)
+
+
 def find_latest(directory: Path) -> Path | None:
-    """The newest complete checkpoint: `latest` if valid, else the highest complete step."""
+    """The newest complete checkpoint: `latest` if valid, else the last one written."""
     pointer = directory / LATEST
     if pointer.is_file():
         candidate = directory / pointer.read_text().strip()
         if (candidate / STATE_FILE).is_file():
             return candidate
-    complete = sorted(p for p in directory.glob(f"{PREFIX}*") if (p / STATE_FILE).is_file())
+    complete = complete_checkpoints(directory)
     return complete[-1] if complete else None
 
 
@@ -196,6 +217,8 @@ class CheckpointManager:
         if self._main:
             state = {name: part.state_dict() for name, part in self.parts.items()}
             state.update(extra or {})
+            state[ORDER] = 1 + max((_written(p)[0] for p in complete_checkpoints(self.dir)),
+                                   default=0)
             _write_atomic(tmp / STATE_FILE, json.dumps(state, indent=1))
             if final.exists():  # a stale one (an earlier run in this run.dir): replace it
                 shutil.rmtree(final)
@@ -240,8 +263,8 @@ class CheckpointManager:
             raise RuntimeError(f"mirroring a checkpoint to {self.mirror} failed: {error}")
 
     def _prune(self) -> None:
-        complete = sorted(p for p in self.dir.glob(f"{PREFIX}*") if (p / STATE_FILE).is_file())
-        for old in complete[: -self.keep]:
+        """Keep the last `keep` written (the one just written is the last of them)."""
+        for old in complete_checkpoints(self.dir)[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
     def _start_upload(self, checkpoint: Path) -> None:
