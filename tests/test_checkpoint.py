@@ -42,9 +42,10 @@ class Counter:
         self.value = state["value"]
 
 
-def _manager(run_dir: Path, keep: int = 2, mirror: str = ""):
+def _manager(run_dir: Path, keep: int = 2, mirror: str = "", mirror_wait_s: float = 60.0):
     acc, part = StubAccelerator(), Counter()
-    return CheckpointManager(acc, run_dir, {"counter": part}, keep=keep, mirror=mirror), acc, part
+    return CheckpointManager(acc, run_dir, {"counter": part}, keep=keep, mirror=mirror,
+                             mirror_wait_s=mirror_wait_s), acc, part
 
 
 def test_save_makes_a_complete_checkpoint_and_latest_points_at_it(tmp_path):
@@ -138,16 +139,56 @@ def test_a_missing_mirror_bucket_is_refused_before_training(tmp_path, s3_server)
         ckpt.prepare()
 
 
-def test_a_failed_upload_is_reported_not_swallowed(tmp_path, s3_server):
+def test_a_failed_upload_is_reported_at_the_end_within_the_wait_never_raised(tmp_path,
+                                                                             s3_server, capsys):
+    import time
+
     client = s3_server.client()
     client.create_bucket(Bucket="short-lived")
-    ckpt, _, _ = _manager(tmp_path, mirror="s3://short-lived/run")
+    ckpt, _, _ = _manager(tmp_path, mirror="s3://short-lived/run", mirror_wait_s=1.0)
     ckpt.prepare()
     client.delete_bucket(Bucket="short-lived")  # the mirror goes away during training
     ckpt.save(1)
-    with pytest.raises(RuntimeError, match="mirroring a checkpoint to s3://short-lived/run"):
-        ckpt.close()
+    started = time.monotonic()
+    assert ckpt.close() is False  # said, not raised: the training itself is done
+    assert time.monotonic() - started < 5
+    err = capsys.readouterr().err
+    assert "mirroring step-000000001 to s3://short-lived/run failed" in err
+    assert "does not hold the newest checkpoint step-000000001" in err
+    assert "mirror_wait_s=1 s" in err and "bucket does not exist" in err
     assert find_latest(tmp_path / "checkpoints").name == "step-000000001"  # local one kept
+
+
+def test_an_s3_outage_never_stops_saving_and_the_newest_is_mirrored_when_it_returns(
+        tmp_path, s3_server, capsys):
+    import time
+
+    mirror = f"{s3_server.url}/run"
+    ckpt, _, _ = _manager(tmp_path, keep=1, mirror=mirror)
+    ckpt.prepare()
+    ckpt.save(1)
+    assert ckpt.close() is True and ckpt.mirror_metrics() == {"mirror_lag_steps": 0}
+    s3_server.stop()
+    started = time.monotonic()
+    for step in (2, 3, 4):
+        ckpt.save(step)  # never waits for the mirror
+    assert time.monotonic() - started < 3
+    time.sleep(1)
+    assert ckpt.mirror_metrics() == {"mirror_lag_steps": 3}
+    local = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert "step-000000004" in local and len(local) <= 2  # + the one whose upload is retried
+    err, deadline = "", time.monotonic() + 60
+    while "mirroring" not in err and time.monotonic() < deadline:  # an attempt has failed
+        time.sleep(0.2)
+        err += capsys.readouterr().err
+    s3_server.start()
+    assert ckpt.close() is True  # the newest goes up when S3 is back
+    assert ckpt.mirror_metrics() == {"mirror_lag_steps": 0}
+    assert storage.read_bytes(f"{mirror}/latest") == b"step-000000004"
+    assert [n for n in storage.listdir(mirror) if n.startswith("step-")] == ["step-000000004"]
+    err += capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "mirroring" in line]
+    assert len(warnings) == 1 and "training goes on" in warnings[0]  # rate-limited
 
 
 class CountingAccelerator(StubAccelerator):
@@ -196,11 +237,12 @@ def test_keep_1_with_a_mirror_does_not_prune_the_checkpoint_being_uploaded(tmp_p
                                                                         monkeypatch):
     import time
 
-    real = storage.upload_dir
+    real, uploaded = storage.upload_dir, []
 
     def slow_upload(local: str, url: str) -> None:
         time.sleep(0.5)  # the next checkpoint is saved (and pruning runs) meanwhile
         real(local, url)
+        uploaded.append(Path(url).name)
 
     monkeypatch.setattr(storage, "upload_dir", slow_upload)
     mirror = tmp_path / "mirror"
@@ -208,9 +250,10 @@ def test_keep_1_with_a_mirror_does_not_prune_the_checkpoint_being_uploaded(tmp_p
     ckpt.prepare()
     ckpt.save(1)
     ckpt.save(2)
-    ckpt.close()  # raised "mirroring a checkpoint ... failed" when step 1 was pruned mid-upload
+    assert ckpt.close() is True
+    assert uploaded == ["step-000000001", "step-000000002"]  # step 1 was not pruned mid-upload
     assert (mirror / "latest").read_text() == "step-000000002"
-    assert (mirror / "step-000000001" / STATE_FILE).is_file()
+    assert sorted(p.name for p in mirror.glob("step-*")) == ["step-000000002"]  # keep 1 there too
 
 
 def test_load_restarts_the_micro_step_count_at_an_optimizer_step_boundary(tmp_path):

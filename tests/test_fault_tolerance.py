@@ -182,3 +182,54 @@ def _listening(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_an_s3_mirror_outage_mid_run_never_stops_training(baseline, tmp_path, s3_server):
+    """S3 (moto) stops after step 4's checkpoint is mirrored and comes back after step 12:
+    training goes on, bit for bit as without a mirror, warns (rate-limited), logs
+    mirror_lag_steps, and the mirror ends with the newest checkpoint, pruned to keep-3."""
+    from resnet.data import storage
+
+    data, reference = baseline
+    run_dir, gates = tmp_path / "run", tmp_path / "gates"
+    gates.mkdir()
+    for step in (4, 12):
+        (gates / f"pause-at-{step}").touch()
+    mirror = f"{s3_server.url}/runs/outage"
+    launch = tu.Launch(tu.torchrun_cmd(2, *tu.overrides(data, run_dir, *tu.BASELINE,
+                                                        f"checkpoint.mirror={mirror}")),
+                       tmp_path / "log.txt", RESNET_TEST_FAULT_GATES=str(gates))
+    try:
+        def paused(step):
+            return len(list(gates.glob(f"paused-at-{step}-rank-*"))) == 2
+
+        def mirrored(name):
+            try:
+                return storage.read_bytes(f"{mirror}/latest").decode() == name
+            except FileNotFoundError:
+                return False
+
+        tu.wait_for(lambda: paused(4) and mirrored("step-000000004"), 120, "step 4 mirrored",
+                    [launch])
+        s3_server.stop()
+        (gates / "pause-at-4").unlink()
+        tu.wait_for(lambda: paused(12), 120, "step 12 trained without S3", [launch])
+        assert "step-000000012" in tu.checkpoints(run_dir)
+        tu.wait_for(lambda: "mirroring step-" in launch.output(), 60, "a failed upload said",
+                    [launch])
+        s3_server.start()
+        (gates / "pause-at-12").unlink()
+        code = launch.wait()
+    finally:
+        launch.stop()
+    out = launch.output()
+    assert code == 0, out[-4000:]
+    assert "Traceback" not in out
+    failed = [line for line in out.splitlines() if "mirroring step-" in line]
+    assert 1 <= len(failed) <= 3 and "training goes on" in failed[0], failed
+    lag = {m["step"]: m["mirror_lag_steps"] for m in tu.metrics(run_dir) if "mirror_lag_steps" in m}
+    assert lag[5] == 0 and lag[10] >= 4  # step 8's checkpoint was not mirrored by step 10
+    assert storage.read_bytes(f"{mirror}/latest") == b"step-000000020"
+    names = [n for n in storage.listdir(mirror) if n.startswith("step-")]
+    assert "step-000000020" in names and len(names) <= 3
+    tu.assert_bit_identical(tu.final_weights(run_dir), tu.final_weights(reference))

@@ -10,7 +10,7 @@ Layout of ``run.dir/checkpoints/``::
 
 A crash at any point leaves the previous checkpoint intact and `latest` pointing at it.
 With ``checkpoint.mirror=s3://...`` each complete checkpoint is uploaded in the background
-(its ``latest`` last), and the mirror is the truth across nodes: at start every node
+(its ``latest`` last; mirror.py retries through an outage, which never stops training), and the mirror is the truth across nodes: at start every node
 restores the mirror's newest checkpoint unless all nodes already hold the same newest one
 (a shared run.dir), so nodes with their own disks (empty, behind or ahead) all resume from
 the same step. Without a mirror, run.dir must be shared, and nodes that see different
@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import socket
-import threading
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -124,7 +123,8 @@ def find_latest(directory: Path) -> Path | None:
 class CheckpointManager:
     def __init__(self, accelerator: Any, run_dir: Path, parts: dict[str, Stateful],
                  keep: int = 3, mirror: str = "",
-                 gather: Callable[[Any], list] = lambda item: [item]) -> None:
+                 gather: Callable[[Any], list] = lambda item: [item],
+                 mirror_wait_s: float = 60.0) -> None:
         if keep < 1:
             raise ValueError(f"checkpoint.keep must be at least 1, got {keep}")
         self.accelerator = accelerator
@@ -133,8 +133,12 @@ class CheckpointManager:
         self.keep = keep
         self.mirror = mirror.rstrip("/")
         self.gather = gather  # every rank's item, in rank order (a collective: all ranks call)
-        self._upload: threading.Thread | None = None
-        self._upload_error: BaseException | None = None
+        self.mirror_wait_s = mirror_wait_s
+        self._uploads = None
+        if self.mirror:
+            from resnet.train.mirror import Mirror
+
+            self._uploads = Mirror(self.mirror, keep)  # used on the main process only
         # The step of the checkpoint this process last saved or loaded. Every rank calls save()
         # and load() at the same steps, so this is the same on all ranks, unlike what each one
         # sees on its disk (node-local run.dir + mirror, NFS lookup caching): deciding "already
@@ -158,6 +162,8 @@ class CheckpointManager:
                 shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
         self.accelerator.wait_for_everyone()
         mirrored = self._mirror_latest() if self.mirror and self._main else None
+        if mirrored:
+            self._uploads.note_mirrored(mirrored)
         local = find_latest(self.dir)
         views = self.gather((self.location, local.name if local else None, mirrored))
         chosen = self._agree(views)
@@ -226,8 +232,8 @@ class CheckpointManager:
             os.replace(tmp, final)
             _write_atomic(self.dir / LATEST, final.name)
             _fsync(self.dir)  # the rename and the new `latest` themselves
-            if self.mirror:  # waits for the previous upload first: pruning may delete its folder
-                self._start_upload(final)
+            if self.mirror:  # in the background; a mirror outage never stops training
+                self._uploads.submit(final)
             self._prune()
         self._saved_step = step
         self.accelerator.wait_for_everyone()
@@ -253,33 +259,23 @@ class CheckpointManager:
                 part.load_state_dict(state[name])
         return state
 
-    def close(self) -> None:
-        """Wait for a background upload; its failure is reported, not swallowed."""
-        if self._upload is not None:
-            self._upload.join()
-            self._upload = None
-        if self._upload_error is not None:
-            error, self._upload_error = self._upload_error, None
-            raise RuntimeError(f"mirroring a checkpoint to {self.mirror} failed: {error}")
+    def close(self) -> bool:
+        """Wait (at most mirror_wait_s) for the last upload; False, said in a warning, when
+        the mirror does not hold the newest checkpoint. Never raises: training is done."""
+        return self._uploads.close(self.mirror_wait_s) if self._uploads else True
+
+    def mirror_metrics(self) -> dict:
+        """{"mirror_lag_steps": ...} on the main process of a mirrored run, else {}."""
+        return {"mirror_lag_steps": self._uploads.lag_steps} if self._uploads and self._main \
+            else {}
 
     def _prune(self) -> None:
-        """Keep the last `keep` written (the one just written is the last of them)."""
+        """Keep the last `keep` written (the one just written is the last of them), and every
+        checkpoint that is being or will be uploaded to the mirror."""
+        busy = self._uploads.busy() if self._uploads else set()
         for old in complete_checkpoints(self.dir)[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def _start_upload(self, checkpoint: Path) -> None:
-        self.close()  # one upload in flight: the next waits for the previous
-        self._upload = threading.Thread(target=self._upload_one, args=(checkpoint,), daemon=True)
-        self._upload.start()
-
-    def _upload_one(self, checkpoint: Path) -> None:
-        from resnet.data import storage
-
-        try:
-            storage.upload_dir(str(checkpoint), storage.join(self.mirror, checkpoint.name))
-            storage.write_bytes(storage.join(self.mirror, LATEST), checkpoint.name.encode())
-        except BaseException as exc:  # reported by close() on the training thread
-            self._upload_error = exc
+            if old not in busy:
+                shutil.rmtree(old, ignore_errors=True)
 
     def _mirror_latest(self) -> str | None:
         from resnet.data import storage

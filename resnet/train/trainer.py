@@ -109,7 +109,8 @@ class Trainer:
         self.loss_scale = plan.layout.loss_weight
         self.checkpoints = CheckpointManager(
             engine.accelerator, self.run_dir, {"progress": self.progress, "loader": self.loader},
-            keep=cfg.checkpoint.keep, mirror=cfg.checkpoint.mirror, gather=engine.gather)
+            keep=cfg.checkpoint.keep, mirror=cfg.checkpoint.mirror, gather=engine.gather,
+            mirror_wait_s=cfg.checkpoint.mirror_wait_s)
         self.logger = RunLogger(engine.accelerator, cfg, self.run_dir)
         self.restart = restart_count()
         self.audit = (AuditLog(self.run_dir, engine.rank, self._agreed_start_id())
@@ -320,6 +321,7 @@ class Trainer:
             "data_wait_frac": window.wait / elapsed, "step_time_s": elapsed / max(window.steps, 1),
             "epoch": self.loader.epoch, "samples_seen": self.progress.samples_seen,
             "skipped_samples": self.skipped,
+            **self.checkpoints.mirror_metrics(),
             **system_metrics(self.engine.device),
         }
         self._check_finite()
