@@ -21,6 +21,7 @@ from resnet.train.audit import AuditLog, new_start_id
 from resnet.train.checkpoint import CheckpointManager, CheckpointMismatch, read_state
 from resnet.train.engine import Engine, create_engine, describe_running, settle
 from resnet.train.evaluate import batch_images, evaluate, export_final, normalize
+from resnet.train.finite import NonFiniteWatch
 from resnet.train.metrics import RunLogger, restart_count, system_metrics
 from resnet.train.optim import Schedule, build_optimizer, peak_lr, set_lr
 from resnet.train.preflight import RunPlan, check_resumable, preflight
@@ -159,7 +160,8 @@ class Trainer:
         self.logger.start(to_dict(self.cfg))
         self.bar = ProgressBar(self.total_steps, self.progress.step, enabled=self.engine.is_main)
         self.last_save = time.monotonic()
-        self.nonfinite_at = torch.full((), -1, dtype=torch.long, device=self.engine.device)
+        self.nonfinite = NonFiniteWatch(self.engine.device)
+        self.params = list(self.model.parameters())
         while self.progress.step < self.total_steps and self.loader.epoch < self.cfg.train.epochs:
             if self.run_epoch():  # False: max_steps reached inside the epoch
                 self.save()
@@ -288,17 +290,16 @@ class Trainer:
 
     # -- helpers --------------------------------------------------------------------------
     def _note_nonfinite(self, loss: torch.Tensor) -> None:
-        """Remember the first non-finite step on the device: no GPU sync per step."""
-        bad = ~torch.isfinite(loss) & (self.nonfinite_at < 0)
-        self.nonfinite_at = torch.where(bad, torch.full_like(self.nonfinite_at, self.progress.step),
-                                        self.nonfinite_at)
+        """Remember the first step with a non-finite loss or weights, on the device: no GPU
+        sync per step."""
+        self.nonfinite.note(self.progress.step, loss, self.params)
 
     def _check_finite(self) -> None:
-        worst = self.engine.accelerator.reduce(self.nonfinite_at.clone(), "max").item()
-        if worst >= 0:
+        found = self.nonfinite.earliest(lambda t: self.engine.accelerator.reduce(t, "max"))
+        if found:
             advice = "lower optim.lr" + ("" if self.cfg.train.precision == "fp32" else
                                          " or use train.precision=fp32")
-            raise TrainingError(f"non-finite loss at step {worst}; stopping. The last good "
+            raise TrainingError(f"{found}; stopping. The last good "
                                 f"checkpoint is kept in {self.checkpoints.dir}; {advice}")
 
     def _log_train(self, window: "_Window") -> None:

@@ -19,6 +19,9 @@ Training faults (resnet.train.trainer and accelerate's save_state), first attemp
                                        PATH and wait (at most 120 s) until PATH is removed, so
                                        a test can kill or signal the run at a known point
     RESNET_TEST_FAULT_RANK=R           only on global rank R (default: every rank)
+    RESNET_TEST_FAULT_INF_GRAD_AT_STEP=N  (every attempt) optimizer step N's loss keeps its
+                                       value but its gradient is multiplied by inf: a finite
+                                       loss with non-finite gradients (on RANK, if given)
 
 Gates (every rank, every attempt), for tests that must act while training is at a known step:
 
@@ -63,6 +66,7 @@ FIRST_ATTEMPT = (_env_int("TORCHELASTIC_RESTART_COUNT") or 0) == 0
 IN_CHECKPOINT = os.environ.get("RESNET_TEST_FAULT_IN_CHECKPOINT") == "1"
 HOLD = os.environ.get("RESNET_TEST_FAULT_HOLD", "")
 RANK = _env_int("RESNET_TEST_FAULT_RANK")
+INF_GRAD_AT = _env_int("RESNET_TEST_FAULT_INF_GRAD_AT_STEP")
 
 
 def _fires(step: int) -> bool:
@@ -106,6 +110,32 @@ def _patch_trainer(module) -> None:
         return real_step(self, *args, **kwargs)
 
     module.Trainer.train_step = train_step
+    if INF_GRAD_AT is not None:
+        _patch_inf_grad(module)
+
+
+def _patch_inf_grad(module) -> None:
+    import torch
+
+    class InfGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("inf")
+
+    real_loss = module.Trainer._loss
+
+    def _loss(self, images, labels):
+        loss, logits = real_loss(self, images, labels)
+        rank = int(os.environ.get("RANK", "0"))
+        if self.progress.step + 1 == INF_GRAD_AT and (RANK is None or RANK == rank):
+            loss = InfGrad.apply(loss)
+        return loss, logits
+
+    module.Trainer._loss = _loss
 
 
 def _patch_save_state(module) -> None:
@@ -178,7 +208,7 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
 
 _patches = {}
-if (AFTER_STEP is not None and not IN_CHECKPOINT) or GATES:
+if (AFTER_STEP is not None and not IN_CHECKPOINT) or GATES or INF_GRAD_AT is not None:
     _patches["resnet.train.trainer"] = _patch_trainer
 if AFTER_STEP is not None and IN_CHECKPOINT:
     _patches["accelerate.accelerator"] = _patch_save_state
