@@ -308,8 +308,15 @@ def remove(url: str, missing_ok: bool = True) -> None:
         targets = keys + ([key] if key else [])
         for i in range(0, len(targets), 1000):  # delete_objects takes at most 1000 keys
             batch = [{"Key": k} for k in targets[i:i + 1000]]
-            _s3_call(url, "remove", lambda b=batch: s3_client().delete_objects(
+            response = _s3_call(url, "remove", lambda b=batch: s3_client().delete_objects(
                 Bucket=bucket, Delete={"Objects": b, "Quiet": True}))
+            # A 200 response can still have failed keys (AccessDenied, ...), listed per key.
+            errors = response.get("Errors") or []
+            if errors:
+                named = "; ".join(f"s3://{bucket}/{e.get('Key')}: {e.get('Code')} "
+                                  f"{e.get('Message', '')}".rstrip() for e in errors[:3])
+                raise StorageError(f"cannot remove {url}: {len(errors)} of {len(batch)} "
+                                   f"objects were not deleted, e.g. {named}")
         return
     if os.path.isdir(url) and not os.path.islink(url):
         shutil.rmtree(url)
