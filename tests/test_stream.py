@@ -307,3 +307,47 @@ def test_a_shard_shorter_than_its_manifest_skips_only_the_missing_samples(tmp_pa
     batches = list(loader(root, b=8, k=0))
     assert sum(b.skipped for b in batches) == 1
     assert len({k for b in batches for k in b.keys}) == 7
+
+
+def _tar_with_pax(payload: bytes, size: int | None = None) -> bytes:
+    """A pax extended header carrying `payload` (its size field says `size`), then a member."""
+    import tarfile
+
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type, pax.size = tarfile.XHDTYPE, len(payload) if size is None else size
+    member = tarfile.TarInfo("a.cls")
+    member.size = 1
+    pad = lambda b: b + bytes(-len(b) % 512)  # noqa: E731
+    return (pax.tobuf(tarfile.USTAR_FORMAT) + pad(payload) + member.tobuf(tarfile.USTAR_FORMAT)
+            + pad(b"0") + bytes(1024))
+
+
+@pytest.mark.parametrize("payload, size", [
+    (b"0 path=a.cls\n", None),  # length 0: the record never advances
+    (b"x3 path=a.cls\n", None),  # not a number
+    (b"99 path=a.cls\n", None),  # past the header's end
+    (b"13 path=a.cls\n", 1 << 32),  # a size that would allocate 4 GiB
+], ids=["zero", "not-a-number", "too-long", "huge"])
+def test_a_crafted_pax_header_is_a_corrupt_shard_named_by_url(tmp_path, payload, size):
+    import signal
+
+    url = tmp_path / "train-000000.tar"
+    url.write_bytes(_tar_with_pax(payload, size))
+
+    def hung(signum, frame):
+        raise TimeoutError("read_samples did not return within 10 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        with pytest.raises(ShardError, match=r"shard .*train-000000\.tar is corrupt at byte 0"):
+            list(shardio.read_samples(str(url), {0}))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_well_formed_pax_path_is_read(tmp_path):
+    url = tmp_path / "train-000000.tar"
+    url.write_bytes(_tar_with_pax(b"21 path=long-key.cls\n"))
+    assert list(shardio.read_samples(str(url), {0})) == [(0, "long-key", {"cls": b"0"})]

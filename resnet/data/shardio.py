@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 BLOCK = 512
 REOPEN_GAP = 1 << 20  # remote gaps larger than this are skipped with a new Range request
+MAX_NAME_HEADER = 1 << 20  # pax / GNU long-name headers larger than this are corrupt
 
 
 class ShardError(RuntimeError):
@@ -32,6 +33,10 @@ class ShardError(RuntimeError):
 
 class _Interrupted(Exception):
     """The stream ended or failed in the middle; reopen at the current member."""
+
+
+class _Corrupt(Exception):
+    """The bytes themselves are wrong (a crafted or damaged header): reopening cannot help."""
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -44,11 +49,15 @@ def split_name(name: str) -> tuple[str, str]:
 
 
 def _pax_path(data: bytes) -> str | None:
-    """The `path` record of a pax extended header, if any."""
+    """The `path` record of a pax extended header, if any. Each record is "LEN KEY=VALUE\\n"
+    with LEN counting the whole record: a length that is not a number, or that does not reach
+    past its own digits, is a corrupt header (and a zero would never advance)."""
     while data:
         space = data.find(b" ")
         if space <= 0:
             return None
+        if not data[:space].isdigit() or not space + 2 <= int(data[:space]) <= len(data):
+            raise _Corrupt(f"pax record length {data[:space][:20]!r} is not valid")
         length = int(data[:space])
         key, _, value = data[space + 1:length - 1].partition(b"=")
         if key == b"path":
@@ -134,6 +143,9 @@ def read_samples(url: str, needed: set[int], *, opener: Callable = storage.open_
                     failures = 0
                     yield item
                 return
+            except _Corrupt as exc:
+                raise ShardError(f"shard {url} is corrupt at byte {state['member']}: {exc}; "
+                                 f"re-pack it (`resnet verify` lists the bad shards)") from None
             except _Interrupted as exc:
                 failures += 1
                 offset = state["member"]
@@ -185,6 +197,8 @@ def _next_header(cursor: _Cursor) -> tuple[str | None, int, bytes]:
             raise _Interrupted(f"bad tar header at byte {cursor.pos - BLOCK}: {exc}") from None
         padded = -(-info.size // BLOCK) * BLOCK
         if info.type in (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME):
+            if info.size > MAX_NAME_HEADER:  # a crafted size must not allocate gigabytes
+                raise _Corrupt(f"a {info.size}-byte name header at byte {cursor.pos - BLOCK}")
             data = cursor.read(padded)[: info.size]
             if info.type == tarfile.XHDTYPE:
                 long_name = _pax_path(data) or long_name
