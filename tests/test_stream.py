@@ -351,3 +351,18 @@ def test_a_well_formed_pax_path_is_read(tmp_path):
     url = tmp_path / "train-000000.tar"
     url.write_bytes(_tar_with_pax(b"21 path=long-key.cls\n"))
     assert list(shardio.read_samples(str(url), {0})) == [(0, "long-key", {"cls": b"0"})]
+
+
+def test_a_mid_epoch_state_from_the_earlier_order_is_refused_an_epoch_boundary_is_not(shards):
+    ld = loader(shards, 0, 1, 2, 2)
+    it = iter(ld)
+    next(it)
+    state = json.loads(json.dumps(ld.state_dict()))
+    it.close()
+    del state["order"]  # as saved before orders came from Philox's raw output
+    with pytest.raises(ValueError, match="saved mid-epoch with the sample order 'numpy "
+                                         "Generator.permutation' of an earlier resnet"):
+        loader(shards, 0, 1, 2, 2).load_state_dict(state)
+    boundary = json.loads(json.dumps(loader(shards, 0, 1, 2, 2).state_dict()))
+    del boundary["order"]
+    loader(shards, 0, 1, 2, 2).load_state_dict(boundary)  # no segments: nothing to continue

@@ -307,6 +307,7 @@ class ShardLoader:
             "train": self.train,
             "epoch": self.epoch,
             "seed": self.seed,
+            "order": P.ORDER,
             "fingerprint": self.manifest.fingerprint,
             "global_batch": self.global_batch,
             "samples_consumed": self.samples_consumed,
@@ -332,6 +333,12 @@ class ShardLoader:
                                  f"would differ")
         segments = tuple(P.Segment(**_with_accumulation(s, state["global_batch"]))
                          for s in state["segments"])
+        order = state.get("order", "numpy Generator.permutation")  # before it was saved
+        if order != P.ORDER and segments:
+            raise ValueError(f"the loader state was saved mid-epoch with the sample order "
+                             f"{order!r} of an earlier resnet; this one draws {P.ORDER!r}. "
+                             f"Resume from a checkpoint at an epoch boundary, or finish the "
+                             f"epoch with the earlier version")
         if state["global_batch"] != self.global_batch and segments:
             raise ValueError(
                 f"the loader state was saved mid-epoch with global_batch {state['global_batch']}"
