@@ -233,3 +233,53 @@ def test_an_s3_mirror_outage_mid_run_never_stops_training(baseline, tmp_path, s3
     names = [n for n in storage.listdir(mirror) if n.startswith("step-")]
     assert "step-000000020" in names and len(names) <= 3
     tu.assert_bit_identical(tu.final_weights(run_dir), tu.final_weights(reference))
+
+
+def _gated_single_process(data, tmp_path, **extra_env):
+    """`resnet train` (one process, W&B offline, audit on) held before step 4 by a gate."""
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    (gates / "pause-at-3").touch()
+    launch = tu.Launch(tu.resnet_cmd("train", *tu.overrides(
+        data, tmp_path / "run", "train.max_steps=8", "wandb.mode=offline", val=False)),
+        tmp_path / "log.txt", RESNET_TEST_FAULT_GATES=str(gates), WANDB_MODE="offline",
+        WANDB_SILENT="true", WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), **extra_env)
+    tu.wait_for(lambda: list(gates.glob("paused-at-3-*")), 120, "step 3 done", [launch])
+    return launch
+
+
+def test_sigterm_closes_the_audit_and_wandb_with_its_exit_code(tmp_path_factory, tmp_path):
+    from wandb_records import records, run_files
+
+    data = tu.shared_data(tmp_path_factory)
+    launch = _gated_single_process(data, tmp_path)
+    try:
+        os.kill(launch.proc.pid, signal.SIGTERM)
+        code = launch.wait(120)
+    finally:
+        launch.stop()
+    assert code == 143, launch.tail()
+    run_dir = tmp_path / "run"
+    assert "step-000000004" in tu.checkpoints(run_dir)
+    (wandb_file,) = run_files(run_dir)
+    exits = [r.exit.exit_code for r in records(wandb_file) if r.WhichOneof("record_type") == "exit"]
+    assert exits == [143]  # not recorded as a run that finished (exit 0)
+    (audit_file,) = (run_dir / "audit").glob("*-rank000.jsonl")
+    assert audit_file.read_text().endswith("\n")
+    assert max(tu.read_audit(run_dir)) == 4
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path_factory, tmp_path):
+    import time
+
+    data = tu.shared_data(tmp_path_factory)
+    launch = _gated_single_process(data, tmp_path)
+    try:
+        os.kill(launch.proc.pid, signal.SIGINT)  # checkpoint at the end of the step, then exit
+        time.sleep(0.1)
+        os.kill(launch.proc.pid, signal.SIGINT)  # no: now
+        code = launch.wait(10)
+    finally:
+        launch.stop()
+    assert code == -signal.SIGINT, launch.tail()
+    assert "Ctrl-C again exits at once" in launch.output()

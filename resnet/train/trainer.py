@@ -7,6 +7,7 @@ restart (torchrun elastic, SLURM requeue, spot replacement) continues exactly.
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,7 +53,8 @@ class Progress:
 
 
 class StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step and exits."""
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step and exits. After the
+    first, Ctrl-C has the system's default action again: a second one exits at once."""
 
     def __init__(self) -> None:
         self.signum = 0
@@ -60,6 +62,11 @@ class StopFlag:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if not self.signum:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            print(f"[resnet] signal {signum}: checkpointing at the end of this step, then "
+                  f"exiting; Ctrl-C again exits at once, without that checkpoint",
+                  file=sys.stderr, flush=True)
         self.signum = signum
 
 
@@ -196,6 +203,7 @@ class Trainer:
                 self.log.warning(f"stopped by signal {int(stop)} at step {step}; "
                                  f"checkpoint saved, run again to resume")
                 self.checkpoints.close()
+                self._close_outputs(exit_code=128 + int(stop))
                 raise SystemExit(128 + int(stop))
             if self.cfg.train.eval_every_steps and step % self.cfg.train.eval_every_steps == 0:
                 self.run_eval()
@@ -281,12 +289,16 @@ class Trainer:
             export_final(self.engine.accelerator.unwrap_model(self.model),
                          self.plan.train_manifest, final)
             self.log.info(f"final weights: {final}")
+        self._close_outputs()
+        self.engine.accelerator.wait_for_everyone()
+        return final
+
+    def _close_outputs(self, exit_code: int = 0) -> None:
+        """The progress bar, the audit file and W&B (told the exit code)."""
         self.bar.close()
         if self.audit:
             self.audit.close()
-        self.logger.finish()
-        self.engine.accelerator.wait_for_everyone()
-        return final
+        self.logger.finish(exit_code)
 
     # -- helpers --------------------------------------------------------------------------
     def _note_nonfinite(self, loss: torch.Tensor) -> None:
