@@ -127,13 +127,14 @@ def _train(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         from resnet.train.checkpoint import CheckpointMismatch
+        from resnet.train.diskspace import CheckpointSpaceError
         from resnet.train.trainer import TrainingError, train
 
         final = train(cfg)
     except (ConfigError, SetupError) as exc:
         print(f"resnet train: error: {exc}", file=sys.stderr)
         return 2
-    except (TrainingError, CheckpointMismatch) as exc:
+    except (TrainingError, CheckpointMismatch, CheckpointSpaceError) as exc:
         print(f"resnet train: {exc}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:

@@ -304,7 +304,12 @@ def test_contents_reach_the_disk_before_the_checkpoint_becomes_visible(tmp_path,
 def _node(run_dir: Path, mirror: str = "", *, rank: int, other: tuple):
     acc, part = StubAccelerator(), Counter()
     acc.process_index = rank
-    gather = (lambda mine: [mine, other]) if rank == 0 else (lambda mine: [other, mine])
+    # The other node's answer: its view to the checkpoint agreement, no space shortfall after.
+    def answer(mine):
+        return other if isinstance(mine, tuple) else None
+
+    gather = (lambda mine: [mine, answer(mine)]) if rank == 0 else \
+        (lambda mine: [answer(mine), mine])
     return CheckpointManager(acc, run_dir, {"counter": part}, keep=3, mirror=mirror,
                              gather=gather), acc, part
 
@@ -376,3 +381,41 @@ def test_a_mirror_pointer_that_is_not_a_checkpoint_name_is_refused(tmp_path, nam
     with pytest.raises(CheckpointMismatch, match="not a checkpoint"):
         ckpt.prepare()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mirror", "run"]
+
+
+def test_a_full_disk_during_a_save_removes_the_partial_and_keeps_the_previous(tmp_path):
+    import errno
+
+    from resnet.train.diskspace import CheckpointSpaceError
+
+    class FullAt4(StubAccelerator):
+        def save_state(self, path: str) -> None:
+            super().save_state(path)  # part of it written
+            if path.endswith("step-000000004"):
+                raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    acc = FullAt4()
+    ckpt = CheckpointManager(acc, tmp_path, {"counter": Counter()}, keep=2)
+    ckpt.save(2)
+    with pytest.raises(CheckpointSpaceError, match=r"no space left writing checkpoint "
+                                                   r"step-000000004 to .*checkpoints .*rank 0.*No "
+                                                   r"space left on device.*needs about 0.00 GiB "
+                                                   r"\(the size of step-000000002\).*"
+                                                   r"step-000000002 is intact"):
+        ckpt.save(4)
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step-000000002"]
+    assert (folder / "latest").read_text() == "step-000000002"
+
+
+def test_a_disk_too_full_for_the_next_checkpoint_refuses_the_start(tmp_path, monkeypatch):
+    from resnet.train import diskspace
+
+    ckpt, _, _ = _manager(tmp_path)
+    ckpt.save(2)
+    monkeypatch.setattr(diskspace, "free_bytes", lambda folder: 10)
+    again, _, _ = _manager(tmp_path)
+    with pytest.raises(diskspace.CheckpointSpaceError, match=r"not enough space for the next "
+                                                             r"checkpoint: rank 0 .* has 0.00 GiB "
+                                                             r"free"):
+        again.prepare()

@@ -283,3 +283,30 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path_factory, tmp_path):
         launch.stop()
     assert code == -signal.SIGINT, launch.tail()
     assert "Ctrl-C again exits at once" in launch.output()
+
+
+def test_a_full_disk_at_a_checkpoint_stops_every_rank_and_the_restart_fails_fast(
+        tmp_path_factory, tmp_path):
+    """ENOSPC on rank 1 inside step 4's checkpoint write (test shim): both ranks stop with the
+    message, the partial checkpoint is gone, step 2 intact and `latest`. A start on a disk
+    that cannot hold the next checkpoint stops at once, before training."""
+    data = tu.shared_data(tmp_path_factory)
+    run_dir = tmp_path / "run"
+    args = tu.overrides(data, run_dir, "train.max_steps=6", "checkpoint.every_steps=2",
+                        val=False)
+    code, out = tu.run(tu.torchrun_cmd(2, *args), tmp_path / "log.txt", timeout=180,
+                       RESNET_TEST_FAULT_ENOSPC_AT_STEP=4, RESNET_TEST_FAULT_RANK=1)
+    assert code != 0
+    said = [line for line in out.splitlines() if "no space left writing checkpoint" in line]
+    assert len(said) == 2, out[-4000:]  # one line per rank, the same message
+    assert "step-000000004" in said[0] and "step-000000002 is intact" in said[0]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "latest", "step-000000002"]
+    assert tu.latest(run_dir) == "step-000000002"
+    assert max(tu.read_audit(run_dir)) == 4  # steps 3 and 4 were trained, then it stopped
+
+    code, out = tu.run(tu.torchrun_cmd(2, *args, max_restarts=2), tmp_path / "log.txt",
+                       timeout=180, RESNET_TEST_FAULT_DISK_FREE=1000)
+    assert code != 0
+    assert out.count("not enough space for the next checkpoint") >= 2, out[-4000:]
+    assert max(tu.read_audit(run_dir)) == 4  # no step trained again, restart after restart

@@ -26,6 +26,8 @@ import socket
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from resnet.train import diskspace
+
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
 PREFIX = "step-"
@@ -172,6 +174,14 @@ class CheckpointManager:
                 self._restore(chosen)
             self._discard_newer_than(chosen)
         self.accelerator.wait_for_everyone()
+        # A disk too full for the next checkpoint would train until the save and fail there,
+        # restart after restart: stop now, on every rank.
+        short = diskspace.shortfall(self.dir, self.dir / chosen if chosen else None)
+        failures = [f for f in self.gather(short and f"{self.location}: {short}") if f]
+        if failures:
+            raise diskspace.CheckpointSpaceError(
+                f"not enough space for the next checkpoint: {'; '.join(failures)}. Free space "
+                f"there (or move run.dir), then run the same command again")
         return self.dir / chosen if chosen else None
 
     def _discard_newer_than(self, chosen: str) -> None:
@@ -216,16 +226,29 @@ class CheckpointManager:
         if self._main:
             shutil.rmtree(tmp, ignore_errors=True)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))
-        if self.accelerator.is_local_main_process:  # each node flushes what its ranks wrote
-            _fsync_tree(tmp)
+        try:
+            self.accelerator.save_state(str(tmp))
+            if self.accelerator.is_local_main_process:  # each node flushes what its ranks wrote
+                _fsync_tree(tmp)
+            if self._main:
+                state = {name: part.state_dict() for name, part in self.parts.items()}
+                state.update(extra or {})
+                state[ORDER] = 1 + max((_written(p)[0] for p in complete_checkpoints(self.dir)),
+                                       default=0)
+                _write_atomic(tmp / STATE_FILE, json.dumps(state, indent=1))
+            failed = None
+        except OSError as exc:
+            if not diskspace.is_no_space(exc):
+                raise
+            failed = f"{self.location}: {exc}"
+        failures = [f for f in self.gather(failed) if f]  # every rank stops, or none
+        if failures:
+            if self.accelerator.is_local_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise diskspace.CheckpointSpaceError(diskspace.no_space_message(
+                final.name, self.dir, failures, find_latest(self.dir)))
         self.accelerator.wait_for_everyone()
         if self._main:
-            state = {name: part.state_dict() for name, part in self.parts.items()}
-            state.update(extra or {})
-            state[ORDER] = 1 + max((_written(p)[0] for p in complete_checkpoints(self.dir)),
-                                   default=0)
-            _write_atomic(tmp / STATE_FILE, json.dumps(state, indent=1))
             if final.exists():  # a stale one (an earlier run in this run.dir): replace it
                 shutil.rmtree(final)
             _fsync(tmp)  # the entry of trainer_state.json (its content is already flushed)
