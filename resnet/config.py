@@ -29,6 +29,7 @@ class DataConfig:
     workers: int = 4  # DataLoader worker processes per rank
     decode: str = "cpu"  # cpu: workers decode; device: workers hand over bytes + crop boxes
     prefetch_factor: int = 2
+    io_timeout_s: float = 120.0  # a read failing this long (backoff included) stops with its URL
 
 
 @dataclass

@@ -160,9 +160,10 @@ def test_a_failed_upload_is_reported_at_the_end_within_the_wait_never_raised(tmp
 
 
 def test_an_s3_outage_never_stops_saving_and_the_newest_is_mirrored_when_it_returns(
-        tmp_path, s3_server, capsys):
+        tmp_path, s3_server, capsys, monkeypatch):
     import time
 
+    monkeypatch.setenv("RESNET_IO_TIMEOUT_S", "2")  # each upload attempt gives up after 2 s
     mirror = f"{s3_server.url}/run"
     ckpt, _, _ = _manager(tmp_path, keep=1, mirror=mirror)
     ckpt.prepare()

@@ -197,7 +197,8 @@ def test_an_s3_mirror_outage_mid_run_never_stops_training(baseline, tmp_path, s3
         (gates / f"pause-at-{step}").touch()
     mirror = f"{s3_server.url}/runs/outage"
     launch = tu.Launch(tu.torchrun_cmd(2, *tu.overrides(data, run_dir, *tu.BASELINE,
-                                                        f"checkpoint.mirror={mirror}")),
+                                                        f"checkpoint.mirror={mirror}",
+                                                        "data.io_timeout_s=3")),
                        tmp_path / "log.txt", RESNET_TEST_FAULT_GATES=str(gates))
     try:
         def paused(step):

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from resnet.config import Config, save_config, to_dict
+from resnet.data.storage import set_io_timeout_s
 from resnet.data.stream import AugmentParams, ShardLoader
 from resnet.model import build_model
 from resnet.train.audit import AuditLog, new_start_id
@@ -384,6 +385,7 @@ class _Window:
 
 def train(cfg: Config) -> Path:
     cfg = settle(cfg)  # precision, stage, clipping: what runs, from the config and the JSON
+    set_io_timeout_s(cfg.data.io_timeout_s)  # every read's retry deadline, workers included
     plan = preflight(cfg)  # bad input fails here, before any process group
     engine = create_engine(cfg, plan.layout)
     return Trainer(cfg, plan, engine).fit()
