@@ -30,6 +30,7 @@ class DataConfig:
     decode: str = "cpu"  # cpu: workers decode; device: workers hand over bytes + crop boxes
     prefetch_factor: int = 2
     io_timeout_s: float = 120.0  # a read failing this long (backoff included) stops with its URL
+    worker_timeout_s: float = 600.0  # a DataLoader worker silent this long is named; 0: wait
 
 
 @dataclass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import json
 import logging
 
@@ -363,3 +364,40 @@ def test_a_mid_epoch_state_from_the_earlier_order_is_refused_an_epoch_boundary_i
     boundary = json.loads(json.dumps(loader(shards, 0, 1, 2, 2).state_dict()))
     del boundary["order"]
     loader(shards, 0, 1, 2, 2).load_state_dict(boundary)  # no segments: nothing to continue
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_workers_are_not_forked_from_the_training_process(shards, monkeypatch):
+    """A fork copies the parent's memory (and the locks its threads hold): a function patched
+    in this process after import would run in forked workers. Started by a server process,
+    they import the modules afresh."""
+    from resnet.data import stream
+
+    def inherited(*args, **kwargs):
+        raise AssertionError("a worker ran code from the parent's memory: it was forked")
+
+    expected = [b.keys for b in loader(shards, b=2, k=2)]
+    monkeypatch.setattr(stream, "read_samples", inherited)
+    assert [b.keys for b in loader(shards, b=2, k=2)] == expected
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_a_stuck_worker_is_named_within_the_timeout(shards, tmp_path):
+    import time
+
+    from resnet.data import plan as P
+    from resnet.data.stream import WorkerStuck
+
+    root = make_shards(tmp_path / "stuck", [4, 4])
+    os.unlink(root / "train-000001.tar")
+    os.mkfifo(root / "train-000001.tar")  # opening it blocks: no writer ever comes
+    # Two workers, each a contiguous half of the epoch's order: one shard each.
+    stuck = P.EpochOrder((4, 4), 0, 0).shard_order.index(1)
+    list(loader(shards, b=2, k=2))  # the worker server has started: only the read can stall
+    ld = loader(str(root), b=2, k=2, worker_timeout_s=10)
+    start = time.monotonic()
+    with pytest.raises(WorkerStuck, match=rf"DataLoader worker {stuck} \(rank 0, epoch 0, its "
+                                          rf"batch {stuck} of this pass\) produced nothing in "
+                                          rf"10 s"):
+        list(ld)
+    assert time.monotonic() - start < 40

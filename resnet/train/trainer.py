@@ -79,7 +79,8 @@ class Trainer:
         self.augment = AugmentParams.from_config(cfg.data)
         common = dict(rank=engine.rank, world_size=engine.world_size, seed=cfg.seed,
                       workers=cfg.data.workers, augment=self.augment, decode=cfg.data.decode,
-                      prefetch_factor=cfg.data.prefetch_factor)
+                      prefetch_factor=cfg.data.prefetch_factor,
+                      worker_timeout_s=cfg.data.worker_timeout_s)
         self.loader = ShardLoader(cfg.data.train, "train", batch_size=cfg.train.batch_size,
                                   global_batch=plan.global_batch, train=True, **common)
         self.val_loader = None
