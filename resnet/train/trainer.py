@@ -132,7 +132,8 @@ class Trainer:
     def _agreed_start_id(self) -> str:
         from accelerate.utils import broadcast_object_list
 
-        return broadcast_object_list([new_start_id(self.restart)], from_process=0)[0]
+        return broadcast_object_list([new_start_id(self.restart, self.run_dir)],
+                                     from_process=0)[0]
 
     # -- resume ---------------------------------------------------------------------------
     def resume(self) -> None:
