@@ -113,6 +113,17 @@ def edge_bytes(ep: P.EpochPlan) -> tuple[int, int, int]:
     return needed, extra, openings
 
 
+def order_cost(order: P.EpochOrder, repeat: int) -> float:
+    """Median seconds to draw an epoch's shard order and every shard's within-shard order
+    (what all workers of all ranks together compute once per epoch)."""
+    def draw():
+        fresh = P.EpochOrder(order.sizes, order.seed, order.epoch)
+        fresh.shard_order
+        for shard in range(len(order.sizes)):
+            fresh.shard_permutation(shard)
+    return measured(draw, repeat)[0]
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -146,6 +157,9 @@ def main() -> None:
             print(f"| {layout} | {name} | {seconds * 1e3:.1f} ms | {peak:.0f} KiB | "
                   f"yes ({total:,} of {kept:,}) | {extra / 2**30:.2f} / {needed / 2**30:.1f} "
                   f"GiB ({extra / max(needed, 1):.2%}) | {openings:,} |")
+    seconds = order_cost(order, args.repeat)
+    print(f"\nOrders: the shard order and all {len(sizes):,} within-shard orders: "
+          f"{seconds * 1e3:.1f} ms ({seconds / len(sizes) * 1e6:.1f} us per shard of {SHARD:,})")
 
 
 if __name__ == "__main__":

@@ -128,6 +128,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         from resnet.train.checkpoint import CheckpointError
+        from resnet.train.diskspace import CheckpointSpaceError
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         from resnet.train.trainer import TrainingError, train
@@ -138,7 +139,7 @@ def _train(args: argparse.Namespace) -> int:
     except (ConfigError, SetupError) as exc:
         print(f"resnet train: error: {exc}", file=sys.stderr)
         return 2
-    except (TrainingError, CheckpointError) as exc:
+    except (TrainingError, CheckpointError, CheckpointSpaceError) as exc:
         print(f"resnet train: {exc}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -36,6 +36,8 @@ class DataConfig:
     workers: int = 4  # DataLoader worker processes per rank
     decode: str = "cpu"  # cpu: workers decode; device: workers hand over bytes + crop boxes
     prefetch_factor: int = 2
+    io_timeout_s: float = 120.0  # a read failing this long (backoff included) stops with its URL
+    worker_timeout_s: float = 600.0  # a DataLoader worker silent this long is named; 0: wait
 
 
 @dataclass
@@ -51,9 +53,10 @@ class TrainConfig:
     epochs: int = 90
     batch_size: int = 256  # per device, per micro-step
     global_batch_size: int = 0  # 0: batch_size x world size; else kept across elastic restarts
-    precision: str = "bf16"  # bf16, fp16, fp32
+    # bf16, fp16, fp32. Unset: a DeepSpeed JSON's (deepspeed.config_file), else bf16
+    precision: Optional[str] = None
     label_smoothing: float = 0.1
-    grad_clip: float = 0.0  # max global grad norm; 0 disables
+    grad_clip: Optional[float] = None  # max global grad norm; 0 disables; unset: the JSON's, else 0
     max_steps: int = 0  # stop after this many optimizer steps in total; 0: run all epochs
     eval_every_steps: int = 0  # 0: evaluate at each epoch end only
     log_every_steps: int = 10
@@ -79,8 +82,10 @@ class OptimConfig:
 @dataclass
 class DeepSpeedConfig:
     engine: str = "deepspeed"  # deepspeed or ddp
-    zero_stage: int = 0  # 0 resumes on any world size; 1/2 partition optimizer state
-    config_file: str = ""  # a DeepSpeed JSON; our keys fill what it leaves "auto"
+    zero_stage: Optional[int] = None  # 0 resumes on any world size; 1/2 partition optimizer
+    # state. Unset: the JSON's, else 0
+    config_file: str = ""  # a DeepSpeed JSON: what it sets runs; a key set differently here is
+    # an error naming both; ours fill what it leaves out or "auto"
 
 
 @dataclass
@@ -89,6 +94,7 @@ class CheckpointConfig:
     every_minutes: float = 30.0  # 0: not by time
     keep: int = 3
     mirror: str = ""  # s3://bucket/prefix: every checkpoint is copied there; restarts read it
+    mirror_wait_s: float = 60.0  # at the end (and on SIGTERM), wait at most this for the upload
     resume: bool = True  # resume from the newest complete checkpoint in run.dir; false:
     # refuse to start where checkpoints exist (never mix two runs in one run.dir)
 
@@ -171,7 +177,7 @@ def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
 def _check_choices(cfg: Any) -> None:
     for dotted, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, dotted)
-        if value not in allowed:
+        if value is not None and value not in allowed:  # None: unset (Optional keys only)
             raise ConfigError(f"{dotted}={value!r} is not one of {list(allowed)}")
 
 

@@ -42,9 +42,10 @@ class Counter:
         self.value = state["value"]
 
 
-def _manager(run_dir: Path, keep: int = 2, mirror: str = ""):
+def _manager(run_dir: Path, keep: int = 2, mirror: str = "", mirror_wait_s: float = 60.0):
     acc, part = StubAccelerator(), Counter()
-    return CheckpointManager(acc, run_dir, {"counter": part}, keep=keep, mirror=mirror), acc, part
+    return CheckpointManager(acc, run_dir, {"counter": part}, keep=keep, mirror=mirror,
+                             mirror_wait_s=mirror_wait_s), acc, part
 
 
 def test_save_makes_a_complete_checkpoint_and_latest_points_at_it(tmp_path):
@@ -66,6 +67,29 @@ def test_keeps_the_last_k(tmp_path):
         ckpt.save(step)
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == [
         "step-000000003", "step-000000004"]
+
+
+def test_after_a_rollback_the_checkpoint_just_written_is_kept_and_latest(tmp_path):
+    """Pruning goes by the order of writing: after resuming from an older checkpoint (a NaN,
+    an older mirror copy) the new one has a lower step than checkpoints written before it."""
+    import shutil
+
+    ckpt, acc, _ = _manager(tmp_path, keep=2)
+    folder = tmp_path / "checkpoints"
+    ckpt.save(10)
+    shutil.copytree(folder / "step-000000010", tmp_path / "mirror-copy")
+    for step in (20, 30):
+        ckpt.save(step)
+    shutil.copytree(tmp_path / "mirror-copy", folder / "step-000000010")  # restored
+    ckpt.load(folder / "step-000000010")  # the rollback
+    acc.weights = 15
+    ckpt.save(15)
+    assert sorted(p.name for p in folder.glob("step-*")) == ["step-000000015", "step-000000030"]
+    assert (folder / "latest").read_text() == "step-000000015"
+    (folder / "latest").unlink()  # lost: the fallback is the last written, not the highest step
+    assert find_latest(folder).name == "step-000000015"
+    ckpt.save(16)
+    assert sorted(p.name for p in folder.glob("step-*")) == ["step-000000015", "step-000000016"]
 
 
 def test_a_half_written_checkpoint_is_ignored_and_cleaned(tmp_path):
@@ -116,16 +140,57 @@ def test_a_missing_mirror_bucket_is_refused_before_training(tmp_path, s3_server)
         ckpt.prepare()
 
 
-def test_a_failed_upload_is_reported_not_swallowed(tmp_path, s3_server):
+def test_a_failed_upload_is_reported_at_the_end_within_the_wait_never_raised(tmp_path,
+                                                                             s3_server, capsys):
+    import time
+
     client = s3_server.client()
     client.create_bucket(Bucket="short-lived")
-    ckpt, _, _ = _manager(tmp_path, mirror="s3://short-lived/run")
+    ckpt, _, _ = _manager(tmp_path, mirror="s3://short-lived/run", mirror_wait_s=1.0)
     ckpt.prepare()
     client.delete_bucket(Bucket="short-lived")  # the mirror goes away during training
     ckpt.save(1)
-    with pytest.raises(RuntimeError, match="mirroring a checkpoint to s3://short-lived/run"):
-        ckpt.close()
+    started = time.monotonic()
+    assert ckpt.close() is False  # said, not raised: the training itself is done
+    assert time.monotonic() - started < 5
+    err = capsys.readouterr().err
+    assert "mirroring step-000000001 to s3://short-lived/run failed" in err
+    assert "does not hold the newest checkpoint step-000000001" in err
+    assert "mirror_wait_s=1 s" in err and "bucket does not exist" in err
     assert find_latest(tmp_path / "checkpoints").name == "step-000000001"  # local one kept
+
+
+def test_an_s3_outage_never_stops_saving_and_the_newest_is_mirrored_when_it_returns(
+        tmp_path, s3_server, capsys, monkeypatch):
+    import time
+
+    monkeypatch.setenv("RESNET_IO_TIMEOUT_S", "2")  # each upload attempt gives up after 2 s
+    mirror = f"{s3_server.url}/run"
+    ckpt, _, _ = _manager(tmp_path, keep=1, mirror=mirror)
+    ckpt.prepare()
+    ckpt.save(1)
+    assert ckpt.close() is True and ckpt.mirror_metrics() == {"mirror_lag_steps": 0}
+    s3_server.stop()
+    started = time.monotonic()
+    for step in (2, 3, 4):
+        ckpt.save(step)  # never waits for the mirror
+    assert time.monotonic() - started < 3
+    time.sleep(1)
+    assert ckpt.mirror_metrics() == {"mirror_lag_steps": 3}
+    local = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert "step-000000004" in local and len(local) <= 2  # + the one whose upload is retried
+    err, deadline = "", time.monotonic() + 60
+    while "mirroring" not in err and time.monotonic() < deadline:  # an attempt has failed
+        time.sleep(0.2)
+        err += capsys.readouterr().err
+    s3_server.start()
+    assert ckpt.close() is True  # the newest goes up when S3 is back
+    assert ckpt.mirror_metrics() == {"mirror_lag_steps": 0}
+    assert storage.read_bytes(f"{mirror}/latest") == b"step-000000004"
+    assert [n for n in storage.listdir(mirror) if n.startswith("step-")] == ["step-000000004"]
+    err += capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "mirroring" in line]
+    assert len(warnings) == 1 and "training goes on" in warnings[0]  # rate-limited
 
 
 class CountingAccelerator(StubAccelerator):
@@ -174,11 +239,12 @@ def test_keep_1_with_a_mirror_does_not_prune_the_checkpoint_being_uploaded(tmp_p
                                                                         monkeypatch):
     import time
 
-    real = storage.upload_dir
+    real, uploaded = storage.upload_dir, []
 
     def slow_upload(local: str, url: str) -> None:
         time.sleep(0.5)  # the next checkpoint is saved (and pruning runs) meanwhile
         real(local, url)
+        uploaded.append(Path(url).name)
 
     monkeypatch.setattr(storage, "upload_dir", slow_upload)
     mirror = tmp_path / "mirror"
@@ -186,9 +252,10 @@ def test_keep_1_with_a_mirror_does_not_prune_the_checkpoint_being_uploaded(tmp_p
     ckpt.prepare()
     ckpt.save(1)
     ckpt.save(2)
-    ckpt.close()  # raised "mirroring a checkpoint ... failed" when step 1 was pruned mid-upload
+    assert ckpt.close() is True
+    assert uploaded == ["step-000000001", "step-000000002"]  # step 1 was not pruned mid-upload
     assert (mirror / "latest").read_text() == "step-000000002"
-    assert (mirror / "step-000000001" / STATE_FILE).is_file()
+    assert sorted(p.name for p in mirror.glob("step-*")) == ["step-000000002"]  # keep 1 there too
 
 
 def test_load_restarts_the_micro_step_count_at_an_optimizer_step_boundary(tmp_path):
@@ -242,8 +309,11 @@ def _node(run_dir: Path, mirror: str = "", *, rank: int, other: tuple):
     acc, part = StubAccelerator(), Counter()
     acc.process_index = rank
 
-    def gather(mine):
-        theirs = other if len(mine) == 3 else (other[2], None)  # a view, or (result, error)
+    def gather(mine):  # a view, (result, error) of a preparing step, or a space shortfall
+        if isinstance(mine, tuple):
+            theirs = other if len(mine) == 3 else (other[2], None)
+        else:
+            theirs = None  # no shortfall on the other node
         return [mine, theirs] if rank == 0 else [theirs, mine]
 
     return CheckpointManager(acc, run_dir, {"counter": part}, keep=3, mirror=mirror,
@@ -317,3 +387,41 @@ def test_a_mirror_pointer_that_is_not_a_checkpoint_name_is_refused(tmp_path, nam
     with pytest.raises(CheckpointError, match="not a checkpoint"):
         ckpt.prepare()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mirror", "run"]
+
+
+def test_a_full_disk_during_a_save_removes_the_partial_and_keeps_the_previous(tmp_path):
+    import errno
+
+    from resnet.train.diskspace import CheckpointSpaceError
+
+    class FullAt4(StubAccelerator):
+        def save_state(self, path: str) -> None:
+            super().save_state(path)  # part of it written
+            if path.endswith("step-000000004"):
+                raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    acc = FullAt4()
+    ckpt = CheckpointManager(acc, tmp_path, {"counter": Counter()}, keep=2)
+    ckpt.save(2)
+    with pytest.raises(CheckpointSpaceError, match=r"no space left writing checkpoint "
+                                                   r"step-000000004 to .*checkpoints .*rank 0.*No "
+                                                   r"space left on device.*needs about 0.00 GiB "
+                                                   r"\(the size of step-000000002\).*"
+                                                   r"step-000000002 is intact"):
+        ckpt.save(4)
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step-000000002"]
+    assert (folder / "latest").read_text() == "step-000000002"
+
+
+def test_a_disk_too_full_for_the_next_checkpoint_refuses_the_start(tmp_path, monkeypatch):
+    from resnet.train import diskspace
+
+    ckpt, _, _ = _manager(tmp_path)
+    ckpt.save(2)
+    monkeypatch.setattr(diskspace, "free_bytes", lambda folder: 10)
+    again, _, _ = _manager(tmp_path)
+    with pytest.raises(diskspace.CheckpointSpaceError, match=r"not enough space for the next "
+                                                             r"checkpoint: rank 0 .* has 0.00 GiB "
+                                                             r"free"):
+        again.prepare()

@@ -1,10 +1,12 @@
 import json
 
 import pytest
+import yaml
 
+import trainutil as tu
 from resnet.config import load_config
 from resnet.data.plan import MicroLayout
-from resnet.train.engine import SetupError, deepspeed_config, micro_layout
+from resnet.train.engine import SetupError, deepspeed_config, micro_layout, settle
 
 
 def _layout(batch: int, world: int, accumulation: int = 1) -> MicroLayout:
@@ -33,15 +35,15 @@ def test_deepspeed_config_from_our_keys():
 
 def test_a_user_deepspeed_json_is_the_base_and_its_autos_are_filled(tmp_path):
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"train_batch_size": "auto", "bf16": {"enabled": True},
+    path.write_text(json.dumps({"train_batch_size": "auto", "gradient_clipping": "auto",
                                 "zero_optimization": {"stage": 2, "overlap_comm": True},
                                 "wall_clock_breakdown": True}))
-    cfg = load_config([], [f"deepspeed.config_file={path}", "deepspeed.zero_stage=1",
-                           "train.precision=fp32", "train.batch_size=8"])
+    cfg = load_config([], [f"deepspeed.config_file={path}", "train.precision=fp32",
+                           "train.batch_size=8", "train.grad_clip=2.0"])
     ds = deepspeed_config(cfg, _layout(8, 2))
     assert ds["train_batch_size"] == 16 and ds["wall_clock_breakdown"] is True
-    assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": True}  # our stage wins
-    assert "bf16" not in ds  # its BatchNorm cast crashes (docs/gpu.md); torch_autocast instead
+    assert ds["gradient_clipping"] == 2.0  # "auto": ours
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}  # only the file's
     assert "torch_autocast" not in ds  # fp32
 
 
@@ -63,6 +65,74 @@ def test_shipped_deepspeed_jsons_load():
         for key, value in shipped.items():
             if value != "auto":
                 assert ds[key] == value, key
+def test_a_key_only_in_the_json_is_what_runs(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}, "gradient_clipping": 1.5,
+                                "bf16": {"enabled": True}}))
+    cfg = load_config([], [f"deepspeed.config_file={path}"])
+    settled = settle(cfg)
+    assert (settled.deepspeed.zero_stage, settled.train.precision, settled.train.grad_clip) == \
+        (1, "bf16", 1.5)
+    ds = deepspeed_config(cfg, _layout(1, 1))
+    assert ds["zero_optimization"]["stage"] == 1 and ds["gradient_clipping"] == 1.5
+    # Its bf16 module cast breaks BatchNorm (docs/gpu.md): the same precision by torch_autocast.
+    assert "bf16" not in ds and ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    # Set nowhere: the defaults.
+    plain = settle(load_config([], []))
+    assert (plain.deepspeed.zero_stage, plain.train.precision, plain.train.grad_clip) == \
+        (0, "bf16", 0.0)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.precision=fp32", "train.precision=fp32 but deepspeed.config_file=.* sets "
+                             "torch_autocast=bf16"),
+    ("deepspeed.zero_stage=0", "deepspeed.zero_stage=0 but .* sets zero_optimization.stage=1"),
+    ("train.grad_clip=0", "train.grad_clip=0.0 but .* sets gradient_clipping=1.0"),
+])
+def test_a_key_set_differently_in_both_places_is_an_error_naming_both(tmp_path, override,
+                                                                     message):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}, "gradient_clipping": 1.0,
+                                "torch_autocast": {"enabled": True, "dtype": "bfloat16"}}))
+    cfg = load_config([], [f"deepspeed.config_file={path}", override])
+    with pytest.raises(SetupError, match=message):
+        deepspeed_config(cfg, _layout(1, 1))
+    # The same value in both places is fine.
+    same = load_config([], [f"deepspeed.config_file={path}", "train.precision=bf16",
+                            "deepspeed.zero_stage=1", "train.grad_clip=1"])
+    assert settle(same).deepspeed.zero_stage == 1
+
+
+def test_a_json_batch_size_that_the_run_cannot_use_is_an_error(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 32}))
+    cfg = load_config([], [f"deepspeed.config_file={path}", "train.batch_size=8"])
+    with pytest.raises(SetupError, match="sets train_micro_batch_size_per_gpu=32, but this run "
+                                         "needs 8"):
+        deepspeed_config(cfg, _layout(8, 2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, stage", [("zero0", 0), ("zero1", 1)])
+def test_shipped_deepspeed_jsons_run_as_written(name, stage, tmp_path):
+    """Each shipped JSON, run by 2 processes for a step: DeepSpeed itself reports the stage and
+    precision, the checkpoint holds per-rank optimizer shards exactly under ZeRO-1."""
+    data = tu.make_data(tmp_path)
+    run_dir = tmp_path / "run"
+    args = [a for a in tu.overrides(data, run_dir, f"deepspeed.config_file=configs/deepspeed/"
+                                    f"{name}.json", "train.max_steps=1", "checkpoint.every_steps=1",
+                                    "audit.sample_keys=false", val=False)
+            if not a.startswith("train.precision=")]
+    code, out = tu.run(tu.torchrun_cmd(2, *args), tmp_path / "log.txt")
+    assert code == 0, out[-4000:]
+    assert f"engine: DeepSpeed ZeRO-{stage}, precision bf16" in out, out[-4000:]
+    step = run_dir / "checkpoints" / "step-000000001"
+    shards = sorted(p.name for p in (step / "pytorch_model").glob("zero_pp_rank_*optim_states.pt"))
+    assert shards == ([] if stage == 0 else ["zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                             "zero_pp_rank_1_mp_rank_00_optim_states.pt"])
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert (saved["train"]["precision"], saved["deepspeed"]["zero_stage"]) == ("bf16", stage)
+    assert tu.trainer_state(step)["progress"]["zero_stage"] == stage
 
 
 def test_fp16_needs_zero0_and_a_missing_json_is_named(tmp_path):

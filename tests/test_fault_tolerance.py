@@ -185,3 +185,132 @@ def _listening(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_an_s3_mirror_outage_mid_run_never_stops_training(baseline, tmp_path, s3_server):
+    """S3 (moto) stops after step 4's checkpoint is mirrored and comes back after step 12:
+    training goes on, bit for bit as without a mirror, warns (rate-limited), logs
+    mirror_lag_steps, and the mirror ends with the newest checkpoint, pruned to keep-3."""
+    from resnet.data import storage
+
+    data, reference = baseline
+    run_dir, gates = tmp_path / "run", tmp_path / "gates"
+    gates.mkdir()
+    for step in (4, 12):
+        (gates / f"pause-at-{step}").touch()
+    mirror = f"{s3_server.url}/runs/outage"
+    launch = tu.Launch(tu.torchrun_cmd(2, *tu.overrides(data, run_dir, *tu.BASELINE,
+                                                        f"checkpoint.mirror={mirror}",
+                                                        "data.io_timeout_s=3")),
+                       tmp_path / "log.txt", RESNET_TEST_FAULT_GATES=str(gates))
+    try:
+        def paused(step):
+            return len(list(gates.glob(f"paused-at-{step}-rank-*"))) == 2
+
+        def mirrored(name):
+            try:
+                return storage.read_bytes(f"{mirror}/latest").decode() == name
+            except FileNotFoundError:
+                return False
+
+        tu.wait_for(lambda: paused(4) and mirrored("step-000000004"), 120, "step 4 mirrored",
+                    [launch])
+        s3_server.stop()
+        (gates / "pause-at-4").unlink()
+        tu.wait_for(lambda: paused(12), 120, "step 12 trained without S3", [launch])
+        assert "step-000000012" in tu.checkpoints(run_dir)
+        tu.wait_for(lambda: "mirroring step-" in launch.output(), 60, "a failed upload said",
+                    [launch])
+        s3_server.start()
+        (gates / "pause-at-12").unlink()
+        code = launch.wait()
+    finally:
+        launch.stop()
+    out = launch.output()
+    assert code == 0, out[-4000:]
+    assert "Traceback" not in out
+    failed = [line for line in out.splitlines() if "mirroring step-" in line]
+    assert 1 <= len(failed) <= 3 and "training goes on" in failed[0], failed
+    lag = {m["step"]: m["mirror_lag_steps"] for m in tu.metrics(run_dir) if "mirror_lag_steps" in m}
+    assert lag[5] == 0 and lag[10] >= 4  # step 8's checkpoint was not mirrored by step 10
+    assert storage.read_bytes(f"{mirror}/latest") == b"step-000000020"
+    names = [n for n in storage.listdir(mirror) if n.startswith("step-")]
+    assert "step-000000020" in names and len(names) <= 3
+    tu.assert_bit_identical(tu.final_weights(run_dir), tu.final_weights(reference))
+
+
+def _gated_single_process(data, tmp_path, **extra_env):
+    """`resnet train` (one process, W&B offline, audit on) held before step 4 by a gate."""
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    (gates / "pause-at-3").touch()
+    launch = tu.Launch(tu.resnet_cmd("train", *tu.overrides(
+        data, tmp_path / "run", "train.max_steps=8", "wandb.mode=offline", val=False)),
+        tmp_path / "log.txt", RESNET_TEST_FAULT_GATES=str(gates), WANDB_MODE="offline",
+        WANDB_SILENT="true", WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), **extra_env)
+    tu.wait_for(lambda: list(gates.glob("paused-at-3-*")), 120, "step 3 done", [launch])
+    return launch
+
+
+def test_sigterm_closes_the_audit_and_wandb_with_its_exit_code(tmp_path_factory, tmp_path):
+    from wandb_records import records, run_files
+
+    data = tu.shared_data(tmp_path_factory)
+    launch = _gated_single_process(data, tmp_path)
+    try:
+        os.kill(launch.proc.pid, signal.SIGTERM)
+        code = launch.wait(120)
+    finally:
+        launch.stop()
+    assert code == 143, launch.tail()
+    run_dir = tmp_path / "run"
+    assert "step-000000004" in tu.checkpoints(run_dir)
+    (wandb_file,) = run_files(run_dir)
+    exits = [r.exit.exit_code for r in records(wandb_file) if r.WhichOneof("record_type") == "exit"]
+    assert exits == [143]  # not recorded as a run that finished (exit 0)
+    (audit_file,) = (run_dir / "audit").glob("*-rank000.jsonl")
+    assert audit_file.read_text().endswith("\n")
+    assert max(tu.read_audit(run_dir)) == 4
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path_factory, tmp_path):
+    import time
+
+    data = tu.shared_data(tmp_path_factory)
+    launch = _gated_single_process(data, tmp_path)
+    try:
+        os.kill(launch.proc.pid, signal.SIGINT)  # checkpoint at the end of the step, then exit
+        time.sleep(0.1)
+        os.kill(launch.proc.pid, signal.SIGINT)  # no: now
+        code = launch.wait(10)
+    finally:
+        launch.stop()
+    assert code == -signal.SIGINT, launch.tail()
+    assert "Ctrl-C again exits at once" in launch.output()
+
+
+def test_a_full_disk_at_a_checkpoint_stops_every_rank_and_the_restart_fails_fast(
+        tmp_path_factory, tmp_path):
+    """ENOSPC on rank 1 inside step 4's checkpoint write (test shim): both ranks stop with the
+    message, the partial checkpoint is gone, step 2 intact and `latest`. A start on a disk
+    that cannot hold the next checkpoint stops at once, before training."""
+    data = tu.shared_data(tmp_path_factory)
+    run_dir = tmp_path / "run"
+    args = tu.overrides(data, run_dir, "train.max_steps=6", "checkpoint.every_steps=2",
+                        val=False)
+    code, out = tu.run(tu.torchrun_cmd(2, *args), tmp_path / "log.txt", timeout=180,
+                       RESNET_TEST_FAULT_ENOSPC_AT_STEP=4, RESNET_TEST_FAULT_RANK=1)
+    assert code != 0
+    said = [line for line in out.splitlines() if "no space left writing checkpoint" in line]
+    assert len(said) == 2, out[-4000:]  # one line per rank, the same message
+    assert "step-000000004" in said[0] and "step-000000002 is intact" in said[0]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "latest", "step-000000002"]
+    assert tu.latest(run_dir) == "step-000000002"
+    assert max(tu.read_audit(run_dir)) == 4  # steps 3 and 4 were trained, then it stopped
+
+    code, out = tu.run(tu.torchrun_cmd(2, *args, max_restarts=2), tmp_path / "log.txt",
+                       timeout=180, RESNET_TEST_FAULT_DISK_FREE=1000)
+    assert code != 0
+    assert out.count("not enough space for the next checkpoint") >= 2, out[-4000:]
+    assert max(tu.read_audit(run_dir)) == 4  # no step trained again, restart after restart

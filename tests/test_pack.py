@@ -169,3 +169,43 @@ def test_cli_pack_and_verify(tiny_imagenet_tree, tmp_path, capsys):
                  "--strict", "--quiet", "--workers", "1"]) == 1
     assert main(["pack", str(tmp_path), dest, "--layout", "tinyimagenet", "--quiet"]) == 1
     assert "wnids.txt" in capsys.readouterr().err
+
+
+def test_a_partial_repack_keeps_the_other_splits_unchanged(tiny_imagefolder, tmp_path,
+                                                           monkeypatch, capsys):
+    dest = tmp_path / "out"
+    opts = PackOptions(samples_per_shard=4, workers=1)
+    full = pack(str(tiny_imagefolder), str(dest), "imagefolder", opts, progress=False).manifest
+    assert sorted(full.splits) == ["train", "val"]
+    val_opts = PackOptions(samples_per_shard=2, workers=1, splits=("val",))
+    real = packmod.write_shard
+
+    def crash(*args):
+        raise KeyboardInterrupt  # the partial re-pack is killed after removing the manifest
+
+    monkeypatch.setattr(packmod, "write_shard", crash)
+    with pytest.raises(KeyboardInterrupt):
+        pack(str(tiny_imagefolder), str(dest), "imagefolder", val_opts, progress=False)
+    assert not (dest / "manifest.json").exists()
+    monkeypatch.setattr(packmod, "write_shard", real)
+    lines = []
+    again = pack(str(tiny_imagefolder), str(dest), "imagefolder", val_opts, progress=False,
+                 log=lines.append).manifest
+    assert again.splits["train"] == full.splits["train"]  # unchanged, shard for shard
+    assert len(again.splits["val"].shards) == 3 and again.splits["val"].samples == 6
+    assert load_manifest(str(dest)).fingerprint == again.fingerprint
+    assert any("kept split(s) train" in line for line in lines), lines
+    assert not (dest / ".pack-state" / "manifest-before-repack.json").exists()
+    assert verify(str(dest), progress=False).ok
+
+
+def test_a_partial_repack_with_other_classes_is_refused(tiny_imagefolder, tmp_path):
+    dest = tmp_path / "out"
+    pack(str(tiny_imagefolder), str(dest), "imagefolder",
+         PackOptions(samples_per_shard=4, workers=1), progress=False)
+    other = tmp_path / "other"
+    synthetic.write_imagefolder(other, 2, {"val": 2}, size=(32, 24), seed=1)
+    with pytest.raises(PackError, match="holds split.s. train packed with other classes"):
+        pack(str(other), str(dest), "imagefolder", PackOptions(workers=1, splits=("val",)),
+             progress=False)
+    assert load_manifest(str(dest)).splits.keys() == {"train", "val"}  # nothing removed

@@ -157,7 +157,7 @@ def test_retry_gives_up_and_raises_others_at_once():
     with pytest.raises(ValueError):
         storage.retry(broken, what="t", base_delay=0.001)
     assert len(calls) == 1
-    with pytest.raises(StorageError, match="still failing after 3 attempts"):
+    with pytest.raises(StorageError, match=r"t: still failing after .* s and 3 attempts .*last cause: TimeoutError"):
         storage.retry(lambda: (_ for _ in ()).throw(TimeoutError()), what="t", attempts=3,
                       base_delay=0.001)
 
@@ -167,3 +167,22 @@ def test_join():
     assert storage.join("s3://b", "m.json") == "s3://b/m.json"
     assert storage.join("/d", "x") == os.path.join("/d", "x")
     assert storage.is_remote("https://h/x") and not storage.is_remote("/tmp/x")
+
+
+def test_s3_remove_reports_keys_that_were_not_deleted(s3_server, monkeypatch):
+    """delete_objects answers 200 and lists failed keys per key: that is an error, named."""
+    url = f"{s3_server.url}/dir"
+    storage.write_bytes(f"{url}/a", b"1")
+    storage.write_bytes(f"{url}/b", b"2")
+    client = storage.s3_client()
+    real = client.delete_objects
+
+    def partly_denied(**kwargs):
+        answer = real(**kwargs)  # deletes everything but reports b as denied, like a policy
+        answer["Errors"] = [{"Key": "dir/b", "Code": "AccessDenied", "Message": "Access Denied"}]
+        return answer
+
+    monkeypatch.setattr(client, "delete_objects", partly_denied)
+    with pytest.raises(StorageError, match=r"cannot remove s3://.*/dir: 1 of 3 objects were not "
+                                           r"deleted, e.g. s3://.*/dir/b: AccessDenied"):
+        storage.remove(url)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import json
 import logging
 
@@ -164,7 +165,6 @@ def test_eval_every_sample_once_across_ranks(shards):
 def test_missing_shard_names_its_url(tmp_path, monkeypatch):
     root = make_shards(tmp_path / "m", [4, 4])
     (root / "train-000001.tar").unlink()
-    monkeypatch.setattr(shardio, "_backoff", lambda attempt: 0.0)
     with pytest.raises(ShardError, match="train-000001.tar"):
         list(loader(str(root), b=4))
 
@@ -195,7 +195,6 @@ class _Flaky(io.RawIOBase):
 def test_transient_error_reopens_at_the_member(tmp_path, monkeypatch):
     root = make_shards(tmp_path / "f", [8])
     url = str(root / "train-000000.tar")
-    monkeypatch.setattr(shardio, "_backoff", lambda attempt: 0.0)
     opened = []
 
     def flaky(path, offset=0):
@@ -214,7 +213,6 @@ def test_a_failed_reopen_past_a_gap_is_retried_like_any_interruption(tmp_path, m
     root = make_shards(tmp_path / "g", [8])
     url = str(root / "train-000000.tar")
     data = (root / "train-000000.tar").read_bytes()
-    monkeypatch.setattr(shardio, "_backoff", lambda attempt: 0.0)
     monkeypatch.setattr(shardio, "REOPEN_GAP", 0)  # every skip is a new request
     calls = []
 
@@ -242,8 +240,8 @@ def test_a_failed_reopen_past_a_gap_is_retried_like_any_interruption(tmp_path, m
 def test_a_truncated_stream_is_retried_then_reported(tmp_path, monkeypatch):
     root = make_shards(tmp_path / "t", [6])
     url = str(root / "train-000000.tar")
-    monkeypatch.setattr(shardio, "_backoff", lambda attempt: 0.0)
     data = (root / "train-000000.tar").read_bytes()
+    monkeypatch.setenv("RESNET_IO_TIMEOUT_S", "1")
     with pytest.raises(ShardError, match="train-000000.tar"):
         list(shardio.read_samples(url, {5}, opener=lambda u, o=0: io.BytesIO(data[o:2000])))
 
@@ -464,3 +462,97 @@ def test_cpu_decode_falls_back_for_what_simplejpeg_refuses(oddity, monkeypatch):
     monkeypatch.setattr(A, "simplejpeg", None)  # not installed: torchvision / PIL do it all
     assert (A.train_image(data, p, 0, 0, "k").int() - got.int()).abs().max() <= 1
     assert got.shape == (3, 32, 32) and got.dtype == torch.uint8
+def _tar_with_pax(payload: bytes, size: int | None = None) -> bytes:
+    """A pax extended header carrying `payload` (its size field says `size`), then a member."""
+    import tarfile
+
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type, pax.size = tarfile.XHDTYPE, len(payload) if size is None else size
+    member = tarfile.TarInfo("a.cls")
+    member.size = 1
+    pad = lambda b: b + bytes(-len(b) % 512)  # noqa: E731
+    return (pax.tobuf(tarfile.USTAR_FORMAT) + pad(payload) + member.tobuf(tarfile.USTAR_FORMAT)
+            + pad(b"0") + bytes(1024))
+
+
+@pytest.mark.parametrize("payload, size", [
+    (b"0 path=a.cls\n", None),  # length 0: the record never advances
+    (b"x3 path=a.cls\n", None),  # not a number
+    (b"99 path=a.cls\n", None),  # past the header's end
+    (b"13 path=a.cls\n", 1 << 32),  # a size that would allocate 4 GiB
+], ids=["zero", "not-a-number", "too-long", "huge"])
+def test_a_crafted_pax_header_is_a_corrupt_shard_named_by_url(tmp_path, payload, size):
+    import signal
+
+    url = tmp_path / "train-000000.tar"
+    url.write_bytes(_tar_with_pax(payload, size))
+
+    def hung(signum, frame):
+        raise TimeoutError("read_samples did not return within 10 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        with pytest.raises(ShardError, match=r"shard .*train-000000\.tar is corrupt at byte 0"):
+            list(shardio.read_samples(str(url), {0}))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_well_formed_pax_path_is_read(tmp_path):
+    url = tmp_path / "train-000000.tar"
+    url.write_bytes(_tar_with_pax(b"21 path=long-key.cls\n"))
+    assert list(shardio.read_samples(str(url), {0})) == [(0, "long-key", {"cls": b"0"})]
+
+
+def test_a_mid_epoch_state_from_the_earlier_order_is_refused_an_epoch_boundary_is_not(shards):
+    ld = loader(shards, 0, 1, 2, 2)
+    it = iter(ld)
+    next(it)
+    state = json.loads(json.dumps(ld.state_dict()))
+    it.close()
+    del state["order"]  # as saved before orders came from Philox's raw output
+    with pytest.raises(ValueError, match="saved mid-epoch with the sample order 'numpy "
+                                         "Generator.permutation' of an earlier resnet"):
+        loader(shards, 0, 1, 2, 2).load_state_dict(state)
+    boundary = json.loads(json.dumps(loader(shards, 0, 1, 2, 2).state_dict()))
+    del boundary["order"]
+    loader(shards, 0, 1, 2, 2).load_state_dict(boundary)  # no segments: nothing to continue
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_workers_are_not_forked_from_the_training_process(shards, monkeypatch):
+    """A fork copies the parent's memory (and the locks its threads hold): a function patched
+    in this process after import would run in forked workers. Started by a server process,
+    they import the modules afresh."""
+    from resnet.data import stream
+
+    def inherited(*args, **kwargs):
+        raise AssertionError("a worker ran code from the parent's memory: it was forked")
+
+    expected = [b.keys for b in loader(shards, b=2, k=2)]
+    monkeypatch.setattr(stream, "read_samples", inherited)
+    assert [b.keys for b in loader(shards, b=2, k=2)] == expected
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_a_stuck_worker_is_named_within_the_timeout(shards, tmp_path):
+    import time
+
+    from resnet.data import plan as P
+    from resnet.data.stream import WorkerStuck
+
+    root = make_shards(tmp_path / "stuck", [4, 4])
+    os.unlink(root / "train-000001.tar")
+    os.mkfifo(root / "train-000001.tar")  # opening it blocks: no writer ever comes
+    # Two workers, each a contiguous half of the epoch's order: one shard each.
+    stuck = P.EpochOrder((4, 4), 0, 0).shard_order.index(1)
+    list(loader(shards, b=2, k=2))  # the worker server has started: only the read can stall
+    ld = loader(str(root), b=2, k=2, worker_timeout_s=10)
+    start = time.monotonic()
+    with pytest.raises(WorkerStuck, match=rf"DataLoader worker {stuck} \(rank 0, epoch 0, its "
+                                          rf"batch {stuck} of this pass\) produced nothing in "
+                                          rf"10 s"):
+        list(ld)
+    assert time.monotonic() - start < 40

@@ -124,8 +124,37 @@ def test_connections_dropped_mid_shard(s3_server, dataset, monkeypatch):
 def test_missing_shard_on_s3_names_its_url(s3_server, dataset, monkeypatch):
     url = upload(s3_server, dataset)
     s3_server.client().delete_object(Bucket=s3_server.bucket, Key="ds/train-000002.tar")
-    monkeypatch.setattr(shardio, "_backoff", lambda attempt: 0.0)
     start = time.monotonic()
     with pytest.raises(shardio.ShardError, match=r"s3://.*/ds/train-000002\.tar"):
         keys_of(url, b=2)
     assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize("endpoint", ["refusing", "silent"])
+def test_a_dead_endpoint_surfaces_within_the_deadline_naming_url_and_cause(
+        s3_server, dataset, monkeypatch, endpoint):
+    """One retry layer under data.io_timeout_s (3 s here): a port that refuses connections, or
+    one that accepts and never answers (read timeout 1 s), fails the shard read with its URL
+    and the last cause within the deadline plus one attempt, not after stacked retries."""
+    url = upload(s3_server, dataset)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    if endpoint == "silent":
+        listener.listen(64)  # accepts (the kernel does), never answers
+    port = listener.getsockname()[1]
+    if endpoint == "refusing":
+        listener.close()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("RESNET_S3_READ_TIMEOUT", "1")
+    monkeypatch.setenv("RESNET_S3_CONNECT_TIMEOUT", "1")
+    monkeypatch.setenv("RESNET_IO_TIMEOUT_S", "3")
+    storage.reset_clients()
+    start = time.monotonic()
+    try:
+        with pytest.raises(shardio.ShardError, match=r"s3://.*/ds/train-000000\.tar.*still "
+                                                     r"failing after .*data.io_timeout_s=3.*"
+                                                     r"last cause: \w+"):
+            list(shardio.read_samples(f"{url}/train-000000.tar", {0}))
+    finally:
+        listener.close()
+    assert time.monotonic() - start < 3 + 1 + 1.5

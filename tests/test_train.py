@@ -271,6 +271,29 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
 
 
 @pytest.mark.slow
+def test_nonfinite_gradients_with_a_finite_loss_stop_before_any_checkpoint_holds_them(data,
+                                                                                    tmp_path):
+    """Rank 1's step 3 has a finite loss and inf gradients (test shim): training stops naming
+    step 3, every checkpoint left holds finite weights, the newest is step 2."""
+    import torch
+
+    run_dir = tmp_path / "run"
+    code, out = tu.run(tu.torchrun_cmd(2, *tu.overrides(
+        data, run_dir, "train.max_steps=6", "checkpoint.every_steps=1",
+        "audit.sample_keys=false", val=False)), tmp_path / "log.txt",
+        RESNET_TEST_FAULT_INF_GRAD_AT_STEP=3, RESNET_TEST_FAULT_RANK=1)
+    assert code != 0, out[-4000:]
+    assert "non-finite gradients at step 3 (the loss was finite" in out, out[-4000:]
+    assert tu.checkpoints(run_dir)[-1] == "step-000000002" == tu.latest(run_dir)
+    for name in tu.checkpoints(run_dir):
+        states = list((run_dir / "checkpoints" / name).rglob("*model_states.pt"))
+        assert states, name
+        module = torch.load(states[0], map_location="cpu", weights_only=False)["module"]
+        assert all(torch.isfinite(t).all() for t in module.values() if t.is_floating_point())
+    assert not (run_dir / "final").exists()
+
+
+@pytest.mark.slow
 def test_compiled_model_trains_and_exports_torchvision_keys(data, tmp_path):
     """train.compile wraps nothing: checkpoints and exported weights keep torchvision's keys."""
     import torchvision

@@ -17,6 +17,10 @@ Design, chosen so that a rerun after a crash is always correct:
   shards that were not finished; ``--fresh`` ignores the records and rewrites everything. A kept
   shard is checked by size, not re-hashed: it was only renamed once whole; `resnet verify`
   re-hashes everything.
+- A run that packs some splits (``--splits val``) into a DEST that holds others keeps those
+  others in the new manifest, unchanged (their shards are not touched), and says so. The
+  manifest it started from is saved in ``.pack-state/`` first, so an interrupted partial
+  re-pack still knows them when rerun.
 - Source files are assumed unchanged between runs (the plan id does not stat 1.28 M files);
   after editing the source, use ``--fresh``.
 
@@ -48,11 +52,12 @@ from PIL import Image
 
 from resnet.data import storage
 from resnet.data.format import (
-    FORMAT_VERSION, IMAGE_EXT, LABEL_EXT, MANIFEST_NAME, META_EXT, SHARD_RE, Manifest, ShardInfo,
-    SplitInfo, shard_name)
+    FORMAT_VERSION, IMAGE_EXT, LABEL_EXT, MANIFEST_NAME, META_EXT, SHARD_RE, Manifest,
+    ManifestError, ShardInfo, SplitInfo, shard_name)
 from resnet.data.layouts import Listing, Sample, list_source
 
 STATE_DIR = ".pack-state"
+EARLIER_MANIFEST = "manifest-before-repack.json"  # in STATE_DIR, while a partial re-pack runs
 PACKER_VERSION = 1  # bump when the bytes written for the same input change
 _EOI_TAIL = 4096  # bytes at the end of a JPEG searched for the end-of-image marker
 
@@ -312,6 +317,7 @@ def pack(src: str, dest: str, layout: str, opts: PackOptions = PackOptions(),
     opts.check()
     listing = list_source(src, layout, list(opts.splits) or None)  # LayoutError before writing
     plans = plan_shards(listing, opts)
+    earlier = _other_splits(dest, listing, src)  # saved before the manifest is removed
     _prepare_dest(dest, plans, list(listing.splits))
     kept = {} if opts.fresh else _kept_results(dest, plans)
     todo = [p for p in plans if p.name not in kept]
@@ -330,8 +336,14 @@ def pack(src: str, dest: str, layout: str, opts: PackOptions = PackOptions(),
         if staging != dest:
             shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - start
-    manifest = _manifest(listing, plans, results, opts, src)
+    manifest = _manifest(listing, plans, results, opts, src, earlier)
     storage.write_bytes(storage.join(dest, MANIFEST_NAME), manifest.to_json().encode())
+    storage.remove(storage.join(dest, STATE_DIR, EARLIER_MANIFEST))
+    if earlier is not None:
+        kept_splits = [s for s in earlier.splits if s not in listing.splits]
+        log(f"kept split(s) {', '.join(kept_splits)} of the earlier manifest unchanged "
+            f"({sum(len(earlier.splits[s].shards) for s in kept_splits)} shards); packed "
+            f"{', '.join(listing.splits)}")
     done = [results[p.name] for p in todo]
     return PackResult(manifest, sum(r.files for r in done), sum(r.in_bytes for r in done),
                       seconds, len(todo), len(kept))
@@ -376,13 +388,41 @@ def _run(todo: list[ShardPlan], root: str, dest: str, staging: str, opts: PackOp
             pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _other_splits(dest: str, listing: Listing, src: str) -> Manifest | None:
+    """The manifest this run replaces, where it has splits this run does not pack (else None):
+    DEST's own, or the copy an interrupted partial re-pack saved. Saved in STATE_DIR before
+    DEST's manifest is removed; its classes must be the listing's."""
+    saved = storage.join(dest, STATE_DIR, EARLIER_MANIFEST)
+    for url in (storage.join(dest, MANIFEST_NAME), saved):
+        try:
+            earlier = Manifest.from_json(storage.read_bytes(url).decode(), url)
+        except (FileNotFoundError, ManifestError):
+            continue
+        others = sorted(set(earlier.splits) - set(listing.splits))
+        if not others:
+            return None
+        if [(c.index, c.id) for c in earlier.classes] != \
+                [(c.index, c.id) for c in listing.classes]:
+            raise PackError(f"{dest} holds split(s) {', '.join(others)} packed with other "
+                            f"classes than {src} has: pack them too (--splits), or pack into "
+                            f"a new DEST")
+        if url != saved:
+            storage.write_bytes(saved, earlier.to_json().encode())
+        return earlier
+    return None
+
+
 def _manifest(listing: Listing, plans: list[ShardPlan], results: dict[str, ShardResult],
-              opts: PackOptions, src: str) -> Manifest:
+              opts: PackOptions, src: str, earlier: Manifest | None = None) -> Manifest:
     splits = {}
     for split in listing.splits:
         shards = tuple(results[p.name].info for p in plans if p.split == split)
         splits[split] = SplitInfo(shards=shards, labelled=listing.labelled[split])
     skipped = tuple(s for p in plans for s in results[p.name].skipped)
+    if earlier is not None:  # the splits this run did not pack, as they were
+        kept = {s: info for s, info in earlier.splits.items() if s not in splits}
+        splits = {**kept, **splits}
+        skipped = tuple(s for s in earlier.skipped if s.get("split") in kept) + skipped
     options = {"samples_per_shard": opts.samples_per_shard, "seed": opts.seed,
                "max_side": opts.max_side, "quality": opts.quality,
                "splits": list(listing.splits), "source": str(src),

@@ -35,10 +35,21 @@ import numpy as np
 Interval = tuple[int, int]
 
 
-def rng(*words: object) -> np.random.Generator:
-    """A generator seeded by a stable hash of `words` (Python's hash() differs per process)."""
+# How orders are drawn; saved with the loader state, since a resume mid-epoch needs the same.
+ORDER = "philox-raw-argsort-1"
+
+
+def permutation(n: int, *words: object) -> np.ndarray:
+    """A permutation of range(n), a pure function of `words`, the same on every numpy.
+
+    Philox keyed by a stable hash of `words` (Python's hash() differs per process); its raw
+    64-bit output is fixed by the Philox algorithm, while NEP 19 lets numpy change how
+    Generator methods such as `permutation` use it. Ranking the raw words with a stable sort
+    gives a uniform permutation (ties, about n^2 / 2^65 likely, keep index order).
+    """
     digest = hashlib.blake2b(repr(words).encode(), digest_size=16).digest()
-    return np.random.Generator(np.random.Philox(key=int.from_bytes(digest, "little")))
+    raw = np.random.Philox(key=int.from_bytes(digest, "little")).random_raw(n)
+    return np.argsort(raw, kind="stable")
 
 
 # ----------------------------------------------------------------------------- intervals
@@ -118,7 +129,7 @@ class EpochOrder:
         n = len(self.sizes)
         if not self.shuffle:
             return tuple(range(n))
-        return tuple(int(i) for i in rng("shards", self.seed, self.epoch).permutation(n))
+        return tuple(permutation(n, "shards", self.seed, self.epoch).tolist())
 
     @cached_property
     def starts(self) -> tuple[int, ...]:
@@ -135,7 +146,7 @@ class EpochOrder:
         n = self.sizes[shard]
         if not self.shuffle:
             return np.arange(n)
-        return rng("samples", self.seed, self.epoch, shard).permutation(n)
+        return permutation(n, "samples", self.seed, self.epoch, shard)
 
     def reads(self, iv: Sequence[Interval]) -> list[tuple[int, np.ndarray]]:
         """(shard, sample indices in emission order) covering `iv`, in position order.

@@ -76,24 +76,61 @@ def is_transient(exc: BaseException) -> bool:
     return cause is not None and cause is not exc and isinstance(cause, transient_types)
 
 
-def retry(
-    fn: Callable[[], T], *, what: str, attempts: int = 5, base_delay: float = 0.2
-) -> T:
-    """Call ``fn``; on a transient error wait ``base_delay * 2**i`` (with jitter) and try again,
-    at most ``attempts`` times in all. Other errors are raised at once."""
-    for attempt in range(attempts):
+DEFAULT_IO_TIMEOUT_S = 120.0
+MAX_DELAY_S = 10.0
+
+
+def io_timeout_s() -> float:
+    """The total time one read may keep failing before it is an error (data.io_timeout_s; the
+    trainer puts it in RESNET_IO_TIMEOUT_S, so DataLoader worker processes see it too)."""
+    return float(os.environ.get("RESNET_IO_TIMEOUT_S") or DEFAULT_IO_TIMEOUT_S)
+
+
+def set_io_timeout_s(seconds: float) -> None:
+    os.environ["RESNET_IO_TIMEOUT_S"] = str(float(seconds))
+
+
+class Backoff:
+    """The one retry policy: exponential backoff with full jitter under a total deadline that
+    starts at the first failure. `wait(exc, what)` sleeps before the next try, or raises a
+    StorageError naming `what`, the time spent and the last cause once the deadline passed."""
+
+    def __init__(self, deadline_s: float | None = None, base_delay: float = 0.2,
+                 attempts: int | None = None) -> None:
+        self.deadline_s = io_timeout_s() if deadline_s is None else deadline_s
+        self.base_delay, self.attempts = base_delay, attempts
+        self.failures, self.first = 0, 0.0
+
+    def reset(self) -> None:
+        self.failures = 0
+
+    def wait(self, exc: BaseException, what: str) -> None:
+        now = time.monotonic()
+        if self.failures == 0:
+            self.first = now
+        self.failures += 1
+        spent = now - self.first
+        delay = min(MAX_DELAY_S, self.base_delay * 2 ** (self.failures - 1)) * random.random()
+        out_of_tries = self.attempts is not None and self.failures >= self.attempts
+        if out_of_tries or spent + delay > self.deadline_s:
+            raise StorageError(f"{what}: still failing after {spent:.1f} s and {self.failures} "
+                               f"attempts (data.io_timeout_s={self.deadline_s:g}); last cause: "
+                               f"{type(exc).__name__}: {exc}") from exc
+        time.sleep(delay)  # full jitter: spreads the retries of many workers on one store
+
+
+def retry(fn: Callable[[], T], *, what: str, attempts: int | None = None,
+          base_delay: float = 0.2, deadline_s: float | None = None) -> T:
+    """Call ``fn``; on a transient error back off (`Backoff`) and try again until the deadline
+    (default data.io_timeout_s) or ``attempts``. Other errors are raised at once."""
+    backoff = Backoff(deadline_s, base_delay, attempts)
+    while True:
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001  (filtered just below)
-            if not is_transient(exc) or attempt == attempts - 1:
-                if is_transient(exc):
-                    raise StorageError(
-                        f"{what}: still failing after {attempts} attempts: {exc}"
-                    ) from exc
+            if not is_transient(exc):
                 raise
-            # Full jitter: spreads the retries of many workers hitting the same store.
-            time.sleep(base_delay * (2**attempt) * (0.5 + random.random()))
-    raise AssertionError("unreachable")
+            backoff.wait(exc, what)
 
 
 # ----------------------------------------------------------------------------- S3 client
@@ -126,8 +163,9 @@ def _make_s3_client():
     from botocore.config import Config
 
     config = Config(
-        # Our `retry` does the backoff; keep botocore's own short so failures surface quickly.
-        retries={"max_attempts": 2, "mode": "standard"},
+        # `retry`/`Backoff` is the one retry layer, under data.io_timeout_s: botocore makes
+        # one attempt per call instead of stacking its own retries underneath.
+        retries={"total_max_attempts": 1, "mode": "standard"},
         connect_timeout=float(os.environ.get("RESNET_S3_CONNECT_TIMEOUT", 10)),
         read_timeout=float(os.environ.get("RESNET_S3_READ_TIMEOUT", 60)),
         max_pool_connections=32,

@@ -5,26 +5,29 @@ always knows the byte offset of the member it is reading:
 - members of samples that are not needed are skipped without being read (local files: seek;
   remote: read-and-drop for small gaps, a new Range request for large ones), and reading
   stops after the last needed sample, so resuming never fetches consumed parts of a shard;
-- on a transient failure (storage gave up, the stream ended early) the shard is reopened at the
-  current member's header and parsing continues there, with backoff, a bounded number of times.
+- on a transient failure (the stream ended early, a local read error) the shard is reopened
+  at the current member's header and parsing continues there, under the one retry policy
+  (`storage.Backoff`: backoff with jitter, data.io_timeout_s from the first failure). Remote
+  streams retry their own transient errors under the same policy; once they give up
+  (StorageError) the shard fails at once, naming its URL and the last cause: no retries stacked.
 Samples are the runs of consecutive members sharing a key (WebDataset's convention); the i-th
 run is sample i, the index the plan uses.
 """
 from __future__ import annotations
 
 import logging
-import random
 import tarfile
-import time
 from typing import Callable, Iterator
 
 from resnet.data import storage
 from resnet.data.format import split_name
+from resnet.data.storage import Backoff, StorageError
 
 log = logging.getLogger(__name__)
 
 BLOCK = 512
 REOPEN_GAP = 1 << 20  # remote gaps larger than this are skipped with a new Range request
+MAX_NAME_HEADER = 1 << 20  # pax / GNU long-name headers larger than this are corrupt
 
 
 class ShardError(RuntimeError):
@@ -35,12 +38,20 @@ class _Interrupted(Exception):
     """The stream ended or failed in the middle; reopen at the current member."""
 
 
+class _Corrupt(Exception):
+    """The bytes themselves are wrong (a crafted or damaged header): reopening cannot help."""
+
+
 def _pax_path(data: bytes) -> str | None:
-    """The `path` record of a pax extended header, if any."""
+    """The `path` record of a pax extended header, if any. Each record is "LEN KEY=VALUE\\n"
+    with LEN counting the whole record: a length that is not a number, or that does not reach
+    past its own digits, is a corrupt header (and a zero would never advance)."""
     while data:
         space = data.find(b" ")
         if space <= 0:
             return None
+        if not data[:space].isdigit() or not space + 2 <= int(data[:space]) <= len(data):
+            raise _Corrupt(f"pax record length {data[:space][:20]!r} is not valid")
         length = int(data[:space])
         key, _, value = data[space + 1:length - 1].partition(b"=")
         if key == b"path":
@@ -60,7 +71,9 @@ class _Cursor:
     def read(self, n: int) -> bytes:
         try:
             data = self.stream.read(n)
-        except (OSError, ValueError) as exc:  # storage gave up, or a connection broke
+        except StorageError:  # storage's own retries gave up: final
+            raise
+        except (OSError, ValueError) as exc:  # a connection broke, a local read error
             raise _Interrupted(str(exc)) from exc
         if len(data) != n:
             raise _Interrupted(f"stream ended at byte {self.pos + len(data)}")
@@ -77,6 +90,8 @@ class _Cursor:
             self.close()
             try:
                 self.stream = self.opener(self.url, self.pos + n)
+            except StorageError:
+                raise
             except OSError as exc:  # reopened (with retries) at the member by read_samples
                 raise _Interrupted(f"reopening past a gap failed: {exc}") from exc
             self.pos += n
@@ -90,52 +105,56 @@ class _Cursor:
             pass
 
 
-def _open(url: str, offset: int, opener: Callable, attempts: int) -> _Cursor:
-    """Open with retries; a shard still missing after them is a ShardError naming the URL."""
-    for attempt in range(attempts):
+def _open(url: str, offset: int, opener: Callable, backoff: Backoff) -> _Cursor:
+    """Open, retrying transient errors under `backoff`; a missing shard, or one storage gave
+    up on, is a ShardError naming the URL and the cause at once."""
+    while True:
         try:
             return _Cursor(url, offset, opener)
         except FileNotFoundError:
-            if attempt == attempts - 1:
-                raise ShardError(f"shard {url} is missing (checked {attempts} times); the "
-                                 f"packed data set is incomplete: re-run `resnet pack`") from None
-        except OSError as exc:  # StorageError after storage's own retries, or a local error
-            if attempt == attempts - 1:
-                raise ShardError(f"cannot open shard {url}: {exc}") from exc
-        time.sleep(_backoff(attempt))
-    raise AssertionError("unreachable")
+            raise ShardError(f"shard {url} is missing; the packed data set is incomplete: "
+                             f"re-run `resnet pack`") from None
+        except StorageError as exc:
+            raise ShardError(f"cannot read shard {url}: {exc}") from None
+        except OSError as exc:  # a local error, or an opener without retries of its own
+            _wait(backoff, exc, url, offset)
 
 
-def _backoff(attempt: int) -> float:
-    return 0.25 * (2 ** attempt) * (0.5 + random.random())
+def _wait(backoff: Backoff, exc: BaseException, url: str, offset: int) -> None:
+    try:
+        backoff.wait(exc, f"shard {url} at byte {offset}")
+    except StorageError as final:
+        raise ShardError(str(final)) from None
 
 
 def read_samples(url: str, needed: set[int], *, opener: Callable = storage.open_read,
-                 attempts: int = 4) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+                 deadline_s: float | None = None) -> Iterator[tuple[int, str, dict[str, bytes]]]:
     """Yield (sample index, key, {ext: bytes}) for each needed sample, in tar order."""
     if not needed:
         return
     last = max(needed)
     state = {"index": -1, "key": None, "files": {}}
-    offset, failures = 0, 0
-    cursor = _open(url, 0, opener, attempts)
+    backoff = Backoff(deadline_s)
+    cursor = _open(url, 0, opener, backoff)
     try:
         while True:
             try:
                 for item in _walk(cursor, state, needed, last):
-                    failures = 0
+                    backoff.reset()
                     yield item
                 return
+            except _Corrupt as exc:
+                raise ShardError(f"shard {url} is corrupt at byte {state['member']}: {exc}; "
+                                 f"re-pack it (`resnet verify` lists the bad shards)") from None
+            except StorageError as exc:
+                raise ShardError(f"cannot read shard {url} at byte {state['member']}: "
+                                 f"{exc}") from None
             except _Interrupted as exc:
-                failures += 1
                 offset = state["member"]
-                if failures >= attempts:
-                    raise ShardError(f"shard {url}: still failing at byte {offset} after "
-                                     f"{attempts} reopenings: {exc}") from None
+                _wait(backoff, exc, url, offset)
                 log.warning("shard %s: %s; reopening at byte %d", url, exc, offset)
                 cursor.close()
-                time.sleep(_backoff(failures - 1))
-                cursor = _open(url, offset, opener, attempts)
+                cursor = _open(url, offset, opener, backoff)
     finally:
         cursor.close()
 
@@ -178,6 +197,8 @@ def _next_header(cursor: _Cursor) -> tuple[str | None, int, bytes]:
             raise _Interrupted(f"bad tar header at byte {cursor.pos - BLOCK}: {exc}") from None
         padded = -(-info.size // BLOCK) * BLOCK
         if info.type in (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME):
+            if info.size > MAX_NAME_HEADER:  # a crafted size must not allocate gigabytes
+                raise _Corrupt(f"a {info.size}-byte name header at byte {cursor.pos - BLOCK}")
             data = cursor.read(padded)[: info.size]
             if info.type == tarfile.XHDTYPE:
                 long_name = _pax_path(data) or long_name

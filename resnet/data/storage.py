@@ -9,7 +9,8 @@ S3 client live here only.
   a ``fork`` (DataLoader workers, pack workers).
 - Errors: a missing object is ``FileNotFoundError``; a missing bucket, denied access or any other
   refusal is ``StorageError`` naming the URL. Transient failures (5xx, throttling, resets,
-  timeouts, truncated bodies) are retried with exponential backoff and jitter by `retry`.
+  timeouts, truncated bodies) are retried with exponential backoff and jitter by `retry` /
+  `Backoff`, the one retry layer, for at most data.io_timeout_s per read (botocore: one attempt).
 - `open_read` returns a stream that, on a transient error in the middle of a remote body,
   reopens at the byte it had reached (a Range request), so long shard reads survive a dropped
   connection without the caller knowing.
@@ -18,17 +19,15 @@ from __future__ import annotations
 
 import io
 import os
-import random
 import shutil
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from typing import Optional
 
 from resnet.data.remote import (  # noqa: F401  (re-exported: part of the storage API)
-    StorageError, _s3_call, _s3_error, is_s3, is_transient, reset_clients, retry, s3_client,
-    split_s3)
+    Backoff, StorageError, _s3_call, _s3_error, is_s3, is_transient, reset_clients, retry,
+    s3_client, set_io_timeout_s, split_s3)
 
 REMOTE_SCHEMES = ("s3://", "http://", "https://")
 
@@ -97,29 +96,39 @@ def _is_range_past_end(exc: Exception) -> bool:
 
 
 class _ResumingReader(io.RawIOBase):
-    """A remote body that reopens at its current offset after a transient read error."""
+    """A remote body that reopens at its current offset after a transient error: opening and
+    reading share one `Backoff` (data.io_timeout_s from the first failure, reset by progress)."""
 
-    def __init__(self, url: str, offset: int, attempts: int = 5):
-        self.url, self.pos, self.attempts = url, offset, attempts
-        self.body = retry(lambda: _open_remote_once(url, offset), what=f"open {url}")
+    def __init__(self, url: str, offset: int):
+        self.url, self.pos = url, offset
+        self.backoff = Backoff()
+        self.body = self._open()
+
+    def _open(self):
+        while True:
+            try:
+                return _open_remote_once(self.url, self.pos)
+            except Exception as exc:  # noqa: BLE001
+                if not is_transient(exc):
+                    raise
+                self.backoff.wait(exc, f"read {self.url} from byte {self.pos}")
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast("B")
-        for attempt in range(self.attempts):
+        while True:
             try:
                 data = self.body.read(len(view))
                 break
             except Exception as exc:  # noqa: BLE001
-                if not is_transient(exc) or attempt == self.attempts - 1:
+                if not is_transient(exc):
                     raise
                 self._close_body()
-                time.sleep(0.2 * (2**attempt) * (0.5 + random.random()))
-                self.body = retry(
-                    lambda: _open_remote_once(self.url, self.pos), what=f"reopen {self.url}"
-                )
+                self.backoff.wait(exc, f"read {self.url} from byte {self.pos}")
+                self.body = self._open()
+        self.backoff.reset()
         n = len(data)
         view[:n] = data
         self.pos += n
@@ -308,8 +317,15 @@ def remove(url: str, missing_ok: bool = True) -> None:
         targets = keys + ([key] if key else [])
         for i in range(0, len(targets), 1000):  # delete_objects takes at most 1000 keys
             batch = [{"Key": k} for k in targets[i:i + 1000]]
-            _s3_call(url, "remove", lambda b=batch: s3_client().delete_objects(
+            response = _s3_call(url, "remove", lambda b=batch: s3_client().delete_objects(
                 Bucket=bucket, Delete={"Objects": b, "Quiet": True}))
+            # A 200 response can still have failed keys (AccessDenied, ...), listed per key.
+            errors = response.get("Errors") or []
+            if errors:
+                named = "; ".join(f"s3://{bucket}/{e.get('Key')}: {e.get('Code')} "
+                                  f"{e.get('Message', '')}".rstrip() for e in errors[:3])
+                raise StorageError(f"cannot remove {url}: {len(errors)} of {len(batch)} "
+                                   f"objects were not deleted, e.g. {named}")
         return
     if os.path.isdir(url) and not os.path.islink(url):
         shutil.rmtree(url)

@@ -21,7 +21,9 @@ decoded or augmented.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Optional
 
@@ -195,8 +197,50 @@ def _batches(job: _Job, positions, sizes: tuple[int, ...]) -> Iterator[Batch]:
                            f"over), the plan says {len(sizes)}")  # a wrong epoch
 
 
-def _init_worker(_: int) -> None:
+# Workers start from a clean server process, not forked from the trainer, which has threads
+# (checkpoint mirror, W&B, progress bar, gloo): a fork copies locks those threads may hold.
+# The server imports this module (torch, torchvision, PIL) once, so each epoch's workers
+# start by a cheap fork of it instead of importing everything again.
+WORKER_START = "forkserver"
+
+
+def _worker_context():
+    import multiprocessing
+
+    context = multiprocessing.get_context(WORKER_START)
+    if WORKER_START == "forkserver":
+        context.set_forkserver_preload([__name__])
+    return context
+
+
+class WorkerStuck(RuntimeError):
+    """A DataLoader worker produced no batch within data.worker_timeout_s."""
+
+
+def _named_timeouts(batches: Iterator, workers: int, timeout_s: float, where: str):
+    """The DataLoader's batches; its bare timeout becomes an error naming the stuck worker
+    (batch i comes from worker i % workers: the DataLoader takes them round-robin)."""
+    done = 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except RuntimeError as exc:
+            if "timed out" not in str(exc):
+                raise
+            raise WorkerStuck(f"DataLoader worker {done % workers} ({where}, its batch {done} "
+                              f"of this pass) produced nothing in {timeout_s:g} s "
+                              f"(data.worker_timeout_s): a stuck read or decode") from None
+        done += 1
+        yield batch
+
+
+def _init_worker(_: int, environ: dict | None = None) -> None:
     torch.set_num_threads(1)  # one decode per core; intra-op threads only oversubscribe
+    if environ is not None:  # the forkserver's environment is from when it started: use ours
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 class ShardLoader:
@@ -205,7 +249,8 @@ class ShardLoader:
     def __init__(self, source: str, split: str, *, rank: int, world_size: int,
                  batch_size: int, global_batch: int, workers: int, seed: int, train: bool,
                  augment: AugmentParams = AugmentParams(), decode: str = "cpu",
-                 prefetch_factor: int = 2, pin_memory: bool = False):
+                 prefetch_factor: int = 2, pin_memory: bool = False,
+                 worker_timeout_s: float = 0.0):
         if decode not in ("cpu", "device"):
             raise ValueError(f"decode must be 'cpu' or 'device', got {decode!r}")
         if not 0 <= rank < world_size:
@@ -217,6 +262,7 @@ class ShardLoader:
         self.train, self.seed, self.decode = train, seed, decode
         self.global_batch = global_batch if train else max(1, global_batch)
         self.workers, self.prefetch_factor, self.pin_memory = workers, prefetch_factor, pin_memory
+        self.worker_timeout_s = worker_timeout_s  # 0: wait for a worker's batch forever
         self.augment = augment
         self.manifest = fmt.load_manifest(source)
         self._split = self.manifest.split(split)
@@ -269,10 +315,14 @@ class ShardLoader:
             if self.workers == 0:
                 batches = _batches(job, *job.schedule[0])
             else:
-                batches = iter(DataLoader(
+                batches = _named_timeouts(iter(DataLoader(
                     _EpochStream(job), batch_size=None, num_workers=self.workers,
-                    prefetch_factor=self.prefetch_factor, worker_init_fn=_init_worker,
-                    pin_memory=self.pin_memory, persistent_workers=False))
+                    prefetch_factor=self.prefetch_factor,
+                    worker_init_fn=functools.partial(_init_worker, environ=dict(os.environ)),
+                    pin_memory=self.pin_memory, persistent_workers=False,
+                    multiprocessing_context=_worker_context(),
+                    timeout=self.worker_timeout_s)),
+                    self.workers, self.worker_timeout_s, f"rank {self.rank}, epoch {self.epoch}")
             try:
                 for batch in batches:
                     self._plan = self._plan.advance(1)
@@ -292,6 +342,7 @@ class ShardLoader:
             "train": self.train,
             "epoch": self.epoch,
             "seed": self.seed,
+            "order": P.ORDER,
             "fingerprint": self.manifest.fingerprint,
             "global_batch": self.global_batch,
             "samples_consumed": self.samples_consumed,
@@ -317,6 +368,12 @@ class ShardLoader:
                                  f"would differ")
         segments = tuple(P.Segment(**_with_accumulation(s, state["global_batch"]))
                          for s in state["segments"])
+        order = state.get("order", "numpy Generator.permutation")  # before it was saved
+        if order != P.ORDER and segments:
+            raise ValueError(f"the loader state was saved mid-epoch with the sample order "
+                             f"{order!r} of an earlier resnet; this one draws {P.ORDER!r}. "
+                             f"Resume from a checkpoint at an epoch boundary, or finish the "
+                             f"epoch with the earlier version")
         if state["global_batch"] != self.global_batch and segments:
             raise ValueError(
                 f"the loader state was saved mid-epoch with global_batch {state['global_batch']}"

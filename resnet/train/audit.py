@@ -3,7 +3,8 @@
 With ``audit.sample_keys=true`` every rank appends one JSON line per micro-batch,
 ``{"step", "micro", "epoch", "rank", "keys"}``, to ``run.dir/audit/<start>-rank<NNN>.jsonl``.
 `<start>` names one start of the training processes (a launch, a torchrun restart, a requeue):
-rank 0 draws it from the clock and every rank uses rank 0's, so it sorts in start order.
+rank 0 makes it (a counter past the starts already in the folder, then the UTC time) and every
+rank uses rank 0's, so it sorts in start order whatever the clocks' time zones.
 
 After a rollback to a checkpoint, a later start writes the steps after the checkpoint again,
 possibly with another world size. Reading keeps, for each step, the records of the LAST start
@@ -11,21 +12,33 @@ that wrote it: that is what the final model was trained on.
 """
 from __future__ import annotations
 
+import heapq
 import json
 import re
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 AUDIT_DIR = "audit"
 _FILE = re.compile(r"(?P<start>.+)-rank(?P<rank>\d+)\.jsonl$")
+_COUNTED = re.compile(r"(?P<n>\d{6})-\d{8}T")
 
 Records = dict[int, dict[tuple[int, int], dict]]  # step -> {(micro, rank): record}
 
 
-def new_start_id(restart: int) -> str:
-    return time.strftime("%Y%m%dT%H%M%S") + f"{time.time() % 1:.6f}"[1:] + f"-restart{restart:03d}"
+def new_start_id(restart: int, run_dir: Path | None = None) -> str:
+    """`NNNNNN-YYYYmmddTHHMMSS.ffffffZ-restartRRR`: NNNNNN counts the starts in run_dir's audit
+    folder (ordering them even if clocks disagree), the time is UTC."""
+    counter = 1
+    if run_dir is not None:
+        found = [int(m["n"]) for p in (Path(run_dir) / AUDIT_DIR).glob("*.jsonl")
+                 if (m := _COUNTED.match(p.name))]
+        counter += max(found, default=0)
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{now % 1:.6f}"[1:] + "Z"
+    return f"{counter:06d}-{stamp}-restart{restart:03d}"
 
 
 class AuditLog:
@@ -89,6 +102,12 @@ class EpochUse:
     missing: int | None  # of the split's samples, not used (None: the split is unknown)
 
 
+def _use(epoch: int, counts: Counter, steps: set[int], all_keys: set[str] | None) -> EpochUse:
+    dupes = tuple(sorted(k for k, n in counts.items() if n > 1))
+    missing = len(all_keys - set(counts)) if all_keys is not None else None
+    return EpochUse(epoch, len(steps), sum(counts.values()), len(counts), dupes, missing)
+
+
 def epoch_usage(audit: Records, all_keys: set[str] | None = None) -> list[EpochUse]:
     per_epoch: dict[int, Counter] = defaultdict(Counter)
     steps: dict[int, set[int]] = defaultdict(set)
@@ -96,13 +115,50 @@ def epoch_usage(audit: Records, all_keys: set[str] | None = None) -> list[EpochU
         for rec in records.values():
             per_epoch[rec["epoch"]].update(rec["keys"])
             steps[rec["epoch"]].add(step)
-    out = []
-    for epoch, counts in sorted(per_epoch.items()):
-        dupes = tuple(sorted(k for k, n in counts.items() if n > 1))
-        missing = len(all_keys - set(counts)) if all_keys is not None else None
-        out.append(EpochUse(epoch, len(steps[epoch]), sum(counts.values()), len(counts), dupes,
-                            missing))
-    return out
+    return [_use(epoch, counts, steps[epoch], all_keys)
+            for epoch, counts in sorted(per_epoch.items())]
+
+
+def _complete_steps(path: Path) -> Iterator[int]:
+    """The step of each complete line, read from its prefix (no JSON parse of the keys)."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith('{"step": ') and line.endswith("}\n"):
+                yield int(line[9:line.index(",")])
+
+
+def _stream(path: Path, start: int, winner: dict[int, int]) -> Iterator[tuple[int, dict]]:
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the partial last line of a killed process
+            if winner.get(rec["step"]) == start:
+                yield rec["step"], rec
+
+
+def stream_usage(*run_dirs: Path, all_keys: set[str] | None = None) -> Iterator[EpochUse]:
+    """`epoch_usage(read_audit(...))` one epoch at a time, in memory for one epoch's keys (plus
+    one int per step): a first pass reads only each line's step to find the start that last
+    wrote it, a second merges every file in step order and hands each epoch on as it ends."""
+    starts = list(audit_files(*run_dirs).values())
+    winner: dict[int, int] = {}
+    for index, paths in enumerate(starts):  # in start order: a later start wins the step
+        for path in paths:
+            winner.update((step, index) for step in _complete_steps(path))
+    merged = heapq.merge(*(_stream(path, index, winner) for index, paths in enumerate(starts)
+                           for path in paths), key=lambda item: item[0])
+    epoch, counts, steps = None, Counter(), set()
+    for step, rec in merged:
+        if rec["epoch"] != epoch:
+            if epoch is not None:
+                yield _use(epoch, counts, steps, all_keys)
+            epoch, counts, steps = rec["epoch"], Counter(), set()
+        counts.update(rec["keys"])
+        steps.add(step)
+    if epoch is not None:
+        yield _use(epoch, counts, steps, all_keys)
 
 
 def check_run(*run_dirs: Path) -> tuple[list[str], bool]:
@@ -114,8 +170,8 @@ def check_run(*run_dirs: Path) -> tuple[list[str], bool]:
     from resnet.train.checkpoint import find_latest, read_state
 
     run_dirs = tuple(Path(d) for d in run_dirs)
-    audit = read_audit(*run_dirs)
-    if not audit:
+    usage = list(stream_usage(*run_dirs))  # a few numbers per epoch; keys one epoch at a time
+    if not usage:
         raise FileNotFoundError(f"no audit records under {run_dirs[0] / AUDIT_DIR} (train with "
                                 f"audit.sample_keys=true)")
     configs = [d / "config.yaml" for d in run_dirs if (d / "config.yaml").is_file()]
@@ -126,7 +182,6 @@ def check_run(*run_dirs: Path) -> tuple[list[str], bool]:
     latest = next(filter(None, (find_latest(d / "checkpoints") for d in run_dirs)), None)
     global_batch = read_state(latest)["progress"]["global_batch"] if latest else 1
     finished = any((d / "final").is_dir() for d in run_dirs)
-    usage = epoch_usage(audit)
     lines, ok = [], True
     for use in usage:
         left_out = total - use.unique

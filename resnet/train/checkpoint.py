@@ -12,7 +12,7 @@ Layout of ``run.dir/checkpoints/``::
 
 A crash at any point leaves the previous checkpoint intact and `latest` pointing at it.
 With ``checkpoint.mirror=s3://...`` each complete checkpoint is uploaded in the background
-(its ``latest`` last), and the mirror is the truth across nodes: at start every node
+(its ``latest`` last; mirror.py retries through an outage, which never stops training), and the mirror is the truth across nodes: at start every node
 restores the mirror's newest checkpoint unless all nodes already hold the same newest one
 (a shared run.dir), so nodes with their own disks (empty, behind or ahead) all resume from
 the same step. Without a mirror, run.dir must be shared, and nodes that see different
@@ -25,15 +25,20 @@ import os
 import re
 import shutil
 import socket
-import threading
 from pathlib import Path
 from typing import Any, Callable, Protocol
+
+from resnet.train import diskspace
 
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 NAME = re.compile(r"step-\d{9}")  # what a checkpoint folder (and `latest`) may be called
+# In trainer_state.json: the checkpoint's place in the order of writing (1 + the highest on
+# disk). After a rollback a newer checkpoint can have a lower step than older ones: pruning
+# and the fallback for a missing `latest` go by this order, never by the step in the name.
+ORDER = "written"
 
 
 class CheckpointError(RuntimeError):
@@ -92,21 +97,39 @@ def checked_name(name: str, where: str) -> str:
     return name
 
 
+def _written(checkpoint: Path) -> tuple[int, int]:
+    """Sort key: the order of writing (checkpoints without one, from older versions, first),
+    then the step."""
+    try:
+        order = int(read_state(checkpoint).get(ORDER, 0))
+    except (OSError, ValueError, AttributeError):
+        order = 0
+    return order, step_of(checkpoint.name)
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """The complete checkpoints in `directory`, in the order they were written."""
+    found = [p for p in directory.glob(f"{PREFIX}*")
+             if NAME.fullmatch(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=_written)
+
+
 def find_latest(directory: Path) -> Path | None:
-    """The newest complete checkpoint: `latest` if valid, else the highest complete step."""
+    """The newest complete checkpoint: `latest` if valid, else the last one written."""
     pointer = directory / LATEST
     if pointer.is_file():
         candidate = directory / pointer.read_text().strip()
         if (candidate / STATE_FILE).is_file():
             return candidate
-    complete = sorted(p for p in directory.glob(f"{PREFIX}*") if (p / STATE_FILE).is_file())
+    complete = complete_checkpoints(directory)
     return complete[-1] if complete else None
 
 
 class CheckpointManager:
     def __init__(self, accelerator: Any, run_dir: Path, parts: dict[str, Stateful],
                  keep: int = 3, mirror: str = "",
-                 gather: Callable[[Any], list] = lambda item: [item]) -> None:
+                 gather: Callable[[Any], list] = lambda item: [item],
+                 mirror_wait_s: float = 60.0) -> None:
         if keep < 1:
             raise ValueError(f"checkpoint.keep must be at least 1, got {keep}")
         self.accelerator = accelerator
@@ -115,8 +138,12 @@ class CheckpointManager:
         self.keep = keep
         self.mirror = mirror.rstrip("/")
         self.gather = gather  # every rank's item, in rank order (a collective: all ranks call)
-        self._upload: threading.Thread | None = None
-        self._upload_error: BaseException | None = None
+        self.mirror_wait_s = mirror_wait_s
+        self._uploads = None
+        if self.mirror:
+            from resnet.train.mirror import Mirror
+
+            self._uploads = Mirror(self.mirror, keep)  # used on the main process only
         # The step of the checkpoint this process last saved or loaded. Every rank calls save()
         # and load() at the same steps, so this is the same on all ranks, unlike what each one
         # sees on its disk (node-local run.dir + mirror, NFS lookup caching): deciding "already
@@ -143,6 +170,8 @@ class CheckpointManager:
         # together instead of the others waiting at the next barrier for one that is gone.
         mirrored = self._on_every_rank(lambda: self._mirror_latest() if self.mirror and
                                        self._main else None)[0]
+        if mirrored and self._main:
+            self._uploads.note_mirrored(mirrored)
         local = find_latest(self.dir)
         views = self.gather((self.location, local.name if local else None, mirrored))
         chosen = self._agree(views)
@@ -154,6 +183,14 @@ class CheckpointManager:
                 self._discard_newer_than(chosen)
 
         self._on_every_rank(restore)
+        # A disk too full for the next checkpoint would train until the save and fail there,
+        # restart after restart: stop now, on every rank.
+        short = diskspace.shortfall(self.dir, self.dir / chosen if chosen else None)
+        failures = [f for f in self.gather(short and f"{self.location}: {short}") if f]
+        if failures:
+            raise diskspace.CheckpointSpaceError(
+                f"not enough space for the next checkpoint: {'; '.join(failures)}. Free space "
+                f"there (or move run.dir), then run the same command again")
         return self.dir / chosen if chosen else None
 
     def _on_every_rank(self, step: Callable[[], Any]) -> list:
@@ -166,7 +203,7 @@ class CheckpointManager:
         failed = [e for _, e in outcomes if e]
         if failed:
             raise CheckpointError(f"preparing the checkpoint to resume from failed on "
-                                     f"{len(failed)} rank(s): {failed[0]}")
+                                  f"{len(failed)} rank(s): {failed[0]}")
         return [r for r, _ in outcomes]
 
     def _discard_newer_than(self, chosen: str) -> None:
@@ -211,22 +248,37 @@ class CheckpointManager:
         if self._main:
             shutil.rmtree(tmp, ignore_errors=True)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))
-        if self.accelerator.is_local_main_process:  # each node flushes what its ranks wrote
-            _fsync_tree(tmp)
+        try:
+            self.accelerator.save_state(str(tmp))
+            if self.accelerator.is_local_main_process:  # each node flushes what its ranks wrote
+                _fsync_tree(tmp)
+            if self._main:
+                state = {name: part.state_dict() for name, part in self.parts.items()}
+                state.update(extra or {})
+                state[ORDER] = 1 + max((_written(p)[0] for p in complete_checkpoints(self.dir)),
+                                       default=0)
+                _write_atomic(tmp / STATE_FILE, json.dumps(state, indent=1))
+            failed = None
+        except OSError as exc:
+            if not diskspace.is_no_space(exc):
+                raise
+            failed = f"{self.location}: {exc}"
+        failures = [f for f in self.gather(failed) if f]  # every rank stops, or none
+        if failures:
+            if self.accelerator.is_local_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise diskspace.CheckpointSpaceError(diskspace.no_space_message(
+                final.name, self.dir, failures, find_latest(self.dir)))
         self.accelerator.wait_for_everyone()
         if self._main:
-            state = {name: part.state_dict() for name, part in self.parts.items()}
-            state.update(extra or {})
-            _write_atomic(tmp / STATE_FILE, json.dumps(state, indent=1))
             if final.exists():  # a stale one (an earlier run in this run.dir): replace it
                 shutil.rmtree(final)
             _fsync(tmp)  # the entry of trainer_state.json (its content is already flushed)
             os.replace(tmp, final)
             _write_atomic(self.dir / LATEST, final.name)
             _fsync(self.dir)  # the rename and the new `latest` themselves
-            if self.mirror:  # waits for the previous upload first: pruning may delete its folder
-                self._start_upload(final)
+            if self.mirror:  # in the background; a mirror outage never stops training
+                self._uploads.submit(final)
             self._prune()
         self._saved_step = step
         self.accelerator.wait_for_everyone()
@@ -252,33 +304,23 @@ class CheckpointManager:
                 part.load_state_dict(state[name])
         return state
 
-    def close(self) -> None:
-        """Wait for a background upload; its failure is reported, not swallowed."""
-        if self._upload is not None:
-            self._upload.join()
-            self._upload = None
-        if self._upload_error is not None:
-            error, self._upload_error = self._upload_error, None
-            raise RuntimeError(f"mirroring a checkpoint to {self.mirror} failed: {error}")
+    def close(self) -> bool:
+        """Wait (at most mirror_wait_s) for the last upload; False, said in a warning, when
+        the mirror does not hold the newest checkpoint. Never raises: training is done."""
+        return self._uploads.close(self.mirror_wait_s) if self._uploads else True
+
+    def mirror_metrics(self) -> dict:
+        """{"mirror_lag_steps": ...} on the main process of a mirrored run, else {}."""
+        return {"mirror_lag_steps": self._uploads.lag_steps} if self._uploads and self._main \
+            else {}
 
     def _prune(self) -> None:
-        complete = sorted(p for p in self.dir.glob(f"{PREFIX}*") if (p / STATE_FILE).is_file())
-        for old in complete[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def _start_upload(self, checkpoint: Path) -> None:
-        self.close()  # one upload in flight: the next waits for the previous
-        self._upload = threading.Thread(target=self._upload_one, args=(checkpoint,), daemon=True)
-        self._upload.start()
-
-    def _upload_one(self, checkpoint: Path) -> None:
-        from resnet.data import storage
-
-        try:
-            storage.upload_dir(str(checkpoint), storage.join(self.mirror, checkpoint.name))
-            storage.write_bytes(storage.join(self.mirror, LATEST), checkpoint.name.encode())
-        except BaseException as exc:  # reported by close() on the training thread
-            self._upload_error = exc
+        """Keep the last `keep` written (the one just written is the last of them), and every
+        checkpoint that is being or will be uploaded to the mirror."""
+        busy = self._uploads.busy() if self._uploads else set()
+        for old in complete_checkpoints(self.dir)[: -self.keep]:
+            if old not in busy:
+                shutil.rmtree(old, ignore_errors=True)
 
     def _mirror_latest(self) -> str | None:
         from resnet.data import storage

@@ -8,6 +8,7 @@ channels_last; plain DDP takes channels_last weights and input.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import socket
@@ -51,36 +52,122 @@ def micro_layout(global_batch: int, batch_size: int, world_size: int) -> MicroLa
         raise SetupError(f"{exc}; set train.global_batch_size to at least {world_size}") from None
 
 
+# Our keys that a DeepSpeed JSON can also set, and what runs when neither sets them.
+UNSET_DEFAULTS = {"train.precision": "bf16", "train.grad_clip": 0.0, "deepspeed.zero_stage": 0}
+_DTYPE_NAMES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16",
+                "half": "fp16"}
+
+
+def _user_json(cfg: Config) -> dict:
+    if cfg.deepspeed.engine != "deepspeed" or not cfg.deepspeed.config_file:
+        return {}
+    path = Path(cfg.deepspeed.config_file)
+    if not path.is_file():
+        raise SetupError(f"deepspeed.config_file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SetupError(f"deepspeed.config_file={path}: not JSON ({exc})") from None
+
+
+def _json_precision(ds: dict, path: str) -> str | None:
+    """The precision a DeepSpeed JSON asks for: torch_autocast, or its bf16/fp16 module cast
+    (which breaks BatchNorm, so we run that precision through torch_autocast instead)."""
+    found = {}
+    autocast = ds.get("torch_autocast")
+    if isinstance(autocast, dict) and "enabled" in autocast:
+        dtype = autocast.get("dtype", "bfloat16")
+        if autocast["enabled"] and str(dtype) not in _DTYPE_NAMES:
+            raise SetupError(f"{path}: torch_autocast dtype {dtype!r} is not bfloat16 or float16")
+        found["torch_autocast"] = _DTYPE_NAMES[str(dtype)] if autocast["enabled"] else "fp32"
+    for key in ("bf16", "fp16"):
+        section = ds.get(key)
+        if isinstance(section, dict) and section.get("enabled") not in (None, False, "auto"):
+            found[key] = key
+    if len(set(found.values())) > 1:
+        raise SetupError(f"{path}: its sections ask for different precisions: {found}")
+    return next(iter(found.values()), None)
+
+
+def _json_settings(ds: dict, path: str) -> dict:
+    """Our keys that the JSON sets ("auto" and absent leave them to us)."""
+    stage = (ds.get("zero_optimization") or {}).get("stage")
+    clip = ds.get("gradient_clipping")
+    return {"train.precision": (_json_precision(ds, path), "torch_autocast"),
+            "deepspeed.zero_stage": (None if stage == "auto" else stage,
+                                     "zero_optimization.stage"),
+            "train.grad_clip": (None if clip == "auto" else clip, "gradient_clipping")}
+
+
+def settle(cfg: Config) -> Config:
+    """A copy of cfg with train.precision, train.grad_clip and deepspeed.zero_stage set to what
+    will run: a key set in the DeepSpeed JSON only comes from it, one set in both places must
+    agree (else SetupError naming both), one set nowhere takes UNSET_DEFAULTS."""
+    ds, path = _user_json(cfg), cfg.deepspeed.config_file
+    out = copy.deepcopy(cfg)
+    for dotted, (theirs, json_key) in _json_settings(ds, path).items():
+        group, name = dotted.split(".")
+        ours = getattr(getattr(cfg, group), name)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise SetupError(f"{dotted}={ours} but deepspeed.config_file={path} sets "
+                             f"{json_key}={theirs}: set it in one place, or the same in both")
+        value = ours if ours is not None else theirs
+        setattr(getattr(out, group), name, UNSET_DEFAULTS[dotted] if value is None else value)
+    if out.deepspeed.zero_stage not in (0, 1, 2):
+        raise SetupError(f"{path}: zero_optimization.stage={out.deepspeed.zero_stage}; this "
+                         f"trainer supports 0, 1 and 2")
+    return out
+
+
 def deepspeed_config(cfg: Config, layout: MicroLayout) -> dict:
-    """Our config keys fill a DeepSpeed JSON; a user file (deepspeed.config_file) is the base."""
-    ds: dict = {}
-    if cfg.deepspeed.config_file:
-        path = Path(cfg.deepspeed.config_file)
-        if not path.is_file():
-            raise SetupError(f"deepspeed.config_file not found: {path}")
-        ds = json.loads(path.read_text())
+    """The DeepSpeed JSON that runs: a user file (deepspeed.config_file) is the base, and
+    `settle` decides the keys both can set; the batch bookkeeping is ours."""
+    cfg = settle(cfg)
+    ds = _user_json(cfg)
     # DeepSpeed wants micro x accumulation x world == train batch. Ranks may take one sample
     # fewer than the largest micro-batch (the trainer weights each rank's loss so the gradient
     # is the mean over exactly the global batch); these numbers only size its bookkeeping.
     micro = layout.largest
-    ds.update(
+    ours = dict(
         train_micro_batch_size_per_gpu=micro,
         gradient_accumulation_steps=layout.accumulation,
         train_batch_size=micro * layout.accumulation * layout.world_size,
         gradient_clipping=cfg.train.grad_clip,
         zero_allow_untested_optimizer=True,  # our SGD is a client optimizer
-        steps_per_print=10**9,  # we log ourselves
     )
+    for key, value in ours.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise SetupError(f"deepspeed.config_file={cfg.deepspeed.config_file} sets {key}="
+                             f"{ds[key]}, but this run needs {value} (from train.batch_size, "
+                             f"train.global_batch_size, train.grad_clip and the world size): "
+                             f"remove it or set it to \"auto\"")
+    ds.update(ours)
+    ds.setdefault("steps_per_print", 10**9)  # we log ourselves
     ds.setdefault("zero_optimization", {})["stage"] = cfg.deepspeed.zero_stage
     for key in ("bf16", "fp16"):  # its module cast breaks BatchNorm: we use torch_autocast
         ds.pop(key, None)
+    autocast = ds.pop("torch_autocast", None) or {}
     if cfg.train.precision in AUTOCAST_DTYPES:
         if cfg.train.precision == "fp16" and cfg.deepspeed.zero_stage > 0:
             raise SetupError("train.precision=fp16 under DeepSpeed needs deepspeed.zero_stage=0 "
                              "(its autocast loss scaler exists only there); use bf16")
         dtype = "bfloat16" if cfg.train.precision == "bf16" else "float16"
-        ds["torch_autocast"] = {"enabled": True, "dtype": dtype}
+        ds["torch_autocast"] = {**autocast, "enabled": True, "dtype": dtype}
     return ds
+
+
+def describe_running(model, engine: "Engine") -> str:
+    """What the prepared model runs, asked of DeepSpeed itself (not of our config)."""
+    if not engine.uses_deepspeed:
+        return f"engine: DDP, precision {engine.precision}"
+    stage = model.zero_optimization_stage()
+    precision = "fp32"
+    if model.torch_autocast_enabled():
+        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}[model.torch_autocast_dtype()]
+    if precision != engine.precision:  # settle() and deepspeed_config() disagree: our bug
+        raise SetupError(f"DeepSpeed runs precision {precision}, but the run was set up for "
+                         f"{engine.precision}")
+    return f"engine: DeepSpeed ZeRO-{stage}, precision {precision}"
 
 
 @dataclass
@@ -154,6 +241,7 @@ def make_accelerator(*, use_deepspeed: bool = False, **kwargs):
 def create_engine(cfg: Config, layout: MicroLayout, load_universal: bool = False) -> Engine:
     from accelerate.utils import DeepSpeedPlugin
 
+    cfg = settle(cfg)
     use_ds = cfg.deepspeed.engine == "deepspeed"
     plugin = None
     mixed = "no"

@@ -107,13 +107,28 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     deepspeed_file = path / "pytorch_model" / "mp_rank_00_model_states.pt"
     if deepspeed_file.is_file():
-        return torch.load(deepspeed_file, map_location="cpu", weights_only=False)["module"]
+        return _load_tensors_only(deepspeed_file)["module"]
     for name in ("model.safetensors", "pytorch_model.bin"):  # accelerate's DDP layout
         if (path / name).is_file():
             return load_weights(path / name) if name.endswith("safetensors") else \
-                torch.load(path / name, map_location="cpu")
+                _load_tensors_only(path / name)
     raise FileNotFoundError(f"no weights at {path}: expected a .safetensors file, a run's "
                             f"final/ folder or a checkpoint folder")
+
+
+def _load_tensors_only(path: Path) -> dict:
+    """torch.load with weights_only=True: tensors, containers and plain values, never code.
+    (Resuming training from a checkpoint is different: DeepSpeed unpickles its files in full,
+    so a checkpoint folder or mirror must be as trusted as the code; docs/operations.md.)"""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"refusing to load {path}: it holds more than tensors and plain "
+                         f"values, and unpickling it could run code "
+                         f"({str(exc).splitlines()[-1] if str(exc) else type(exc).__name__})"
+                         ) from None
 
 
 def run_dir_of(weights: Path) -> Path | None:

@@ -14,6 +14,7 @@ import math
 import netrc
 import os
 import secrets
+import signal
 import string
 import time
 from pathlib import Path
@@ -273,14 +274,21 @@ class RunLogger:
         self._first_wandb_step = int(step)
 
     # ---- ending ------------------------------------------------------------------------
-    def finish(self) -> None:
-        """Close the W&B run (bounded by FINISH_TIMEOUT_S) and the jsonl file."""
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the W&B run (bounded by FINISH_TIMEOUT_S) and the jsonl file. A non-zero
+        `exit_code` (a stop by signal) goes to W&B too, SIGTERM's marked as a preemption, so the
+        run is not recorded as finished; the next start resumes it."""
         if not self.is_main:
             return
         if self.wandb_active:
             for tracker in self._wandb_trackers():
                 try:
-                    tracker.finish()
+                    if exit_code and getattr(tracker, "run", None) is not None:
+                        if exit_code == 128 + signal.SIGTERM:
+                            tracker.run.mark_preempting()
+                        tracker.run.finish(exit_code=exit_code)
+                    else:
+                        tracker.finish()
                 except Exception as exc:
                     self._say(f"W&B finish failed: {exc!r}")
             self._drop_wandb_trackers()  # so accelerator.end_training() does not finish twice

@@ -7,6 +7,7 @@ restart (torchrun elastic, SLURM requeue, spot replacement) continues exactly.
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from resnet.config import Config, save_config, to_dict
+from resnet.data.storage import set_io_timeout_s
 from resnet.data.stream import AugmentParams, ShardLoader
 from resnet.logs import RateLimitedLogger
 from resnet.model import build_model
@@ -22,8 +24,9 @@ from resnet.train import universal
 from resnet.train.agreement import Agreement
 from resnet.train.audit import AuditLog, new_start_id
 from resnet.train.checkpoint import CheckpointError, CheckpointManager, read_state
-from resnet.train.engine import Engine, create_engine
+from resnet.train.engine import Engine, create_engine, describe_running, settle
 from resnet.train.evaluate import batch_images, evaluate, export_final, normalize
+from resnet.train.finite import NonFiniteWatch
 from resnet.train.metrics import RunLogger, restart_count, system_metrics
 from resnet.train.optim import Schedule, build_optimizer, peak_lr, set_lr
 from resnet.train.preflight import RunPlan, check_resumable, preflight
@@ -55,7 +58,8 @@ class Progress:
 
 
 class StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step and exits."""
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step and exits. After the
+    first, Ctrl-C has the system's default action again: a second one exits at once."""
 
     def __init__(self) -> None:
         self.signum = 0
@@ -63,6 +67,11 @@ class StopFlag:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if not self.signum:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            print(f"[resnet] signal {signum}: checkpointing at the end of this step, then "
+                  f"exiting; Ctrl-C again exits at once, without that checkpoint",
+                  file=sys.stderr, flush=True)
         self.signum = signum
 
 
@@ -76,7 +85,8 @@ class Trainer:
         common = dict(rank=engine.rank, world_size=engine.world_size, seed=cfg.seed,
                       workers=cfg.data.workers, decode=cfg.data.decode,
                       prefetch_factor=cfg.data.prefetch_factor,
-                      pin_memory=engine.device.type == "cuda")
+                      pin_memory=engine.device.type == "cuda",
+                      worker_timeout_s=cfg.data.worker_timeout_s)
         self.loader = ShardLoader(cfg.data.train, "train", batch_size=cfg.train.batch_size,
                                   global_batch=plan.global_batch, train=True,
                                   augment=self.augment, **common)
@@ -112,6 +122,7 @@ class Trainer:
         universal.declare(model)  # its ZeRO-1/2 checkpoints convert to another world size
         optimizer = build_optimizer(model, cfg.optim, plan.global_batch)
         self.model, self.optimizer = engine.accelerator.prepare(model, optimizer)
+        self.log.info(describe_running(self.model, engine))
         # Summed, then scaled so that the gradient (averaged over ranks and micro-steps by
         # DDP/DeepSpeed) is the mean over exactly the global batch, whatever the split.
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing,
@@ -119,7 +130,8 @@ class Trainer:
         self.loss_scale = plan.layout.loss_weight
         self.checkpoints = CheckpointManager(
             engine.accelerator, self.run_dir, {"progress": self.progress, "loader": self.feed},
-            keep=cfg.checkpoint.keep, mirror=cfg.checkpoint.mirror, gather=engine.gather)
+            keep=cfg.checkpoint.keep, mirror=cfg.checkpoint.mirror, gather=engine.gather,
+            mirror_wait_s=cfg.checkpoint.mirror_wait_s)
         self.logger = RunLogger(engine.accelerator, cfg, self.run_dir)
         self.restart = restart_count()
         self.audit = (AuditLog(self.run_dir, engine.rank, self._agreed_start_id())
@@ -132,7 +144,8 @@ class Trainer:
     def _agreed_start_id(self) -> str:
         from accelerate.utils import broadcast_object_list
 
-        return broadcast_object_list([new_start_id(self.restart)], from_process=0)[0]
+        return broadcast_object_list([new_start_id(self.restart, self.run_dir)],
+                                     from_process=0)[0]
 
     # -- resume ---------------------------------------------------------------------------
     def resume(self) -> None:
@@ -171,7 +184,8 @@ class Trainer:
         self.logger.start(to_dict(self.cfg))
         self.bar = ProgressBar(self.total_steps, self.progress.step, enabled=self.engine.is_main)
         self.last_save = time.monotonic()
-        self.nonfinite_at = torch.full((), -1, dtype=torch.long, device=self.engine.device)
+        self.nonfinite = NonFiniteWatch(self.engine.device)
+        self.params = list(self.model.parameters())
         self.compiling = time.monotonic() if self.cfg.train.compile else None
         if self.compiling is not None:  # (a resumed run compiles again: say why it waits)
             self.log.info(f"step {self.progress.step + 1} compiles the model first (torch.compile "
@@ -236,6 +250,7 @@ class Trainer:
             self.log.warning(f"stopped by signal {int(stop)} at step {step}; "
                              f"checkpoint saved, run again to resume")
             self.checkpoints.close()
+            self._close_outputs(exit_code=128 + int(stop))
             raise SystemExit(128 + int(stop))
 
     def save(self) -> None:
@@ -318,26 +333,29 @@ class Trainer:
             export_final(self.engine.accelerator.unwrap_model(self.model),
                          self.plan.train_manifest, final)
             self.log.info(f"final weights: {final}")
-        self.bar.close()
-        if self.audit:
-            self.audit.close()
-        self.logger.finish()
+        self._close_outputs()
         self.engine.accelerator.wait_for_everyone()
         return final
 
+    def _close_outputs(self, exit_code: int = 0) -> None:
+        """The progress bar, the audit file and W&B (told the exit code)."""
+        self.bar.close()
+        if self.audit:
+            self.audit.close()
+        self.logger.finish(exit_code)
+
     # -- helpers --------------------------------------------------------------------------
     def _note_nonfinite(self, loss: torch.Tensor) -> None:
-        """Remember the first non-finite step on the device: no GPU sync per step."""
-        bad = ~torch.isfinite(loss) & (self.nonfinite_at < 0)
-        self.nonfinite_at = torch.where(bad, torch.full_like(self.nonfinite_at, self.progress.step),
-                                        self.nonfinite_at)
+        """Remember the first step with a non-finite loss or weights, on the device: no GPU
+        sync per step."""
+        self.nonfinite.note(self.progress.step, loss, self.params)
 
     def _check_finite(self) -> None:
-        worst = self.engine.accelerator.reduce(self.nonfinite_at.clone(), "max").item()
-        if worst >= 0:
+        found = self.nonfinite.earliest(lambda t: self.engine.accelerator.reduce(t, "max"))
+        if found:
             advice = "lower optim.lr" + ("" if self.cfg.train.precision == "fp32" else
                                          " or use train.precision=fp32")
-            raise TrainingError(f"non-finite loss at step {worst}; stopping. The last good "
+            raise TrainingError(f"{found}; stopping. The last good "
                                 f"checkpoint is kept in {self.checkpoints.dir}; {advice}")
 
     def _log_train(self, window: "_Window") -> None:
@@ -360,6 +378,7 @@ class Trainer:
             "epoch": self.loader.epoch, "samples_seen": self.progress.samples_seen,
             "image_size": self.augment.image_size,
             "skipped_samples": self.skipped,
+            **self.checkpoints.mirror_metrics(),
             **system_metrics(self.engine.device),
         }
         self._check_finite()
@@ -417,6 +436,8 @@ class _Window:
 
 
 def train(cfg: Config) -> Path:
+    cfg = settle(cfg)  # precision, stage, clipping: what runs, from the config and the JSON
+    set_io_timeout_s(cfg.data.io_timeout_s)  # every read's retry deadline, workers included
     plan = preflight(cfg)  # bad input fails here, before any process group
     engine = create_engine(cfg, plan.layout, plan.load_universal)
     return Trainer(cfg, plan, engine).fit()

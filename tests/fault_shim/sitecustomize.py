@@ -19,6 +19,13 @@ Training faults (resnet.train.trainer and accelerate's save_state), first attemp
                                        PATH and wait (at most 120 s) until PATH is removed, so
                                        a test can kill or signal the run at a known point
     RESNET_TEST_FAULT_RANK=R           only on global rank R (default: every rank)
+    RESNET_TEST_FAULT_ENOSPC_AT_STEP=N (every attempt) accelerate's save_state into step N's
+                                       temporary folder writes, then raises OSError(ENOSPC), as
+                                       a full disk would (on RANK, if given)
+    RESNET_TEST_FAULT_DISK_FREE=BYTES  shutil.disk_usage reports this many bytes free
+    RESNET_TEST_FAULT_INF_GRAD_AT_STEP=N  (every attempt) optimizer step N's loss keeps its
+                                       value but its gradient is multiplied by inf: a finite
+                                       loss with non-finite gradients (on RANK, if given)
 
 Gates (every rank, every attempt), for tests that must act while training is at a known step:
 
@@ -69,6 +76,9 @@ FIRST_ATTEMPT = (_env_int("TORCHELASTIC_RESTART_COUNT") or 0) == 0
 IN_CHECKPOINT = os.environ.get("RESNET_TEST_FAULT_IN_CHECKPOINT") == "1"
 HOLD = os.environ.get("RESNET_TEST_FAULT_HOLD", "")
 RANK = _env_int("RESNET_TEST_FAULT_RANK")
+INF_GRAD_AT = _env_int("RESNET_TEST_FAULT_INF_GRAD_AT_STEP")
+ENOSPC_AT = _env_int("RESNET_TEST_FAULT_ENOSPC_AT_STEP")
+DISK_FREE = _env_int("RESNET_TEST_FAULT_DISK_FREE")
 
 
 def _fires(step: int) -> bool:
@@ -121,6 +131,32 @@ def _patch_trainer(module) -> None:
 
     module.Trainer.train_step = train_step
     module.Trainer.resume = resume
+    if INF_GRAD_AT is not None:
+        _patch_inf_grad(module)
+
+
+def _patch_inf_grad(module) -> None:
+    import torch
+
+    class InfGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("inf")
+
+    real_loss = module.Trainer._loss
+
+    def _loss(self, images, labels):
+        loss, logits = real_loss(self, images, labels)
+        rank = int(os.environ.get("RANK", "0"))
+        if self.progress.step + 1 == INF_GRAD_AT and (RANK is None or RANK == rank):
+            loss = InfGrad.apply(loss)
+        return loss, logits
+
+    module.Trainer._loss = _loss
 
 
 def _patch_save_state(module) -> None:
@@ -132,6 +168,12 @@ def _patch_save_state(module) -> None:
         step = name.rsplit("-", 1)[-1]
         if IN_CHECKPOINT and name.startswith(".tmp-step-") and _fires(int(step)):
             os.kill(os.getpid(), signal.SIGKILL)
+        rank = int(os.environ.get("RANK", "0"))
+        if ENOSPC_AT is not None and name == f".tmp-step-{ENOSPC_AT:09d}" and \
+                (RANK is None or RANK == rank):
+            import errno
+
+            raise OSError(errno.ENOSPC, "No space left on device (test shim)", str(output_dir))
         return result
 
     module.Accelerator.save_state = save_state
@@ -193,10 +235,18 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
 
 _patches = {}
-if (AFTER_STEP is not None and not IN_CHECKPOINT) or GATES or SAVE_AFTER_RESUME:
+if (AFTER_STEP is not None and not IN_CHECKPOINT) or GATES or SAVE_AFTER_RESUME or \
+        INF_GRAD_AT is not None:
     _patches["resnet.train.trainer"] = _patch_trainer
-if AFTER_STEP is not None and IN_CHECKPOINT:
+if (AFTER_STEP is not None and IN_CHECKPOINT) or ENOSPC_AT is not None:
     _patches["accelerate.accelerator"] = _patch_save_state
+if DISK_FREE is not None:
+    import shutil
+
+    def _disk_usage(path, _real=shutil.disk_usage):
+        return _real(path)._replace(free=DISK_FREE)
+
+    shutil.disk_usage = _disk_usage
 if WANDB_FAULT:
     _patches["wandb"] = _patch_wandb
 if _patches:

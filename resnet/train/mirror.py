@@ -1,0 +1,158 @@
+"""The S3 (or any storage URL) mirror of a run's checkpoints: uploads that never stop training.
+
+Rank 0 hands each complete checkpoint to one background thread. A failed upload is retried
+with exponential backoff and jitter for as long as the run goes on; a checkpoint handed over
+meanwhile replaces the one waiting (the backlog is one checkpoint: a restart needs only the
+newest), so an outage of any length costs memory and disk for at most two checkpoints: the
+one in flight and the one waiting, which pruning leaves alone. Failures are logged at most
+once per 30 s; `lag_steps` says how far the mirror is behind. After each upload the mirror
+is pruned to the same keep-K as the local folder, in the order the checkpoints were written.
+At the end of the run `close` waits, at most `wait_s`, for the last upload, and says so if it
+could not finish: training itself never fails because of the mirror.
+"""
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from pathlib import Path
+
+from resnet.logs import RateLimitedLogger
+
+
+class Mirror:
+    def __init__(self, url: str, keep: int, *, retry_base_s: float = 1.0,
+                 retry_max_s: float = 60.0, log: RateLimitedLogger | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.keep = keep
+        self.retry_base_s, self.retry_max_s = retry_base_s, retry_max_s
+        self.log = log or RateLimitedLogger(0)
+        self._cv = threading.Condition()
+        self._waiting: Path | None = None  # the newest checkpoint not yet taken up
+        self._uploading: Path | None = None
+        self._saved_step: int | None = None  # the newest checkpoint handed over
+        self._mirrored_step: int | None = None  # the newest the mirror is known to hold
+        self._last_error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._orders: dict[str, tuple[int, int]] = {}  # mirrored name -> (written, step)
+
+    # -- the training thread ----------------------------------------------------------------
+    def note_mirrored(self, name: str) -> None:
+        """The mirror already holds `name` (its `latest` at start)."""
+        from resnet.train.checkpoint import step_of
+
+        with self._cv:
+            self._mirrored_step = step_of(name)
+
+    def submit(self, checkpoint: Path) -> None:
+        """Upload `checkpoint` in the background, replacing any older one still waiting."""
+        from resnet.train.checkpoint import step_of
+
+        with self._cv:
+            self._waiting = checkpoint
+            self._saved_step = step_of(checkpoint.name)
+            self._cv.notify_all()  # also cuts a retry's backoff short: try the newest now
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="checkpoint-mirror",
+                                                daemon=True)
+                self._thread.start()
+
+    def busy(self) -> set[Path]:
+        """The checkpoints that are being or will be uploaded: pruning must leave them."""
+        with self._cv:
+            return {p for p in (self._waiting, self._uploading) if p is not None}
+
+    @property
+    def lag_steps(self) -> int:
+        """Steps between the newest checkpoint handed over and the newest mirrored (0: none)."""
+        with self._cv:
+            if self._saved_step is None:
+                return 0
+            return max(0, self._saved_step - (self._mirrored_step or 0))
+
+    def close(self, wait_s: float) -> bool:
+        """Wait at most `wait_s` for the uploads; True when the mirror holds the newest."""
+        deadline = time.monotonic() + wait_s
+        with self._cv:
+            self._cv.notify_all()  # a thread in backoff tries once more right away
+            while self._waiting is not None or self._uploading is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(timeout=left)
+            pending = self._waiting or self._uploading
+            error = self._last_error
+        if pending is None:
+            return True
+        self.log.warning(
+            f"the mirror {self.url} does not hold the newest checkpoint {pending.name}: its "
+            f"upload did not finish within checkpoint.mirror_wait_s={wait_s:g} s (last error: "
+            f"{error or 'none, still uploading'}). It is complete on this disk ({pending}); "
+            f"copy it to {self.url}/{pending.name} and write its name to {self.url}/latest "
+            f"before another node resumes from the mirror", key="mirror-close")
+        return False
+
+    # -- the upload thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        delay = self.retry_base_s
+        while True:
+            with self._cv:
+                while self._waiting is None:
+                    self._cv.wait()
+                checkpoint, self._waiting = self._waiting, None
+                self._uploading = checkpoint
+            done = self._upload(checkpoint)
+            with self._cv:
+                self._uploading = None
+                if done:
+                    delay = self.retry_base_s
+                elif self._waiting is None:  # retry it, unless a newer one is waiting
+                    self._waiting = checkpoint
+                self._cv.notify_all()
+                if not done:  # back off; a new checkpoint or close() wakes it early
+                    self._cv.wait(timeout=delay * (0.5 + random.random()))
+                    delay = min(2 * delay, self.retry_max_s)
+
+    def _upload(self, checkpoint: Path) -> bool:
+        from resnet.data import storage
+        from resnet.train.checkpoint import LATEST, step_of
+
+        try:
+            storage.upload_dir(str(checkpoint), storage.join(self.url, checkpoint.name))
+            storage.write_bytes(storage.join(self.url, LATEST), checkpoint.name.encode())
+        except Exception as exc:  # noqa: BLE001  (any failure: retried, training goes on)
+            with self._cv:
+                self._last_error = exc
+            self.log.warning(f"mirroring {checkpoint.name} to {self.url} failed: {exc}; "
+                             f"training goes on, the upload is retried in the background "
+                             f"(mirror_lag_steps {self.lag_steps})", key="mirror")
+            return False
+        with self._cv:
+            self._mirrored_step = step_of(checkpoint.name)
+            self._last_error = None
+        self._orders.pop(checkpoint.name, None)  # written again (after a rollback): re-read
+        try:
+            self._prune(checkpoint.name)
+        except Exception as exc:  # noqa: BLE001  (an old checkpoint stays; the next try prunes)
+            self.log.warning(f"pruning the mirror {self.url} failed: {exc}", key="mirror-prune")
+        return True
+
+    def _prune(self, newest: str) -> None:
+        """Keep the `keep` checkpoints last written on the mirror (`newest` is among them)."""
+        from resnet.data import storage
+        from resnet.train.checkpoint import NAME, ORDER, STATE_FILE, step_of
+
+        names = [n for n in storage.listdir(self.url) if NAME.fullmatch(n)]
+        for name in names:
+            if name not in self._orders:
+                try:  # a partial upload (no state file) of an earlier process sorts first
+                    state = json.loads(storage.read_bytes(
+                        storage.join(self.url, name, STATE_FILE)))
+                    self._orders[name] = (int(state.get(ORDER, 0)), step_of(name))
+                except FileNotFoundError:
+                    self._orders[name] = (-1, step_of(name))
+        ordered = sorted(names, key=lambda n: (n == newest, self._orders[n]))
+        for name in ordered[:-self.keep]:
+            storage.remove(storage.join(self.url, name))
+            self._orders.pop(name, None)
