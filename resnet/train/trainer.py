@@ -32,6 +32,7 @@ from resnet.train.optim import Schedule, build_optimizer, peak_lr, set_lr
 from resnet.train.preflight import RunPlan, check_resumable, preflight
 from resnet.train.prefetch import DeviceFeed
 from resnet.train.progress import ProgressBar
+from resnet.train.window import LogWindow
 
 
 class TrainingError(RuntimeError):
@@ -203,7 +204,7 @@ class Trainer:
         self.augment = self.loader.augment = AugmentParams.for_epoch(self.cfg.data, epoch)
         self.feed.params = self.augment  # (data.decode=device crops to this size)
         batches = iter(self.feed)
-        window = self.window = _Window()
+        window = self.window = LogWindow()
         every = self.cfg.checkpoint.every_steps
         while self.progress.step < self.total_steps:
             window.start_wait()
@@ -237,7 +238,7 @@ class Trainer:
         self._act_on_agreement(window)
         return False
 
-    def _act_on_agreement(self, window: "_Window") -> None:
+    def _act_on_agreement(self, window: LogWindow) -> None:
         """Save and/or stop at the last finished step if the ranks agreed to (same step on
         every rank: each reads the same all-reduce at the same point of the loop)."""
         stop, save_now = self.agreement.result()
@@ -358,23 +359,12 @@ class Trainer:
             raise TrainingError(f"{found}; stopping. The last good "
                                 f"checkpoint is kept in {self.checkpoints.dir}; {advice}")
 
-    def _log_train(self, window: "_Window") -> None:
-        # One all-reduce for the window's sums (kept on the device between log steps).
-        device = self.engine.device
-        totals = torch.cat([window.loss_sum.reshape(1).to(device, torch.float64),
-                            window.hits.to(device),
-                            torch.tensor([window.skipped], device=device, dtype=torch.float64)])
-        loss_sum, top1, top5, seen, skipped = self.engine.accelerator.reduce(totals, "sum").tolist()
-        loss = loss_sum / self.engine.world_size / max(window.steps, 1)  # mean over ranks
-        skipped = int(skipped)
-        self.skipped += skipped
-        elapsed = max(window.elapsed(), 1e-9)
-        img_s = window.samples / elapsed  # samples of all ranks
+    def _log_train(self, window: LogWindow) -> None:
+        figures = window.summarise(lambda t: self.engine.accelerator.reduce(t, "sum"),
+                                   self.engine.world_size, self.engine.device)
+        self.skipped += figures.pop("skipped")
         metrics = {
-            "loss": loss, "lr": self.schedule(self.progress.step - 1),
-            "top1": top1 / max(seen, 1), "top5": top5 / max(seen, 1),
-            "img_per_s": img_s, "img_per_s_per_device": img_s / self.engine.world_size,
-            "data_wait_frac": window.wait / elapsed, "step_time_s": elapsed / max(window.steps, 1),
+            **figures, "lr": self.schedule(self.progress.step - 1),
             "epoch": self.loader.epoch, "samples_seen": self.progress.samples_seen,
             "image_size": self.augment.image_size,
             "skipped_samples": self.skipped,
@@ -383,56 +373,8 @@ class Trainer:
         }
         self._check_finite()
         self.logger.log(metrics, step=self.progress.step)
-        self.bar.update(self.progress.step, loss=loss, img_per_s=img_s,
+        self.bar.update(self.progress.step, loss=figures["loss"], img_per_s=figures["img_per_s"],
                         epoch=self.progress.step / max(self.steps_per_epoch, 1))
-        window.reset()
-
-
-class _Window:
-    """Throughput and loss over the steps since the last log line. The sums stay on the
-    device where the steps put them (created there on first use): no sync between logs."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.t0 = time.perf_counter()
-        self.loss_sum = torch.zeros(())
-        self.hits = torch.zeros(3, dtype=torch.float64)  # top-1 hits, top-5 hits, samples
-        self._fresh = True  # the zeros above are on the CPU, not yet where the steps run
-        self.steps = self.samples = self.skipped = 0
-        self.wait = 0.0
-        self._wait_start = 0.0
-
-    def start_wait(self) -> None:
-        self._wait_start = time.perf_counter()
-
-    def end_wait(self) -> None:
-        self.wait += time.perf_counter() - self._wait_start
-
-    def _on(self, device: torch.device) -> None:
-        if self._fresh:  # new zeros there, not a copy of the CPU ones
-            self.loss_sum = torch.zeros((), device=device)
-            self.hits = torch.zeros(3, dtype=torch.float64, device=device)
-            self._fresh = False
-
-    def add(self, loss: torch.Tensor, samples: int, skipped: int) -> None:
-        self._on(loss.device)
-        self.loss_sum += loss
-        self.steps += 1
-        self.samples += samples
-        self.skipped += skipped
-
-    def add_hits(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        if labels.numel() == 0:
-            return
-        self._on(labels.device)
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-        self.hits[:2] += torch.stack([top5[:, 0].sum(), top5.any(dim=1).sum()])
-        self.hits[2] += labels.numel()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
 
 
 def train(cfg: Config) -> Path:
