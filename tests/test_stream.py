@@ -556,3 +556,59 @@ def test_a_stuck_worker_is_named_within_the_timeout(shards, tmp_path):
                                           rf"10 s"):
         list(ld)
     assert time.monotonic() - start < 40
+
+
+def test_workers_end_when_the_trainer_is_killed(shards, tmp_path):
+    """A SIGKILLed trainer's workers (and the fork server they hold open) must not outlive it:
+    their parent is the server, so torch's own watchdog never sees the trainer go."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import trainutil as tu
+
+    script = ("import sys, time\n"
+              "from resnet.data.stream import ShardLoader\n"
+              f"ld = ShardLoader({shards!r}, 'train', rank=0, world_size=1, batch_size=2, "
+              "global_batch=2, workers=2, seed=0, train=True)\n"
+              "batches = iter(ld); next(batches)\n"
+              "print('first batch in', flush=True); time.sleep(120)\n")
+    launch = tu.Launch([sys.executable, "-c", script], tmp_path / "log.txt")
+    try:
+        tu.wait_for(lambda: "\nfirst batch in\n" in launch.output(), 120, "the first batch",
+                    [launch])
+        helpers = [pid for pid in _tagged(launch.tag) if pid != launch.proc.pid]
+        assert len(helpers) >= 3, helpers  # the fork server and two workers
+        os.kill(launch.proc.pid, signal.SIGKILL)
+        launch.proc.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(map(_running, helpers)):
+            time.sleep(0.2)
+        assert not [pid for pid in helpers if _running(pid)], \
+            subprocess.run(["ps", "-o", "pid,ppid,cmd", "-p", ",".join(map(str, helpers))],
+                           capture_output=True, text=True).stdout
+    finally:
+        launch.stop()
+
+
+def _tagged(tag: str) -> list[int]:
+    needle = f"RESNET_TEST_TAG={tag}".encode()
+    pids = []
+    for entry in os.scandir("/proc"):
+        try:
+            if entry.name.isdigit() and needle in \
+                    open(f"/proc/{entry.name}/environ", "rb").read().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie has ended; only its exit status waits)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Optional
 
@@ -236,11 +237,48 @@ def _named_timeouts(batches: Iterator, workers: int, timeout_s: float, where: st
         yield batch
 
 
-def _init_worker(_: int, environ: dict | None = None) -> None:
+def _init_worker(_: int, environ: dict | None = None, trainer_pid: int | None = None) -> None:
     torch.set_num_threads(1)  # one decode per core; intra-op threads only oversubscribe
     if environ is not None:  # the forkserver's environment is from when it started: use ours
         os.environ.clear()
         os.environ.update(environ)
+    if trainer_pid is not None:
+        _exit_with(trainer_pid)
+
+
+def _exit_with(pid: int) -> None:
+    """End this worker when the process that reads its batches ends.
+
+    torch's worker watchdog watches the worker's parent, which here is the fork server, not
+    the trainer: a SIGKILLed trainer (OOM, a lost node, a test's fault) would leave its workers
+    waiting forever, and with them the server (they hold its lifeline pipe).
+    """
+    import select
+    import threading
+
+    def watch() -> None:
+        try:
+            ended = os.pidfd_open(pid)  # readable once the process has ended (Linux 5.3+)
+        except ProcessLookupError:
+            os._exit(1)
+        except (AttributeError, OSError):
+            ended = None
+        if ended is not None:
+            select.select([ended], [], [])
+        else:
+            while _running(pid):
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="trainer-watch", daemon=True).start()
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 class ShardLoader:
@@ -318,7 +356,8 @@ class ShardLoader:
                 batches = _named_timeouts(iter(DataLoader(
                     _EpochStream(job), batch_size=None, num_workers=self.workers,
                     prefetch_factor=self.prefetch_factor,
-                    worker_init_fn=functools.partial(_init_worker, environ=dict(os.environ)),
+                    worker_init_fn=functools.partial(_init_worker, environ=dict(os.environ),
+                                                     trainer_pid=os.getpid()),
                     pin_memory=self.pin_memory, persistent_workers=False,
                     multiprocessing_context=_worker_context(),
                     timeout=self.worker_timeout_s)),
