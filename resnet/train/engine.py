@@ -207,14 +207,6 @@ class Engine:
         torch.distributed.all_gather_object(out, item, group=self.control_group)
         return out
 
-    def agree(self, *flags: float) -> list[float]:
-        """Max of each flag over all ranks, on the CPU: ranks stop or save at the same step."""
-        values = torch.tensor(flags, dtype=torch.float64)
-        if self.world_size > 1:
-            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX,
-                                         group=self.control_group)
-        return values.tolist()
-
 
 def make_accelerator(*, use_deepspeed: bool = False, **kwargs):
     """The one place an Accelerator is made (training and `resnet eval`): a rendezvous for a
