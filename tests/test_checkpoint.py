@@ -299,8 +299,9 @@ def test_contents_reach_the_disk_before_the_checkpoint_becomes_visible(tmp_path,
 
 
 # ------------------------------------------------------------------------------ nodes agree
-# Each node's rank reports (where, newest local checkpoint, the mirror's newest as rank 0 read
-# it); `gather` stands in for the all-gather over ranks, with the other node's report fixed.
+# Each node's rank reports (where, newest local checkpoint), and rank 0 the mirror's newest;
+# `gather` stands in for the all-gathers over ranks, with the other node's answers fixed
+# (`other`: where, newest local checkpoint, the mirror's newest if it is rank 0).
 
 
 def _node(run_dir: Path, mirror: str = "", *, rank: int, other: tuple):
@@ -309,9 +310,11 @@ def _node(run_dir: Path, mirror: str = "", *, rank: int, other: tuple):
     acc, part = StubAccelerator(), Counter()
     acc.process_index = rank
 
-    def gather(mine):  # a view, (result, error) of a preparing step, or a space shortfall
-        if isinstance(mine, tuple):
-            theirs = other if len(mine) == 3 else (other[2], None)
+    def gather(mine):  # (result, error) of a preparing step, a view, or a space shortfall
+        if isinstance(mine, tuple) and isinstance(mine[0], str) and mine[0].startswith("rank "):
+            theirs = other[:2]  # its view: (where, newest local checkpoint)
+        elif isinstance(mine, tuple):
+            theirs = (other[2], None)  # its result of the mirror read (rank 0 reads it)
         else:
             theirs = None  # no shortfall on the other node
         return [mine, theirs] if rank == 0 else [theirs, mine]

@@ -173,8 +173,8 @@ class CheckpointManager:
         if mirrored and self._main:
             self._uploads.note_mirrored(mirrored)
         local = find_latest(self.dir)
-        views = self.gather((self.location, local.name if local else None, mirrored))
-        chosen = self._agree(views)
+        views = self.gather((self.location, local.name if local else None))
+        chosen = self._agree(views, mirrored)
 
         def restore() -> None:
             if chosen and local_main:
@@ -221,18 +221,17 @@ class CheckpointManager:
         return (f"rank {self.accelerator.process_index} on {socket.gethostname()} "
                 f"({self.dir})")
 
-    def _agree(self, views: list) -> str | None:
-        """All ranks' newest local checkpoint and the mirror's (rank 0 reads it) -> one name."""
-        mirrored = views[0][2]
-        names = {name for _, name, _ in views}
+    def _agree(self, views: list, mirrored: str | None) -> str | None:
+        """All ranks' (where, newest local checkpoint) and the mirror's newest -> one name."""
+        names = {name for _, name in views}
         if len(names) == 1 and (name := names.pop()) is not None:
             if mirrored is None or step_of(name) >= step_of(mirrored):
                 return name  # a shared run.dir (or identical disks), at least as new
         if mirrored is not None:
             return mirrored
-        if len({name for _, name, _ in views}) == 1:
+        if len({name for _, name in views}) == 1:
             return None  # nothing anywhere: a fresh start
-        (where_a, a, _), (where_b, b, _) = _first_difference(views)
+        (where_a, a), (where_b, b) = _first_difference(views)
         raise CheckpointError(
             f"nodes see different checkpoints: {where_a} has {a or 'none'}, {where_b} has "
             f"{b or 'none'}. run.dir must be storage every node shares, or give "
