@@ -405,8 +405,9 @@ class ShardLoader:
                 raise ValueError(f"the loader state has {name}={state[name]!r} but this "
                                  f"loader has {name}={getattr(self, name)!r}; the epoch order "
                                  f"would differ")
-        segments = tuple(P.Segment(**_with_accumulation(s, state["global_batch"]))
-                         for s in state["segments"])
+        # A state from before the order (and unequal micro-batches) came is refused mid-epoch
+        # just below, so every segment that is used carries its accumulation.
+        segments = tuple(P.Segment(**s) for s in state["segments"])
         order = state.get("order", "numpy Generator.permutation")  # before it was saved
         if order != P.ORDER and segments:
             raise ValueError(f"the loader state was saved mid-epoch with the sample order "
@@ -424,14 +425,6 @@ class ShardLoader:
             log.warning("the loader state was not saved at an optimizer-step boundary: resuming "
                         "under a new topology leaves %d samples of this epoch out",
                         self._plan.current.dropped)
-
-
-def _with_accumulation(segment: dict, global_batch: int) -> dict:
-    """Segments saved before unequal micro-batches existed: G = W x b x A, all equal."""
-    if "accumulation" in segment:
-        return segment
-    return {**segment, "accumulation": global_batch // (segment["world_size"]
-                                                       * segment["batch_size"])}
 
 
 def eval_loader(source: str, split: str = "val", *, batch_size: int, workers: int = 2,
