@@ -132,16 +132,20 @@ def test_any_world_size_trains_the_same_global_batch_exactly_once(world, data, t
 class Agents:
     """torchrun agents started with launch/elastic.sh on localhost, one per "node"."""
 
-    def __init__(self, tmp_path: Path, data: Path, gates: Path, epochs: int) -> None:
+    def __init__(self, tmp_path: Path, data: Path, gates: Path, epochs: int,
+                 more: tuple[str, ...] = ()) -> None:
         self.tmp, self.data, self.gates, self.epochs = tmp_path, data, gates, epochs
+        self.more = more  # overrides every agent gets
         self.port = tu.free_port()
         self.config = tmp_path / "elastic.yaml"
         self.config.write_text("seed: 0\n")
         self.launches: dict[str, tu.Launch] = {}
+        self.empty_disk: dict[str, bool] = {}  # whether its run.dir held nothing at start
 
-    def start(self, name: str, run_dir: Path, *more: str) -> tu.Launch:
+    def start(self, name: str, run_dir: Path) -> tu.Launch:
+        self.empty_disk[name] = not (run_dir / "checkpoints").exists()
         train = tu.overrides(self.data, run_dir, f"train.epochs={self.epochs}",
-                             "checkpoint.every_steps=2", *more, val=False)
+                             "checkpoint.every_steps=2", *self.more, val=False)
         launch = tu.Launch(["bash", str(ELASTIC), str(self.config), *train],
                            self.tmp / f"{name}.txt", MIN_NODES="1", MAX_NODES="3",
                            NPROC_PER_NODE="1", MAX_RESTARTS="3",
@@ -264,21 +268,13 @@ def test_nodes_on_their_own_disks_restore_from_the_s3_mirror(data, tmp_path, s3_
     gates = tmp_path / "gates"
     gates.mkdir()
     mirror = f"s3://{s3_server.bucket}/runs/elastic"
-    agents = Agents(tmp_path, data, gates, epochs=3)
+    agents = Agents(tmp_path, data, gates, epochs=3, more=(f"checkpoint.mirror={mirror}",))
     run_dirs = {name: tmp_path / f"node-{name}" for name in "ABCD"}
-    starts = {}
-    original = agents.start
-
-    def start_with_mirror(name, run_dir, *more):
-        starts[name] = not (run_dir / "checkpoints").exists()
-        return original(name, run_dir, f"checkpoint.mirror={mirror}", *more)
-
-    agents.start = start_with_mirror
     try:
         joins = _lose_replace_grow(agents, run_dirs)
     finally:
         agents.stop()
-    assert starts == dict.fromkeys("ABCD", True)  # every node started on an empty disk
+    assert agents.empty_disk == dict.fromkeys("ABCD", True)  # every node on an empty disk
     restored = re.findall(r"restored (step-\d+) from s3://", agents.output())
     # C's empty disk restored 13 when it joined; when D joined, D and whichever of A and C
     # had not written 23 (rank 0's node does) restored it.
