@@ -25,6 +25,7 @@ Intervals are lists of half-open (start, stop) position ranges, kept in position
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -224,9 +225,14 @@ class MicroLayout:
     def parts(self) -> list[int]:
         return split_counts(self.global_batch, self.world_size * self.accumulation)
 
+    @cached_property
+    def _per_rank(self) -> list[list[int]]:
+        return [[self.parts[k * self.world_size + rank] for k in range(self.accumulation)]
+                for rank in range(self.world_size)]
+
     def micro_sizes(self, rank: int) -> list[int]:
         """Samples `rank` takes in each micro-step of an optimizer step."""
-        return [self.parts[k * self.world_size + rank] for k in range(self.accumulation)]
+        return self._per_rank[rank]
 
     @property
     def largest(self) -> int:
@@ -246,6 +252,12 @@ class MicroLayout:
                 f"accumulation = {self.global_batch}")
 
 
+@functools.lru_cache(maxsize=64)
+def _layout(global_batch: int, world_size: int, accumulation: int) -> MicroLayout:
+    """One instance per layout, so its cached sizes serve every call of a plan."""
+    return MicroLayout(global_batch, world_size, accumulation)
+
+
 def rank_counts(total: int, seg: Segment, train: bool, global_batch: int) -> list[int]:
     """Positions each rank reads in this segment (contiguous pieces, in rank order)."""
     if not train:
@@ -253,8 +265,18 @@ def rank_counts(total: int, seg: Segment, train: bool, global_batch: int) -> lis
     if total % global_batch:
         raise ValueError(f"{total} positions do not split into whole global batches of "
                          f"{global_batch}")
-    layout = MicroLayout(global_batch, seg.world_size, seg.accumulation)
+    layout = _layout(global_batch, seg.world_size, seg.accumulation)
     return [total // global_batch * sum(layout.micro_sizes(r)) for r in range(seg.world_size)]
+
+
+def rank_pieces(base: Sequence[Interval], seg: Segment, train: bool,
+                global_batch: int) -> list[list[Interval]]:
+    """Every rank's contiguous share of `base` in this segment, in rank order."""
+    out, start = [], 0
+    for count in rank_counts(length(base), seg, train, global_batch):
+        out.append(take(base, start, count))
+        start += count
+    return out
 
 
 def rank_piece(base: Sequence[Interval], seg: Segment, rank: int, train: bool,
@@ -274,7 +296,7 @@ def worker_batches(n: int, seg: Segment, rank: int, train: bool,
     """
     k_workers = seg.workers
     if train:
-        micro = MicroLayout(global_batch, seg.world_size, seg.accumulation).micro_sizes(rank)
+        micro = _layout(global_batch, seg.world_size, seg.accumulation).micro_sizes(rank)
         total = n // sum(micro) * seg.accumulation
         return [[micro[k % seg.accumulation] for k in range(w, total, k_workers)]
                 for w in range(k_workers)]
@@ -306,8 +328,7 @@ def consumed(base: Sequence[Interval], seg: Segment, train: bool,
              global_batch: int) -> list[Interval]:
     """All positions the ranks of `seg` consumed, in position order."""
     out: list[Interval] = []
-    for rank in range(seg.world_size):
-        piece = rank_piece(base, seg, rank, train, global_batch)
+    for rank, piece in enumerate(rank_pieces(base, seg, train, global_batch)):
         for w, (pos, sizes) in enumerate(worker_ranges(piece, seg, rank, train, global_batch)):
             done = consumed_by_worker(seg.batches, w, seg.workers, len(sizes))
             out.extend(take(pos, 0, sum(sizes[:done])))
@@ -329,6 +350,11 @@ class EpochPlan:
     @cached_property
     def bases(self) -> tuple[list[Interval], ...]:
         """Positions each segment splits (after its drop), in position order."""
+        return self._walk[0]
+
+    @cached_property
+    def _walk(self) -> tuple[tuple[list[Interval], ...], list[Interval]]:
+        """(each segment's base, the positions none consumed): one pass over the segments."""
         remaining = [(0, usable(self.order.total, self.global_batch, self.train))]
         remaining = [iv for iv in remaining if iv[1] > iv[0]]
         out = []
@@ -336,14 +362,13 @@ class EpochPlan:
             base = take(remaining, 0, length(remaining) - seg.dropped)
             out.append(base)
             remaining = subtract(base, consumed(base, seg, self.train, self.global_batch))
-        return tuple(out)
+        return tuple(out), remaining
 
     def remaining(self) -> list[Interval]:
         """Positions no segment has consumed yet (after the last segment's drop)."""
         if not self.segments:
             return [(0, usable(self.order.total, self.global_batch, self.train))]
-        return subtract(self.bases[-1], consumed(self.bases[-1], self.segments[-1], self.train,
-                                                  self.global_batch))
+        return self._walk[1]
 
     def resume(self, topology: Segment) -> "EpochPlan":
         """The plan continued under `topology`: the same segment if it matches, else a new one.
