@@ -42,7 +42,7 @@ def test_checkpointed_state_is_the_trained_batches_not_the_ones_read_ahead(shard
     """Read ahead (as on CUDA, forced here) or not, a mark after batch k makes state_dict()
     the loader's state after k batches; resuming from it gives exactly the remaining ones."""
     full = [b.keys for b in _loader(shards)]
-    feed = DeviceFeed(_loader(shards), "cpu", AUG, lookahead=lookahead)
+    feed = DeviceFeed(_loader(shards), "cpu", lookahead=lookahead)
     it = iter(feed)
     took = [next(it).keys for _ in range(4)]
     feed.mark()
@@ -50,7 +50,7 @@ def test_checkpointed_state_is_the_trained_batches_not_the_ones_read_ahead(shard
     assert extra.keys == full[4]
     state = json.loads(json.dumps(feed.state_dict()))
     assert took == full[:4]
-    resumed = DeviceFeed(_loader(shards), "cpu", AUG, lookahead=lookahead)
+    resumed = DeviceFeed(_loader(shards), "cpu", lookahead=lookahead)
     resumed.load_state_dict(state)
     assert [b.keys for b in resumed] == full[4:]
     # The epoch's batches all out: the checkpoint takes the loader's live state (next epoch).
@@ -59,8 +59,8 @@ def test_checkpointed_state_is_the_trained_batches_not_the_ones_read_ahead(shard
 
 
 def test_feed_hands_over_device_batches_and_decodes_on_the_device(shards):
-    cpu = list(DeviceFeed(_loader(shards), "cpu", AUG))
-    dev = list(DeviceFeed(_loader(shards, decode="device"), "cpu", AUG))
+    cpu = list(DeviceFeed(_loader(shards), "cpu"))
+    dev = list(DeviceFeed(_loader(shards, decode="device"), "cpu"))
     assert [b.keys for b in cpu] == [b.keys for b in dev]
     for a, b in zip(cpu, dev):
         assert b.jpegs is None and b.images.dtype == torch.uint8

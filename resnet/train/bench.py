@@ -216,7 +216,7 @@ def _shard_batches(args, name: str, device):
                          pin_memory=device.type == "cuda")
     if loader.batches_per_epoch == 0:
         raise ValueError(f"{args.data} has fewer train samples than one batch ({args.batch_size})")
-    feed = DeviceFeed(loader, device, augment)
+    feed = DeviceFeed(loader, device)
     for batch in itertools.chain.from_iterable(feed for _ in range(10**6)):
         yield batch.images, batch.labels
 

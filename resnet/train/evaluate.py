@@ -59,7 +59,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast, reduce_su
     from resnet.train.prefetch import DeviceFeed
 
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
-    for batch in DeviceFeed(loader, device, loader.augment):  # (no host-device sync per batch)
+    for batch in DeviceFeed(loader, device):  # (no host-device sync per batch)
         labels, images = batch.labels, batch.images
         if labels.numel() == 0:
             continue

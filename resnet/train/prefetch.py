@@ -20,19 +20,15 @@ from resnet.train.evaluate import batch_images
 
 
 class DeviceFeed:
-    def __init__(self, loader, device: torch.device | str, params,
+    def __init__(self, loader, device: torch.device | str,
                  lookahead: Optional[bool] = None) -> None:
         """`lookahead`: read one batch ahead (default: on CUDA, where the copy overlaps)."""
-        self.loader, self.device, self.params = loader, torch.device(device), params
+        self.loader, self.device = loader, torch.device(device)
         cuda = self.device.type == "cuda"
         self.lookahead = cuda if lookahead is None else lookahead
         self.stream = torch.cuda.Stream(self.device) if cuda else None
         self._handed: Optional[dict] = None  # loader state after the last batch handed out
         self._marked: Optional[dict] = None  # ... as of the last mark(); None: the live state
-
-    @property
-    def augment(self):
-        return self.params
 
     # -- the checkpointed state -----------------------------------------------------------
     def mark(self) -> None:
@@ -79,7 +75,7 @@ class DeviceFeed:
         return moved, state, ready
 
     def _to_device(self, batch):
-        images = batch_images(batch, self.device, self.params)
+        images = batch_images(batch, self.device, self.loader.augment)  # the epoch's size
         labels = batch.labels.to(self.device, non_blocking=True)
         return dataclasses.replace(batch, images=images, labels=labels, jpegs=None, boxes=None,
                                    flips=None)

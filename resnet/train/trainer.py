@@ -25,7 +25,7 @@ from resnet.train.agreement import Agreement
 from resnet.train.audit import AuditLog, new_start_id
 from resnet.train.checkpoint import CheckpointError, CheckpointManager, read_state
 from resnet.train.engine import Engine, create_engine, describe_running, settle
-from resnet.train.evaluate import batch_images, evaluate, export_final, normalize
+from resnet.train.evaluate import evaluate, export_final, normalize
 from resnet.train.finite import NonFiniteWatch
 from resnet.train.metrics import RunLogger, restart_count, system_metrics
 from resnet.train.optim import Schedule, build_optimizer, peak_lr, set_lr
@@ -81,8 +81,6 @@ class Trainer:
         self.cfg, self.plan, self.engine = cfg, plan, engine
         self.run_dir = Path(cfg.run.dir)
         self.log = RateLimitedLogger(engine.rank)
-        # The train size is a function of the epoch (progressive resizing), set per epoch.
-        self.augment = AugmentParams.for_epoch(cfg.data, 0)
         common = dict(rank=engine.rank, world_size=engine.world_size, seed=cfg.seed,
                       workers=cfg.data.workers, decode=cfg.data.decode,
                       prefetch_factor=cfg.data.prefetch_factor,
@@ -90,7 +88,9 @@ class Trainer:
                       worker_timeout_s=cfg.data.worker_timeout_s)
         self.loader = ShardLoader(cfg.data.train, "train", batch_size=cfg.train.batch_size,
                                   global_batch=plan.global_batch, train=True,
-                                  augment=self.augment, **common)
+                                  # the train size is a function of the epoch (progressive
+                                  # resizing): run_epoch sets it again for each epoch
+                                  augment=AugmentParams.for_epoch(cfg.data, 0), **common)
         self.val_loader = None
         if cfg.data.val:
             self.val_loader = ShardLoader(cfg.data.val, "val", batch_size=cfg.train.batch_size,
@@ -98,7 +98,7 @@ class Trainer:
                                           augment=AugmentParams.for_eval(cfg.data), **common)
         # Batches reach the device through the feed (copied on a side stream on CUDA); it
         # stands in for the loader in checkpoints (its state as of the trained steps).
-        self.feed = DeviceFeed(self.loader, engine.device, self.augment)
+        self.feed = DeviceFeed(self.loader, engine.device)
         self.accum = plan.accumulation
         self.steps_per_epoch = self.loader.batches_per_epoch // self.accum
         self.log.info(f"global batch {plan.layout.describe()}")
@@ -201,8 +201,7 @@ class Trainer:
         """Train until the loader's epoch ends (True) or the step budget is spent (False)."""
         epoch = self.loader.epoch
         # Set before the epoch's workers start; a resumed run recomputes it from the epoch.
-        self.augment = self.loader.augment = AugmentParams.for_epoch(self.cfg.data, epoch)
-        self.feed.params = self.augment  # (data.decode=device crops to this size)
+        self.loader.augment = AugmentParams.for_epoch(self.cfg.data, epoch)
         batches = iter(self.feed)
         window = self.window = LogWindow()
         every = self.cfg.checkpoint.every_steps
@@ -267,9 +266,9 @@ class Trainer:
         for i, batch in enumerate(micro):
             if self.audit:
                 self.audit.write(self.progress.step + 1, i, epoch, batch.keys)
-            images = normalize(batch_images(batch, device, self.augment),
-                               self.engine.channels_last_input)
-            labels = batch.labels.to(device, non_blocking=True)
+            # The feed put them on the device (decoded there with data.decode=device).
+            images = normalize(batch.images, self.engine.channels_last_input)
+            labels = batch.labels
             with acc.accumulate(self.model):
                 loss, logits = self._loss(images, labels)
                 acc.backward(loss)
@@ -366,7 +365,7 @@ class Trainer:
         metrics = {
             **figures, "lr": self.schedule(self.progress.step - 1),
             "epoch": self.loader.epoch, "samples_seen": self.progress.samples_seen,
-            "image_size": self.augment.image_size,
+            "image_size": self.loader.augment.image_size,
             "skipped_samples": self.skipped,
             **self.checkpoints.mirror_metrics(),
             **system_metrics(self.engine.device),
