@@ -73,11 +73,12 @@ def audit_files(*run_dirs: Path) -> dict[str, list[Path]]:
 
 
 def _records(path: Path):
-    for line in path.read_text().splitlines():
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the partial last line of a killed process
+    with open(path) as f:  # line by line: a rank's file of a long run need not fit in memory
+        for line in f:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the partial last line of a killed process
 
 
 def read_audit(*run_dirs: Path) -> Records:
@@ -128,14 +129,9 @@ def _complete_steps(path: Path) -> Iterator[int]:
 
 
 def _stream(path: Path, start: int, winner: dict[int, int]) -> Iterator[tuple[int, dict]]:
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the partial last line of a killed process
-            if winner.get(rec["step"]) == start:
-                yield rec["step"], rec
+    for rec in _records(path):
+        if winner.get(rec["step"]) == start:
+            yield rec["step"], rec
 
 
 def stream_usage(*run_dirs: Path, all_keys: set[str] | None = None) -> Iterator[EpochUse]:
