@@ -23,15 +23,11 @@ from resnet.data.pack import PackOptions, pack
 
 
 def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     import PIL
 
-    return (f"{os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), {model}; "
+    from resnet.envinfo import cpu_model
+
+    return (f"{os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), {cpu_model()}; "
             f"Python {platform.python_version()}, Pillow {PIL.__version__}")
 
 

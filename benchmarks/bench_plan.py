@@ -24,14 +24,14 @@ import numpy as np
 
 from resnet.data import plan as P
 from resnet.data.shardio import REOPEN_GAP
+from resnet.envinfo import cpu_model
 
 IMAGENET_TRAIN, SHARD = 1_281_167, 1_000
 MEAN_SAMPLE_BYTES = 110_000  # ImageNet's mean JPEG
 
 
 def segment(world: int, workers: int, global_batch: int, max_micro: int) -> P.Segment:
-    layout = P.MicroLayout.choose(global_batch, world, max_micro)
-    return P.Segment(world, workers, layout.largest, accumulation=layout.accumulation)
+    return P.Segment.for_training(P.MicroLayout.choose(global_batch, world, max_micro), workers)
 
 
 def measured(fn, repeat: int):
@@ -122,14 +122,6 @@ def order_cost(order: P.EpochOrder, repeat: int) -> float:
         for shard in range(len(order.sizes)):
             fresh.shard_permutation(shard)
     return measured(draw, repeat)[0]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

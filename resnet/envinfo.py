@@ -16,6 +16,16 @@ def version(name: str) -> str:
         return "not installed"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (for benchmark headers)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 def environment_report() -> str:
     import torch
 

@@ -63,14 +63,9 @@ RESULT_TAG = "BENCH_TRAIN_RESULT "  # the child's one line of JSON on stdout
 
 # -- the header: hardware and versions -------------------------------------------------------
 def _cpu() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f
-                         if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable)"
+    from resnet.envinfo import cpu_model
+
+    return f"{cpu_model()}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable)"
 
 
 def _driver() -> str:
@@ -389,7 +384,8 @@ def run(args) -> int:
     if args.child:
         print(RESULT_TAG + json.dumps(run_one(args, args.child)), flush=True)
         return 0
-    print("\n".join(header(args)), flush=True)
+    lines = header(args)  # (asks nvidia-smi: once)
+    print("\n".join(lines), flush=True)
     for name in args.names:
         print(f"#   {name}: {CONFIGS[name]}", flush=True)
     print(TABLE, flush=True)
@@ -402,5 +398,5 @@ def run(args) -> int:
             print(f"# {name} failed: {result['error']}", file=sys.stderr, flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": header(args), "results": results}, f, indent=1)
+            json.dump({"header": lines, "results": results}, f, indent=1)
     return 1 if any("error" in r for r in results) else 0
