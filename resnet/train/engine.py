@@ -163,7 +163,8 @@ def describe_running(model, engine: "Engine") -> str:
     stage = model.zero_optimization_stage()
     precision = "fp32"
     if model.torch_autocast_enabled():
-        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}[model.torch_autocast_dtype()]
+        precision = {dtype: name for name, dtype in AUTOCAST_DTYPES.items()}[
+            model.torch_autocast_dtype()]
     if precision != engine.precision:  # settle() and deepspeed_config() disagree: our bug
         raise SetupError(f"DeepSpeed runs precision {precision}, but the run was set up for "
                          f"{engine.precision}")
