@@ -254,8 +254,8 @@ class CheckpointManager:
             if self._main:
                 state = {name: part.state_dict() for name, part in self.parts.items()}
                 state.update(extra or {})
-                state[ORDER] = 1 + max((_written(p)[0] for p in complete_checkpoints(self.dir)),
-                                       default=0)
+                complete = complete_checkpoints(self.dir)  # in write order: the last is newest
+                state[ORDER] = 1 + (_written(complete[-1])[0] if complete else 0)
                 _write_atomic(tmp / STATE_FILE, json.dumps(state, indent=1))
             failed = None
         except OSError as exc:
