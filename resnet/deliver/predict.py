@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from resnet.data.augment import DecodeError, cpu_eval, decode
+from resnet.data.augment import DecodeError, cpu_eval, eval_image
 from resnet.deliver.source import Trained
 from resnet.train.evaluate import normalize
 
@@ -42,8 +42,9 @@ class Predictor:
         self.augment = trained.augment
 
     def prepare(self, data: bytes) -> torch.Tensor:
-        """Image bytes -> uint8 [3, S, S]: the evaluation's resize + center crop."""
-        return cpu_eval(decode(data), self.augment)
+        """Image bytes -> uint8 [3, S, S]: the evaluation's resize + center crop, decoded as
+        evaluation decodes (at a reduced DCT scale where the image is large enough)."""
+        return eval_image(data, self.augment)
 
     def prepare_pil(self, image) -> torch.Tensor:
         array = np.asarray(image.convert("RGB"))
