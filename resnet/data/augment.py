@@ -263,7 +263,7 @@ def pack_jpegs(jpegs: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
     offsets = torch.zeros(len(jpegs) + 1, dtype=torch.int64)
     if jpegs:
         offsets[1:] = torch.tensor([len(j) for j in jpegs], dtype=torch.int64).cumsum(0)
-    return torch.frombuffer(bytearray(b"".join(jpegs)) or bytearray(1), dtype=torch.uint8)[
+    return torch.frombuffer(bytearray().join(jpegs) or bytearray(1), dtype=torch.uint8)[
         : int(offsets[-1])], offsets
 
 
