@@ -40,8 +40,7 @@ def run(ep: P.EpochPlan) -> dict[int, list[list[int]]]:
 
 def segment(w: int, k: int, b: int, g: int) -> P.Segment:
     """The topology a training loader builds for W ranks, K workers, micro-batch <= b."""
-    layout = P.MicroLayout.choose(g, w, b)
-    return P.Segment(w, k, layout.largest, accumulation=layout.accumulation)
+    return P.Segment.for_training(P.MicroLayout.choose(g, w, b), k)
 
 
 topologies = st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 5))  # W, K, b

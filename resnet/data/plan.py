@@ -189,6 +189,11 @@ class Segment:
     dropped: int = 0  # positions left out at the segment start to keep whole global batches
     accumulation: int = 1  # micro-batches per optimizer step (training)
 
+    @classmethod
+    def for_training(cls, layout: "MicroLayout", workers: int) -> "Segment":
+        """The topology of training ranks splitting their global batch as `layout` says."""
+        return cls(layout.world_size, workers, layout.largest, accumulation=layout.accumulation)
+
     def same_topology(self, other: "Segment") -> bool:
         return (self.world_size, self.workers, self.batch_size, self.accumulation) == (
             other.world_size, other.workers, other.batch_size, other.accumulation)

@@ -309,9 +309,8 @@ class ShardLoader:
         # evaluation reads near-equal rank pieces in batches of batch_size.
         self.layout = (P.MicroLayout.choose(self.global_batch, world_size, batch_size)
                        if train else None)
-        self._topology = P.Segment(world_size, max(1, workers),
-                                   self.layout.largest if self.layout else batch_size,
-                                   accumulation=self.layout.accumulation if self.layout else 1)
+        self._topology = (P.Segment.for_training(self.layout, max(1, workers)) if train else
+                          P.Segment(world_size, max(1, workers), batch_size))
         self.skipped = 0
         self._start(0, ())
 
