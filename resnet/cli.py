@@ -122,11 +122,17 @@ def _add_verify(sub) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from resnet.config import ConfigError, load_config
+    from resnet.config import ConfigError, explicit_keys, load_config
+    from resnet.logs import RateLimitedLogger, rank_from_env
     from resnet.train.engine import SetupError
+    from resnet.train.launcher import adopt
 
     try:
         cfg = load_config(args.config, args.overrides)
+        cfg, from_launcher = adopt(cfg, explicit_keys(args.config, args.overrides))
+        if from_launcher:  # the first line says which settings the launcher chose
+            RateLimitedLogger(rank_from_env()).info("from the launcher: "
+                                                    + "; ".join(from_launcher))
         from resnet.train.checkpoint import CheckpointError
         from resnet.train.diskspace import CheckpointSpaceError
         from tqdm.contrib.logging import logging_redirect_tqdm

@@ -207,6 +207,20 @@ def load_config(
     return OmegaConf.to_object(cfg)
 
 
+def explicit_keys(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> dict[str, str]:
+    """Each dotted key the YAML files or the ``key=value`` overrides set, with where (the
+    last one wins, as in `load_config`): what a launcher's setting must not silently replace."""
+    where: dict[str, str] = {}
+    for path in files:
+        node = OmegaConf.load(Path(path))
+        for key in _all_keys(node):
+            if not OmegaConf.is_config(OmegaConf.select(node, key)):
+                where[key] = str(path)
+    for item in overrides:
+        where[item.split("=", 1)[0]] = "the command line"
+    return where
+
+
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 

@@ -22,6 +22,7 @@ from resnet.config import Config
 from resnet.data.plan import MicroLayout
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+USE_CPU_ENV = "ACCELERATE_USE_CPU"  # `accelerate launch --cpu`: the CPU even where GPUs are
 
 
 class SetupError(ValueError):
@@ -215,8 +216,15 @@ def make_accelerator(*, use_deepspeed: bool = False, **kwargs):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    on_gpu = torch.cuda.is_available() and os.environ.get(USE_CPU_ENV, "").lower() != "true"
+    if use_deepspeed and os.environ.get(USE_CPU_ENV, "").lower() == "true":
+        if torch.cuda.is_available():
+            raise SetupError("accelerate launch --cpu with deepspeed.engine=deepspeed on a "
+                             "machine with CUDA devices: DeepSpeed would use them; set "
+                             "deepspeed.engine=ddp to train on the CPU, or drop --cpu")
+        # Accelerate's own CPU flag drops DeepSpeed; on a CPU we run it over gloo ourselves.
+        del os.environ[USE_CPU_ENV]
     ensure_single_process_env()
-    on_gpu = torch.cuda.is_available()
     backend, timeout = ("nccl" if on_gpu else "gloo"), timedelta(minutes=30)
     _init_elastic_process_group(backend, timeout)
     accelerator = Accelerator(
