@@ -15,13 +15,12 @@ import codecs
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import IO
 
-from resnet import logs
+from resnet import logs, progress
 from resnet.data import synthetic
 from resnet.data.format import MANIFEST_NAME
 from resnet.runfiles import CONSOLE_LOG, METRICS_FILE
@@ -62,6 +61,10 @@ class _Console:
         self.out.flush()
 
     def _segment(self, text: str, sep: str) -> None:
+        plain = progress.is_progress_line(text.strip())
+        if plain:  # a child's progress line: drawn in place, as a bar is
+            self._bar(plain, closed=False)
+            return
         bar = _BAR_END.search(text)
         if bar and logs.is_product_line(text[: bar.end()]):
             self._bar(text[: bar.end()].strip(), closed=sep != "\r")
@@ -84,13 +87,9 @@ class _Console:
 
 
 def _child_env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if sys.stdout.isatty():  # the children's output reaches a person through our pipe
-        from resnet.train.progress import TTY_ENV
-
-        columns, lines = shutil.get_terminal_size()
-        env.update({TTY_ENV: "1", "COLUMNS": str(columns), "LINES": str(lines)})
-    return env
+    # The children write to a pipe, so they print plain progress lines (resnet.progress): the
+    # log file reads line by line, and the terminal redraws each as the bar (_Console).
+    return dict(os.environ, PYTHONUNBUFFERED="1")
 
 
 def _tail(path: str, lines: int = TAIL_LINES) -> str:

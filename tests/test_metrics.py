@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from resnet.config import load_config, to_dict
 from resnet.train import metrics
 from resnet.logs import RateLimitedLogger
-from resnet.train.progress import ProgressBar
+from resnet.progress import ProgressBar
 from wandb_records import read_run, run_files
 
 
@@ -210,8 +210,8 @@ def test_rate_limited_logger():
 
 def test_progress_bar():
     out = io.StringIO()
-    bar = ProgressBar(total_steps=10, initial_step=4, stream=out)
+    bar = ProgressBar(total=10, initial=4, stream=out)
     bar.update(6, loss=1.5, img_per_s=1234.0, epoch=0.6)
     bar.close()
-    assert "6/10" in out.getvalue() and "img/s=1,234" in out.getvalue()
+    assert "6/10" in out.getvalue() and "img/s 1,234" in out.getvalue()
     ProgressBar(10, enabled=False).update(3)  # other ranks: nothing happens

@@ -8,24 +8,23 @@ import pytest
 
 from resnet import quickstart
 
-# A child like `resnet train`: real DeepSpeed/torch import chatter, a bar, chatter glued to the
-# bar's line, a product line printed through the bar, and the command's result.
+# A child like `resnet train` (its stderr a pipe, so plain progress lines): real DeepSpeed/torch
+# import chatter, progress, chatter and a product line between two progress lines, the result.
 CHILD = textwrap.dedent("""
     import sys
     import deepspeed  # its accelerator lines, on a CPU-only machine
     from resnet.logs import RateLimitedLogger
-    from resnet.train.progress import ProgressBar
-    bar = ProgressBar(total_steps=4)
+    from resnet.progress import ProgressBar
+    bar = ProgressBar(total=4, every=1)
     bar.update(1, loss=2.0)
-    bar._bar.refresh()
-    print("[2026-01-01 00:00:00,000] [INFO] [engine.py:1:x] chatter glued to the bar", flush=True)
+    print("[2026-01-01 00:00:00,000] [INFO] [engine.py:1:x] chatter beside the bar", flush=True)
     RateLimitedLogger(rank=0).info("step 2: val top-1 0.5000")
     bar.update(4, loss=1.0)
     bar.close()
     print("wandb: Run summary: 30 lines of it")
     print("final weights: /tmp/x")
 """)
-CHATTER = ("Setting accelerator to CPU", "chatter glued to the bar", "wandb: Run summary")
+CHATTER = ("Setting accelerator to CPU", "chatter beside the bar", "wandb: Run summary")
 
 
 def _run(tmp_path, verbose: bool) -> tuple[str, str]:
@@ -45,9 +44,12 @@ def test_default_output_is_the_products_lines_and_the_log_has_everything(tmp_pat
         assert line not in shown, shown
         assert line in logged
     assert "[rank 0] INFO: step 2: val top-1 0.5000\n" in shown
-    assert "4/4 [" in shown and "final weights: /tmp/x\n" in shown
+    assert "\rprogress: step 4/4 (100%), loss 1.0000" in shown  # redrawn in place
+    assert "final weights: /tmp/x\n" in shown
     for line in shown.split("\n"):  # the product line never shares the bar's line
-        assert not ("step 2: val" in line and "/4 [" in line), shown
+        visible = line.rsplit("\r", 1)[-1]  # what a terminal shows after the redraws
+        assert not ("step 2: val" in visible and "/4 (" in visible), shown
+    assert "\r" not in logged and logged.count("INFO: progress: step ") == 2  # line by line
 
 
 def test_verbose_shows_the_chatter(tmp_path):

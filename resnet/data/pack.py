@@ -41,7 +41,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import tarfile
 import tempfile
 import time
@@ -55,6 +54,7 @@ from resnet.data.format import (
     FORMAT_VERSION, IMAGE_EXT, LABEL_EXT, MANIFEST_NAME, META_EXT, SHARD_RE, Manifest,
     ManifestError, ShardInfo, SplitInfo, shard_name)
 from resnet.data.layouts import Listing, Sample, list_source
+from resnet.progress import ProgressBar
 
 STATE_DIR = ".pack-state"
 EARLIER_MANIFEST = "manifest-before-repack.json"  # in STATE_DIR, while a partial re-pack runs
@@ -359,8 +359,6 @@ def _fail_if_strict(opts: PackOptions, results: list[ShardResult]) -> None:
 def _run(todo: list[ShardPlan], root: str, dest: str, staging: str, opts: PackOptions,
          progress: bool):
     """Yield each shard's result as it completes, in worker processes when workers > 1."""
-    from tqdm import tqdm
-
     workers = opts.workers or os.cpu_count() or 1
     total = sum(len(p.samples) for p in todo)
     tasks = [(p, root, dest, staging, opts) for p in todo]
@@ -372,15 +370,14 @@ def _run(todo: list[ShardPlan], root: str, dest: str, staging: str, opts: PackOp
                                                      for t in tasks]))
     else:
         results = map(_write_shard_task, tasks)
-    bar = tqdm(total=total, unit="img", disable=not progress or not todo, file=sys.stderr,
-               smoothing=0.1, desc="pack")
-    in_bytes, start = 0, time.perf_counter()
+    bar = ProgressBar(total, unit="img", enabled=progress and bool(todo))
+    in_bytes, done, start = 0, 0, time.perf_counter()
     try:
         for result in results:
             in_bytes += result.in_bytes
-            bar.update(result.files)
+            done += result.files
             mbps = in_bytes / 1e6 / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix_str(f"{mbps:.1f} MB/s")
+            bar.update(done, **{"MB/s": f"{mbps:.1f}"})
             yield result
     finally:
         bar.close()

@@ -17,7 +17,6 @@ import hashlib
 import io
 import itertools
 import re
-import sys
 import tarfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ from PIL import Image
 from resnet.data import storage
 from resnet.data.format import (
     IMAGE_EXT, LABEL_EXT, SHARD_RE, Manifest, ShardInfo, load_manifest, split_name)
+from resnet.progress import ProgressBar
 
 
 @dataclass
@@ -185,8 +185,6 @@ def _check_member(tar, member, members, num_classes, labelled, check_image, repo
 def verify(dest: str, decode: bool = False, workers: int = 4, progress: bool = True
            ) -> VerifyReport:
     """Check every shard of ``dest`` against ``dest/manifest.json``; see the module docstring."""
-    from tqdm import tqdm
-
     manifest = load_manifest(dest)  # ManifestError: missing, malformed or fingerprint mismatch
     check_image = _decoder(decode)
     jobs = [(split, info) for split, s in manifest.splits.items() for info in s.shards]
@@ -200,12 +198,14 @@ def verify(dest: str, decode: bool = False, workers: int = 4, progress: bool = T
                                   labelled, check_image, reference=decode)
 
     total = sum(info.samples for _, info in jobs)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, tqdm(
-            total=total, unit="img", disable=not progress, file=sys.stderr, desc="verify") as bar:
+    bar, done = ProgressBar(total, unit="img", enabled=progress), 0
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for split, report in pool.map(run, jobs):
             problems += report.problems
             keys[split].update(report.keys)
-            bar.update(len(report.keys))
+            done += len(report.keys)
+            bar.update(done)
+    bar.close()
     for split, counter in keys.items():
         repeated = [k for k, n in counter.items() if n > 1]
         if repeated:

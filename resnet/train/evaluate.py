@@ -6,6 +6,7 @@ only sums are reduced afterwards, so unequal counts never hang a collective.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from resnet.data.format import Manifest
+from resnet.progress import ProgressBar
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]) * 255
 STD = torch.tensor([0.229, 0.224, 0.225]) * 255
@@ -174,6 +176,10 @@ def evaluate_weights(weights: str, data: str, *, arch: str = "", image_size: int
     model.to(acc.device)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if acc.device.type == "cuda" \
         else (lambda: torch.autocast("cpu", enabled=False))
-    result = evaluate(model, loader, acc.device, autocast, lambda t: acc.reduce(t, "sum"))
+    bar = ProgressBar(loader.batches_per_epoch, unit="batch", enabled=acc.is_main_process)
+    seen = itertools.count(1)
+    result = evaluate(model, loader, acc.device, autocast, lambda t: acc.reduce(t, "sum"),
+                      on_batch=lambda *_: bar.update(next(seen)))
+    bar.close()
     result.update(arch=arch, weights=str(path), data=data, processes=acc.num_processes)
     return result

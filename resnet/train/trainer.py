@@ -20,6 +20,7 @@ from resnet.data.storage import set_io_timeout_s
 from resnet.data.stream import AugmentParams, ShardLoader
 from resnet.logs import RateLimitedLogger
 from resnet.model import build_model
+from resnet.progress import ProgressBar
 from resnet.train import universal
 from resnet.train.agreement import Agreement
 from resnet.train.audit import AuditLog, new_start_id
@@ -31,7 +32,6 @@ from resnet.train.metrics import RunLogger, restart_count, system_metrics
 from resnet.train.optim import Schedule, build_optimizer, peak_lr, set_lr
 from resnet.train.preflight import RunPlan, check_resumable, preflight
 from resnet.train.prefetch import DeviceFeed
-from resnet.train.progress import ProgressBar
 from resnet.train.window import LogWindow
 
 
@@ -183,7 +183,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
         self.logger.start(to_dict(self.cfg))
-        self.bar = ProgressBar(self.total_steps, self.progress.step, enabled=self.engine.is_main)
+        self.bar = ProgressBar(self.total_steps, self.progress.step, enabled=self.engine.is_main,
+                               every=self.cfg.train.log_every_steps)
         self.last_save = time.monotonic()
         self.nonfinite = NonFiniteWatch(self.engine.device)
         self.params = list(self.model.parameters())
@@ -227,6 +228,7 @@ class Trainer:
                    time.monotonic() - self.last_save > 60 * self.cfg.checkpoint.every_minutes)
             if step % self.cfg.train.log_every_steps == 0:
                 self._log_train(window)
+            self.bar.update(step)  # off a terminal: a plain line if a minute passed unlogged
             if every and step % every == 0:
                 self.save()
             if self.cfg.train.eval_every_steps and step % self.cfg.train.eval_every_steps == 0:
