@@ -35,38 +35,32 @@ def _train(data, run_dir, *more: str) -> list[str]:
             *TINY, "train.max_steps=2", *more]
 
 
-def test_launch_flags_set_stage_precision_and_accumulation(data, tmp_path):
-    cmd = _launch("--use_deepspeed", "--zero_stage", "2", "--mixed_precision", "bf16",
-                  "--gradient_accumulation_steps", "2") + _train(data, tmp_path / "run")
-    code, out = tu.run(cmd, tmp_path / "log.txt")
-    assert code == 0, out[-4000:]
-    lines = [line for line in out.splitlines() if "[rank 0] INFO:" in line]
-    assert lines[0].split("INFO: ", 1)[1].startswith("from the launcher: "), lines[:3]
-    assert "deepspeed.zero_stage=2 from accelerate launch --zero_stage 2" in lines[0]
-    assert "train.precision=bf16 from accelerate launch --mixed_precision bf16" in lines[0]
-    assert "train.global_batch_size=32 from accelerate launch --gradient_accumulation_steps 2" \
-        in lines[0]
-    assert "engine: DeepSpeed ZeRO-2, precision bf16" in out
-    assert f"world 2: micro-batch {tu.BATCH} x 2 accumulation = 32" in out
-
-
-def test_launch_config_file_sets_stage_and_precision(data, tmp_path):
-    """A file as `accelerate config` writes it: DEEPSPEED with a deepspeed_config section (which
-    Accelerate itself refuses beside a DeepSpeed config dict unless we take its fields)."""
+def test_launch_config_file_and_flags_set_stage_precision_and_accumulation(data, tmp_path):
+    """A file as `accelerate config` writes it (DEEPSPEED with a deepspeed_config section,
+    which Accelerate itself refuses beside a DeepSpeed config dict unless we take its fields)
+    gives the ZeRO stage; flags give precision and accumulation (a flag beats the file's field,
+    as in accelerate). One 2-process run proves both sources."""
     config = tmp_path / "accelerate.yaml"
     config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\n"
                       "deepspeed_config:\n  gradient_accumulation_steps: 1\n"
                       "  offload_optimizer_device: none\n  offload_param_device: none\n"
                       "  zero3_init_flag: false\n  zero_stage: 1\n"
-                      "mixed_precision: bf16\nnum_machines: 1\nnum_processes: 2\n"
+                      "mixed_precision: 'no'\nnum_machines: 1\nnum_processes: 2\n"
                       "machine_rank: 0\nrdzv_backend: static\nsame_network: true\n"
                       "use_cpu: false\n")
-    cmd = _launch("--config_file", str(config)) + _train(data, tmp_path / "run")
+    cmd = _launch("--config_file", str(config), "--mixed_precision", "bf16",
+                  "--gradient_accumulation_steps", "2") + _train(data, tmp_path / "run")
     code, out = tu.run(cmd, tmp_path / "log.txt")
     assert code == 0, out[-4000:]
-    assert "deepspeed.zero_stage=1 from accelerate launch --zero_stage 1" in out
+    lines = [line for line in out.splitlines() if "[rank 0] INFO:" in line]
+    first = lines[0].split("INFO: ", 1)[1]
+    assert first.startswith("from the launcher: "), lines[:3]
+    assert "deepspeed.zero_stage=1 from accelerate launch --zero_stage 1" in first
+    assert "train.precision=bf16 from accelerate launch --mixed_precision bf16" in first
+    assert "train.global_batch_size=32 from accelerate launch --gradient_accumulation_steps 2" \
+        in first
     assert "engine: DeepSpeed ZeRO-1, precision bf16" in out
-    assert f"world 2: micro-batch {tu.BATCH} x 1 accumulation = 16" in out
+    assert f"world 2: micro-batch {tu.BATCH} x 2 accumulation = 32" in out
 
 
 def test_a_conflict_stops_both_processes_before_any_process_group(data, tmp_path):

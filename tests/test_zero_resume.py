@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -130,30 +129,29 @@ def test_zero_checkpoint_resumes_on_another_world_size(data, tmp_path_factory, s
     assert f"{tu.TRAIN_SAMPLES} distinct of {tu.TRAIN_SAMPLES}, 0 left out, 0 used twice" in report
 
 
-def test_a_checkpoint_without_universal_info_is_refused_saying_what_works(data, tmp_path):
+def test_a_checkpoint_without_universal_info_is_refused_saying_what_works(
+        data, tmp_path_factory, tmp_path, monkeypatch, capsys):
     """A ZeRO-1 checkpoint of 2 processes written before checkpoints declared DeepSpeed's
     universal_checkpoint_info cannot be converted: 1 process is refused, naming the cause and
-    the restart at 2 processes, never a conversion advice that fails. Launched through
-    `accelerate launch --use_deepspeed`, the documented way (quickstart)."""
+    the restart at 2 processes, never a conversion advice that fails. (The ZeRO-1 run is the
+    module's; `accelerate launch --use_deepspeed` writing ZeRO-1 on 2 processes is in
+    tests/test_accelerate_settings.py.) The refusal comes before any process group, so the
+    CLI's entry point runs in this process."""
+    from resnet import cli
+
     run_dir = tmp_path / "run"
-    train = tu.overrides(data, run_dir, "deepspeed.zero_stage=1", "train.max_steps=2",
-                         "checkpoint.every_steps=2", "audit.sample_keys=false", val=False)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed",
-              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", "--main_process_port", str(tu.free_port()),
-              "-m", "resnet", "train", *train]
-    code, out = tu.run(launch, tmp_path / "log.txt")
-    assert code == 0, out[-4000:]
-    model_dir = run_dir / "checkpoints" / "step-000000002" / "pytorch_model"
+    shutil.copytree(_stopped_run(data, tmp_path_factory, 1), run_dir)
+    model_dir = run_dir / "checkpoints" / STOPPED_AT / "pytorch_model"
     states_file = model_dir / "mp_rank_00_model_states.pt"
     states = torch.load(states_file, map_location="cpu", weights_only=False)
     del states["universal_checkpoint_info"]  # as every checkpoint before it was declared
     torch.save(states, states_file)
 
-    code, out = tu.run(tu.resnet_cmd("train", *train), tmp_path / "log.txt", timeout=120)
-    assert code == 2, out[-4000:]
+    monkeypatch.setenv("RESNET_IO_TIMEOUT_S", "120")  # train() sets it for its workers
+    assert cli.main(["train", *_args(data, run_dir, 1)]) == 2
+    out = capsys.readouterr().err
     assert ("holds ZeRO-1 optimizer shards for 2 processes, and this run has 1. It was written "
             "before checkpoints carried DeepSpeed's universal_checkpoint_info, so it cannot be "
-            "converted") in out
+            "converted") in out, out[-4000:]
     assert "Restart with 2 processes" in out and "Traceback" not in out
     assert not (model_dir / "zero").exists() and not (model_dir / "universal.json").exists()
