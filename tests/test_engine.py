@@ -114,10 +114,10 @@ def test_a_json_batch_size_that_the_run_cannot_use_is_an_error(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, stage", [("zero0", 0), ("zero1", 1)])
-def test_shipped_deepspeed_jsons_run_as_written(name, stage, tmp_path):
+def test_shipped_deepspeed_jsons_run_as_written(name, stage, tmp_path, tmp_path_factory):
     """Each shipped JSON, run by 2 processes for a step: DeepSpeed itself reports the stage and
     precision, the checkpoint holds per-rank optimizer shards exactly under ZeRO-1."""
-    data = tu.make_data(tmp_path)
+    data = tu.shared_data(tmp_path_factory)  # packed once per session
     run_dir = tmp_path / "run"
     args = [a for a in tu.overrides(data, run_dir, f"deepspeed.config_file=configs/deepspeed/"
                                     f"{name}.json", "train.max_steps=1", "checkpoint.every_steps=1",

@@ -36,14 +36,12 @@ pytestmark = pytest.mark.slow
 def packed(tmp_path_factory) -> Path:
     """4 classes, 48 train / 16 val images each, 40x32 px, packed 32 per shard."""
     from resnet.data import synthetic
+    from resnet.data.pack import PackOptions, pack
 
     root = tmp_path_factory.mktemp("wandb-data")
     synthetic.write_imagefolder(root / "src", 4, {"train": 48, "val": 16}, size=(40, 32))
-    result = subprocess.run(
-        [sys.executable, "-m", "resnet", "pack", str(root / "src"), str(root / "data"),
-         "--layout", "imagefolder", "--samples-per-shard", "32", "--workers", "1", "--quiet"],
-        capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    pack(str(root / "src"), str(root / "data"), "imagefolder",
+         PackOptions(samples_per_shard=32, workers=1), progress=False, log=lambda *a: None)
     return root / "data"
 
 
