@@ -42,8 +42,7 @@ def _bool(text: str) -> bool:
 def _stage(text: str) -> int:
     stage = int(text)
     if stage not in (0, 1, 2):
-        raise SetupError(f"accelerate launch --zero_stage {text} (ACCELERATE_DEEPSPEED_ZERO_STAGE):"
-                         f" this trainer supports ZeRO stages 0, 1 and 2")
+        raise ValueError("this trainer supports ZeRO stages 0, 1 and 2")
     return stage
 
 
@@ -52,8 +51,7 @@ def _precision(text: str) -> str | None:
     # mean fp32 (that is train.precision=fp32).
     value = text.strip().lower()
     if value == "fp8":
-        raise SetupError("accelerate launch --mixed_precision fp8 (ACCELERATE_MIXED_PRECISION): "
-                         "this trainer runs bf16, fp16 or fp32 (train.precision)")
+        raise ValueError("this trainer runs bf16, fp16 or fp32 (train.precision)")
     return None if value == "no" else value
 
 
