@@ -40,8 +40,9 @@ def start_node(name: str, tmp: Path, config: Path, train: list[str], prefix: tup
                **env: str) -> tu.Launch:
     """One node: launch/elastic.sh with one worker, MIN_NODES=1, MAX_NODES=2, and restarts to
     spare (each loss and each fenced rank spends one)."""
+    settings = dict(MIN_NODES="1", MAX_NODES="2", NPROC_PER_NODE="1", MAX_RESTARTS="6")
     return tu.Launch([*prefix, "bash", str(ELASTIC), str(config), *train], tmp / f"{name}.txt",
-                     MIN_NODES="1", MAX_NODES="2", NPROC_PER_NODE="1", MAX_RESTARTS="6", **env)
+                     **{**settings, **env})
 
 
 def tree(launch: tu.Launch) -> list[psutil.Process]:
