@@ -41,13 +41,8 @@ LIMIT_S = 400
 
 
 def one_run(case: str, data: Path, root: Path) -> tuple[float, float]:
-    gates, run_dir = root / "gates", root / "run"
-    gates.mkdir()
+    gates, run_dir, config, train = nodes.job(root, data, 3)
     (gates / "pause-at-3").touch()
-    config = root / "elastic.yaml"
-    config.write_text("seed: 0\n")
-    train = tu.overrides(data, run_dir, "train.epochs=3", "checkpoint.every_steps=2",
-                         "data.workers=2", val=False)
     service = None
     env = dict(RDZV_ID=f"b{tu.free_port()}", RESNET_TEST_FAULT_GATES=str(gates),
                MAX_RESTARTS="3")  # elastic.sh's default

@@ -20,6 +20,17 @@ QUICK_DIST = ["dist.heartbeat_period_s=0.5", "dist.heartbeat_timeout_s=5"]
 QUICK_RDZV = "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=120"
 
 
+def job(root: Path, data: Path, epochs: int, *more: str) -> tuple[Path, Path, Path, list[str]]:
+    """(gates, run_dir, config, train overrides) of a job on the tiny data, loader workers on,
+    a checkpoint every 2 steps."""
+    gates, run_dir, config = root / "gates", root / "run", root / "elastic.yaml"
+    gates.mkdir()
+    config.write_text("seed: 0\n")
+    train = tu.overrides(data, run_dir, f"train.epochs={epochs}", "checkpoint.every_steps=2",
+                         "data.workers=2", *more, val=False)
+    return gates, run_dir, config, train
+
+
 def start_rendezvous(tmp: Path) -> tuple[tu.Launch, dict[str, str]]:
     """launch/rendezvous.sh on a free port; returns it and the environment its first line gives."""
     launch = tu.Launch(["bash", str(RENDEZVOUS), str(tu.free_port())], tmp / "rendezvous.txt",

@@ -61,21 +61,18 @@ def data(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_a_partitioned_node_is_left_behind_and_the_healed_one_harms_nothing(
         two_hosts, data, tmp_path):
-    gates, run_dir = tmp_path / "gates", tmp_path / "run"
-    gates.mkdir()
+    gates, run_dir, config, train = nodes.job(tmp_path, data, 2, *nodes.QUICK_DIST)
     (gates / "pause-at-3").touch()
-    config = tmp_path / "elastic.yaml"
-    config.write_text("seed: 0\n")
-    train = tu.overrides(data, run_dir, "train.epochs=2", "checkpoint.every_steps=2",
-                         "data.workers=2", *nodes.QUICK_DIST, val=False)
-    endpoint = f"{two_hosts['A'][2]}:{tu.free_port()}"
+    endpoint, job_id = f"{two_hosts['A'][2]}:{tu.free_port()}", f"p{tu.free_port()}"
     launches: dict[str, tu.Launch] = {}
     try:
         for name, (ns, dev, addr) in two_hosts.items():
             launches[name] = nodes.start_node(
                 name, tmp_path, config, train, prefix=("ip", "netns", "exec", ns),
-                RDZV_ENDPOINT=endpoint, RDZV_ID=f"p{tu.free_port()}", LOCAL_ADDR=addr,
-                GLOO_SOCKET_IFNAME=dev, RDZV_CONF=nodes.QUICK_RDZV,
+                RDZV_ENDPOINT=endpoint, RDZV_ID=job_id, LOCAL_ADDR=addr,
+                # torchrun decides whether to host the store by the host name, which names
+                # neither namespace's address: A is told so.
+                GLOO_SOCKET_IFNAME=dev, RDZV_CONF=f"is_host={name == 'A'},{nodes.QUICK_RDZV}",
                 RESNET_TEST_FAULT_GATES=str(gates))
             if name == "A":  # its agent hosts the store; B's must find it listening
                 time.sleep(3)

@@ -46,12 +46,7 @@ def _paused(gates: Path, step: int, ranks: int) -> bool:
 
 @pytest.mark.slow
 def test_frozen_first_node_is_left_fenced_rejoins_then_killed(data, tmp_path):
-    gates, run_dir = tmp_path / "gates", tmp_path / "run"
-    gates.mkdir()
-    config = tmp_path / "elastic.yaml"
-    config.write_text("seed: 0\n")
-    train = tu.overrides(data, run_dir, "train.epochs=2", "checkpoint.every_steps=2",
-                         "data.workers=2", *nodes.QUICK_DIST, val=False)
+    gates, run_dir, config, train = nodes.job(tmp_path, data, 2, *nodes.QUICK_DIST)
     service, rdzv = nodes.start_rendezvous(tmp_path)
     launches: dict[str, tu.Launch] = {}
     try:
