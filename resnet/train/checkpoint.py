@@ -145,7 +145,7 @@ class CheckpointManager:
         if self.mirror:
             from resnet.train.mirror import Mirror
 
-            self._uploads = Mirror(self.mirror, keep, fence=fence)  # used on the main process only
+            self._uploads = Mirror(self.mirror, keep, fence=fence)  # the main process only
         # The step of the checkpoint this process last saved or loaded. Every rank calls save()
         # and load() at the same steps, so this is the same on all ranks, unlike what each one
         # sees on its disk (node-local run.dir + mirror, NFS lookup caching): deciding "already
