@@ -17,15 +17,22 @@ cannot admit a node that joins a running job (docs/operations.md).
 
 Required environment:
   MIN_NODES           fewest nodes to train with
-  RDZV_ENDPOINT       HOST:PORT of the rendezvous store (a host every node reaches; the
-                      node started there hosts it and must not be lost: put it on an
-                      on-demand instance, not a spot one)
+  RDZV_ENDPOINT       HOST:PORT of the rendezvous store, a host every node reaches. Best:
+                      launch/rendezvous.sh PORT on a host apart from the training nodes
+                      (its first line sets RDZV_BACKEND, RDZV_ENDPOINT and RDZV_CONF); then
+                      any node may be lost. Without it, the node started on that host
+                      hosts the store and must not be lost.
 
 Optional environment:
   MAX_NODES           most nodes (default: MIN_NODES)
   NPROC_PER_NODE      workers per node (default: the GPUs nvidia-smi lists)
   MAX_RESTARTS        restarts of the worker group before giving up (default: 3)
   RDZV_ID             job id shared by all nodes (default: resnet)
+  RDZV_BACKEND        torchrun's rendezvous backend (default: c10d). With c10d the workers
+                      also keep their heartbeat and fence generation in that store
+                      (RESNET_JOB_STORE); with another backend, in the group's own store
+  LOCAL_ADDR          this node's address for the others (torchrun --local-addr; default:
+                      its host name), for hosts whose name does not resolve to that address
   RDZV_CONF           torchrun --rdzv-conf, e.g. last_call_timeout=10,join_timeout=900
                       (torch's defaults: 30 s of last call after MIN_NODES are there, a
                       600 s join timeout)
@@ -55,10 +62,15 @@ main() {
   restarts=${MAX_RESTARTS:-3}
   need_int MAX_RESTARTS "$restarts"
 
-  run env TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 \
+  local backend=${RDZV_BACKEND:-c10d} job_store=()
+  [[ "$backend" =~ ^[a-z0-9-]+$ ]] || die "RDZV_BACKEND must be a torchrun backend name (c10d, etcd-v2), got '$backend'"
+  [[ "$backend" == c10d ]] && job_store=(RESNET_JOB_STORE="$RDZV_ENDPOINT")
+
+  run env TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "${job_store[@]}" \
     torchrun --nnodes "$MIN_NODES:$max_nodes" --nproc-per-node "$nproc" \
-    --max-restarts "$restarts" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" \
+    --max-restarts "$restarts" --rdzv-backend "$backend" --rdzv-endpoint "$RDZV_ENDPOINT" \
     --rdzv-id "${RDZV_ID:-resnet}" ${RDZV_CONF:+--rdzv-conf "$RDZV_CONF"} \
+    ${LOCAL_ADDR:+--local-addr "$LOCAL_ADDR"} \
     -m resnet.cli train --config "$config" "$@"
 }
 

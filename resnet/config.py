@@ -114,6 +114,16 @@ class WandbConfig:
 
 
 @dataclass
+class DistConfig:
+    # Silent-node detection (resnet/train/liveness.py; docs/operations.md has the reasoning):
+    # a beat through the job's store every period; a peer or the store silent for the
+    # timeout makes the rank leave so torchrun re-forms the group without it.
+    heartbeat_period_s: float = 2.0
+    heartbeat_timeout_s: float = 30.0  # at least 5 periods
+    collective_timeout_s: float = 1800.0  # the process group's timeout (a hung collective)
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs/default"
     name: str = ""
@@ -129,6 +139,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     run: RunConfig = field(default_factory=RunConfig)
     seed: int = 0
 

@@ -129,7 +129,8 @@ class CheckpointManager:
     def __init__(self, accelerator: Any, run_dir: Path, parts: dict[str, Stateful],
                  keep: int = 3, mirror: str = "",
                  gather: Callable[[Any], list] = lambda item: [item],
-                 mirror_wait_s: float = 60.0) -> None:
+                 mirror_wait_s: float = 60.0,
+                 fence: Callable[[str], None] = lambda what: None) -> None:
         if keep < 1:
             raise ValueError(f"checkpoint.keep must be at least 1, got {keep}")
         self.accelerator = accelerator
@@ -139,11 +140,12 @@ class CheckpointManager:
         self.mirror = mirror.rstrip("/")
         self.gather = gather  # every rank's item, in rank order (a collective: all ranks call)
         self.mirror_wait_s = mirror_wait_s
+        self.fence = fence  # returns only while this rank belongs to the current group
         self._uploads = None
         if self.mirror:
             from resnet.train.mirror import Mirror
 
-            self._uploads = Mirror(self.mirror, keep)  # used on the main process only
+            self._uploads = Mirror(self.mirror, keep, fence=fence)  # the main process only
         # The step of the checkpoint this process last saved or loaded. Every rank calls save()
         # and load() at the same steps, so this is the same on all ranks, unlike what each one
         # sees on its disk (node-local run.dir + mirror, NFS lookup caching): deciding "already
@@ -244,6 +246,7 @@ class CheckpointManager:
         tmp = self.dir / f"{TMP_PREFIX}{final.name}"
         if step == self._saved_step:  # already saved at this step (e.g. epoch end == interval)
             return final
+        self.fence(f"writing checkpoint {final.name}")
         if self._main:
             shutil.rmtree(tmp, ignore_errors=True)
         self.accelerator.wait_for_everyone()
@@ -270,6 +273,7 @@ class CheckpointManager:
                 final.name, self.dir, failures, find_latest(self.dir)))
         self.accelerator.wait_for_everyone()
         if self._main:
+            self.fence(f"publishing checkpoint {final.name} and {LATEST}")
             if final.exists():  # a stale one (an earlier run in this run.dir): replace it
                 shutil.rmtree(final)
             _fsync(tmp)  # the entry of trainer_state.json (its content is already flushed)

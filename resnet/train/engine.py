@@ -20,6 +20,7 @@ import torch
 
 from resnet.config import Config
 from resnet.data.plan import MicroLayout
+from resnet.train import liveness
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 USE_CPU_ENV = "ACCELERATE_USE_CPU"  # `accelerate launch --cpu`: the CPU even where GPUs are
@@ -181,6 +182,7 @@ class Engine:
     channels_last_input: bool
     precision: str
     control_group: object  # a gloo group for small CPU-side agreements (no GPU sync)
+    membership: liveness.Membership | None = None  # heartbeat and fence (several processes)
 
     @property
     def rank(self) -> int:
@@ -193,6 +195,17 @@ class Engine:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    def fence(self, what: str) -> None:
+        """Before any write a newer group could own (checkpoint, latest, final/, metrics,
+        W&B, mirror): return only if this rank still belongs to the current group."""
+        if self.membership is not None:
+            self.membership.check(what)
+
+    def finish(self) -> None:
+        """Training ended normally on this rank: its peers stop watching it."""
+        if self.membership is not None:
+            self.membership.finish()
 
     def autocast(self):
         """Autocast for the DDP engine's eval path and for eval of the unwrapped model."""
@@ -210,7 +223,8 @@ class Engine:
         return out
 
 
-def make_accelerator(*, use_deepspeed: bool = False, **kwargs):
+def make_accelerator(*, use_deepspeed: bool = False, collective_timeout_s: float = 1800.0,
+                     **kwargs):
     """The one place an Accelerator is made (training and `resnet eval`): a rendezvous for a
     plain process, the backend, the per-restart process group under torchrun, the CPU flag."""
     from accelerate import Accelerator
@@ -225,7 +239,7 @@ def make_accelerator(*, use_deepspeed: bool = False, **kwargs):
         # Accelerate's own CPU flag drops DeepSpeed; on a CPU we run it over gloo ourselves.
         del os.environ[USE_CPU_ENV]
     ensure_single_process_env()
-    backend, timeout = ("nccl" if on_gpu else "gloo"), timedelta(minutes=30)
+    backend, timeout = ("nccl" if on_gpu else "gloo"), timedelta(seconds=collective_timeout_s)
     _init_elastic_process_group(backend, timeout)
     accelerator = Accelerator(
         # Without cpu=True Accelerate leaves several CPU processes undistributed (type NO: no
@@ -260,6 +274,7 @@ def create_engine(cfg: Config, layout: MicroLayout, load_universal: bool = False
         mixed = cfg.train.precision
     accelerator = make_accelerator(
         use_deepspeed=use_ds,
+        collective_timeout_s=cfg.dist.collective_timeout_s,
         deepspeed_plugin=plugin,
         mixed_precision=mixed,
         gradient_accumulation_steps=layout.accumulation,
@@ -278,6 +293,8 @@ def create_engine(cfg: Config, layout: MicroLayout, load_universal: bool = False
         channels_last_input=cfg.model.channels_last,
         precision=cfg.train.precision,
         control_group=control,
+        membership=liveness.join(cfg.dist, accelerator.process_index,
+                                 accelerator.num_processes, control),
     )
 
 

@@ -17,17 +17,20 @@ import random
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from resnet.logs import RateLimitedLogger
 
 
 class Mirror:
     def __init__(self, url: str, keep: int, *, retry_base_s: float = 1.0,
-                 retry_max_s: float = 60.0, log: RateLimitedLogger | None = None) -> None:
+                 retry_max_s: float = 60.0, log: RateLimitedLogger | None = None,
+                 fence: Callable[[str], None] = lambda what: None) -> None:
         self.url = url.rstrip("/")
         self.keep = keep
         self.retry_base_s, self.retry_max_s = retry_base_s, retry_max_s
         self.log = log or RateLimitedLogger(0)
+        self.fence = fence  # returns only while this rank belongs to the current group
         self._cv = threading.Condition()
         self._waiting: Path | None = None  # the newest checkpoint not yet taken up
         self._uploading: Path | None = None
@@ -118,6 +121,7 @@ class Mirror:
         from resnet.data import storage
         from resnet.train.checkpoint import LATEST, step_of
 
+        self.fence(f"uploading {checkpoint.name} to {self.url}")
         try:
             storage.upload_dir(str(checkpoint), storage.join(self.url, checkpoint.name))
             storage.write_bytes(storage.join(self.url, LATEST), checkpoint.name.encode())

@@ -13,7 +13,7 @@ from resnet.data.augment import AugmentParams
 from resnet.data.format import Manifest, ManifestError, load_manifest
 from resnet.data.plan import MicroLayout
 from resnet.model import ARCHS
-from resnet.train import universal
+from resnet.train import liveness, universal
 from resnet.train.checkpoint import find_latest, read_state
 from resnet.train.engine import SetupError, launched_world_size, micro_layout
 
@@ -83,6 +83,10 @@ def preflight(cfg: Config, world_size: int | None = None) -> RunPlan:
     world_size = world_size or launched_world_size()
     if cfg.model.arch not in ARCHS:
         raise SetupError(f"model.arch={cfg.model.arch!r} is not one of {sorted(ARCHS)}")
+    try:
+        liveness.check_config(cfg.dist)
+    except liveness.LivenessConfigError as exc:
+        raise SetupError(str(exc)) from None
     if cfg.train.batch_size < 1 or cfg.train.epochs < 1:
         raise SetupError("train.batch_size and train.epochs must be at least 1")
     try:

@@ -132,7 +132,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(
             engine.accelerator, self.run_dir, {"progress": self.progress, "loader": self.feed},
             keep=cfg.checkpoint.keep, mirror=cfg.checkpoint.mirror, gather=engine.gather,
-            mirror_wait_s=cfg.checkpoint.mirror_wait_s)
+            mirror_wait_s=cfg.checkpoint.mirror_wait_s, fence=engine.fence)
         self.logger = RunLogger(engine.accelerator, cfg, self.run_dir)
         self.restart = restart_count()
         self.audit = (AuditLog(self.run_dir, engine.rank, self._agreed_start_id())
@@ -318,6 +318,7 @@ class Trainer:
                           lambda t: self.engine.accelerator.reduce(t, "sum"),
                           self.engine.channels_last_input, keep_examples)
         self.evaluated_at = self.progress.step
+        self.engine.fence("logging the evaluation")
         self.logger.log(result, step=self.progress.step)
         if shown:
             names = [c.name for c in self.plan.train_manifest.classes]
@@ -331,12 +332,14 @@ class Trainer:
         self.run_eval()  # unless already done at this step: the last epoch ends on the budget
         self.checkpoints.close()
         final = self.run_dir / "final"
+        self.engine.fence("writing final/")
         if self.engine.is_main:
             export_final(self.engine.accelerator.unwrap_model(self.model),
                          self.plan.train_manifest, final)
             self.log.info(f"final weights: {final}")
         self._close_outputs()
         self.engine.accelerator.wait_for_everyone()
+        self.engine.finish()
         return final
 
     def _close_outputs(self, exit_code: int = 0) -> None:
@@ -373,6 +376,7 @@ class Trainer:
             **system_metrics(self.engine.device),
         }
         self._check_finite()
+        self.engine.fence("logging metrics")
         self.logger.log(metrics, step=self.progress.step)
         self.bar.update(self.progress.step, loss=figures["loss"], img_per_s=figures["img_per_s"],
                         epoch=self.progress.step / max(self.steps_per_epoch, 1))

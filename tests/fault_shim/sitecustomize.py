@@ -27,6 +27,15 @@ Training faults (resnet.train.trainer and accelerate's save_state), first attemp
                                        value but its gradient is multiplied by inf: a finite
                                        loss with non-finite gradients (on RANK, if given)
 
+Freeze (first attempt only), for the fencing tests:
+
+    RESNET_TEST_FAULT_STOP_AT_FENCE=TEXT  when the fence (resnet.train.liveness
+                                       Membership.check) is asked about a write whose
+                                       description contains TEXT, the process SIGSTOPs
+                                       itself just before the check (on RANK, if given): a
+                                       node frozen between a collective and a write; the
+                                       test freezes the rest of the node and thaws it later
+
 Gates (every rank, every attempt), for tests that must act while training is at a known step:
 
     RESNET_TEST_FAULT_GATES=DIR        before step N+1 starts, while DIR/pause-at-N exists, each
@@ -179,6 +188,21 @@ def _patch_save_state(module) -> None:
     module.Accelerator.save_state = save_state
 
 
+STOP_AT_FENCE = os.environ.get("RESNET_TEST_FAULT_STOP_AT_FENCE", "")
+
+
+def _patch_fence(module) -> None:
+    real_check = module.Membership.check
+
+    def check(self, what: str) -> None:
+        rank = int(os.environ.get("RANK", "0"))
+        if FIRST_ATTEMPT and STOP_AT_FENCE in what and (RANK is None or RANK == rank):
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return real_check(self, what)
+
+    module.Membership.check = check
+
+
 # ------------------------------------------------------------------------------ W&B faults
 
 WANDB_FAULT = os.environ.get("RESNET_TEST_WANDB_FAULT", "")
@@ -240,6 +264,8 @@ if (AFTER_STEP is not None and not IN_CHECKPOINT) or GATES or SAVE_AFTER_RESUME 
     _patches["resnet.train.trainer"] = _patch_trainer
 if (AFTER_STEP is not None and IN_CHECKPOINT) or ENOSPC_AT is not None:
     _patches["accelerate.accelerator"] = _patch_save_state
+if STOP_AT_FENCE:
+    _patches["resnet.train.liveness"] = _patch_fence
 if DISK_FREE is not None:
     import shutil
 
