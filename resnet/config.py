@@ -7,10 +7,12 @@ closest matches.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -203,6 +205,48 @@ def load_config(
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:
             raise _explain(exc, f"override {item!r}") from None
+    _check_choices(cfg)
+    return OmegaConf.to_object(cfg)
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases, which could make a small file expand into billions
+    of values: a saved config never has them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError(f"an alias (*name) at {self.peek_event().start_mark}: not "
+                                 f"allowed in a saved config")
+        return super().compose_node(parent, index)
+
+
+def _as_written(node: Any) -> Any:
+    """YAML data with each string escaped so that OmegaConf keeps it as written: `${...}` is
+    an interpolation to OmegaConf, and its resolvers read the environment (oc.env) and more."""
+    if isinstance(node, str):
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", node)
+    if isinstance(node, dict):
+        return {key: _as_written(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_as_written(value) for value in node]
+    return node
+
+
+def load_saved_config(path: str | Path) -> Config:
+    """A config.yaml found in a run folder, an export or a Hub download: data, not a recipe.
+    Its values are taken as written (no interpolation, no resolver runs), then validated like
+    any config."""
+    path = Path(path)
+    try:
+        data = yaml.load(path.read_text(), Loader=_NoAliasLoader)
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read it as YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: holds no mapping of config keys")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(_as_written(data)))
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, str(path)) from None
     _check_choices(cfg)
     return OmegaConf.to_object(cfg)
 

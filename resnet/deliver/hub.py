@@ -13,7 +13,7 @@ from pathlib import Path
 
 from resnet.data.augment import AugmentParams
 from resnet.deliver import app as app_module
-from resnet.deliver.source import HUB_CONFIG, Trained
+from resnet.deliver.source import HUB_CONFIG, Trained, data_on_this_machine
 from resnet.train.evaluate import MEAN, STD
 
 EXAMPLES = "examples"
@@ -66,7 +66,8 @@ def write_examples(trained: Trained, out: Path, count: int = 4) -> list[Path]:
     from resnet.data.format import ManifestError, load_manifest
     from resnet.data.shardio import ShardError, read_samples
 
-    source = (trained.cfg.data.val or trained.cfg.data.train) if trained.cfg else ""
+    source = data_on_this_machine(
+        (trained.cfg.data.val or trained.cfg.data.train) if trained.cfg else "")
     try:
         manifest = load_manifest(source) if source else None
         split = "val" if manifest and "val" in manifest.splits else "train"
