@@ -107,7 +107,7 @@ class _ResumingReader(io.RawIOBase):
     def _open(self):
         while True:
             try:
-                return _open_remote_once(self.url, self.pos)
+                return self.backoff.attempt(lambda: _open_remote_once(self.url, self.pos))
             except Exception as exc:  # noqa: BLE001
                 if not is_transient(exc):
                     raise

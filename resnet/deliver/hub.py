@@ -78,7 +78,8 @@ def write_examples(trained: Trained, out: Path, count: int = 4) -> list[Path]:
     if shard is None:
         return written
     try:
-        samples = read_samples(storage.join(source, shard.name), set(range(min(shard.samples, 64))))
+        samples = read_samples(storage.join(source, shard.name), set(range(min(shard.samples, 64))),
+                               shard_bytes=shard.bytes)
         for _, _, files in samples:
             label = int(files.get("cls", b"-1"))
             if label in seen or not 0 <= label < trained.num_classes or "jpg" not in files:
