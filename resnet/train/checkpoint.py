@@ -27,7 +27,7 @@ import re
 import secrets
 import shutil
 import socket
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -185,7 +185,8 @@ class CheckpointManager:
         local_main = self.accelerator.is_local_main_process
         if local_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            with _restore_lock(self.dir):  # not a restore another node is making
+            # Never a restore from the mirror that another node (shared run.dir) is making.
+            with _restore_lock(self.dir) if self.mirror else nullcontext():
                 for leftover in self.dir.glob(f"{TMP_PREFIX}*"):
                     shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else \
                         leftover.unlink(missing_ok=True)
