@@ -51,7 +51,7 @@ def test_a_member_size_of_2_to_the_44_is_a_corrupt_shard_naming_it_and_the_byte(
     assert time.monotonic() - started < 4
     message = str(caught.value)
     assert f"shard {shard} is corrupt at byte 0" in message
-    assert f"a member of {2 ** 44} bytes" in message and f"{len(data)} bytes" in message
+    assert f"a member of {2 ** 44} bytes" in message and f"shard's {len(data)} bytes" in message
 
 
 def test_a_local_shard_is_bounded_by_its_size_without_a_manifest(tmp_path):

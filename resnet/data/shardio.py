@@ -179,9 +179,9 @@ def _walk(cursor: _Cursor, state: dict, needed: set[int], last: int):
         if name is None:  # end of archive
             break
         end = state["end"] if state["end"] is not None else cursor.size
-        if end is not None and cursor.pos + size > end:
+        if size < 0 or (end is not None and cursor.pos + size > end):
             raise _Corrupt(f"a member of {size} bytes at byte {state['member']} would end "
-                           f"past the shard's {end} bytes")
+                           f"outside the shard's {end} bytes")
         key, ext = split_name(name)
         ext = ext.lower()
         if key != state["key"]:
