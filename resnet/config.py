@@ -98,7 +98,7 @@ class CheckpointConfig:
     mirror: str = ""  # s3://bucket/prefix: every checkpoint is copied there; restarts read it
     mirror_wait_s: float = 60.0  # at the end (and on SIGTERM), wait at most this for the upload
     resume: bool = True  # resume from the newest complete checkpoint in run.dir; false:
-    # refuse to start where checkpoints exist (never mix two runs in one run.dir)
+    # refuse to start where checkpoints exist, in run.dir or on the mirror (never mix two runs)
 
 
 @dataclass

@@ -17,6 +17,9 @@ restores the mirror's newest checkpoint unless all nodes already hold the same n
 (a shared run.dir), so nodes with their own disks (empty, behind or ahead) all resume from
 the same step. Without a mirror, run.dir must be shared, and nodes that see different
 newest checkpoints are an error naming both, never a silent restart from step 0.
+A restore takes the mirror's keys as untrusted (storage.checked_key), downloads into a folder
+of its own, checks it against the mirror's completion marker (mirror.py) and renames it; nodes
+sharing run.dir restore one at a time (RESTORE_LOCK).
 """
 from __future__ import annotations
 
