@@ -7,10 +7,12 @@ closest matches.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -96,7 +98,7 @@ class CheckpointConfig:
     mirror: str = ""  # s3://bucket/prefix: every checkpoint is copied there; restarts read it
     mirror_wait_s: float = 60.0  # at the end (and on SIGTERM), wait at most this for the upload
     resume: bool = True  # resume from the newest complete checkpoint in run.dir; false:
-    # refuse to start where checkpoints exist (never mix two runs in one run.dir)
+    # refuse to start where checkpoints exist, in run.dir or on the mirror (never mix two runs)
 
 
 @dataclass
@@ -230,6 +232,48 @@ def explicit_keys(files: Sequence[str | Path] = (), overrides: Sequence[str] = (
     for item in overrides:
         where[item.split("=", 1)[0]] = "the command line"
     return where
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases, which could make a small file expand into billions
+    of values: a saved config never has them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError(f"an alias (*name) at {self.peek_event().start_mark}: not "
+                                 f"allowed in a saved config")
+        return super().compose_node(parent, index)
+
+
+def _as_written(node: Any) -> Any:
+    """YAML data with each string escaped so that OmegaConf keeps it as written: `${...}` is
+    an interpolation to OmegaConf, and its resolvers read the environment (oc.env) and more."""
+    if isinstance(node, str):
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", node)
+    if isinstance(node, dict):
+        return {key: _as_written(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_as_written(value) for value in node]
+    return node
+
+
+def load_saved_config(path: str | Path) -> Config:
+    """A config.yaml found in a run folder, an export or a Hub download: data, not a recipe.
+    Its values are taken as written (no interpolation, no resolver runs), then validated like
+    any config."""
+    path = Path(path)
+    try:
+        data = yaml.load(path.read_text(), Loader=_NoAliasLoader)
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read it as YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: holds no mapping of config keys")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(_as_written(data)))
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, str(path)) from None
+    _check_choices(cfg)
+    return OmegaConf.to_object(cfg)
 
 
 def to_yaml(cfg: Config) -> str:

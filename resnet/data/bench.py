@@ -71,7 +71,8 @@ def extract_imagefolder(source: str, split: str, dest: str) -> int:
     n = 0
     for shard in manifest.split(split).shards:
         url = storage.join(source, shard.name)
-        for _, key, files in read_samples(url, set(range(shard.samples))):
+        for _, key, files in read_samples(url, set(range(shard.samples)),
+                                          shard_bytes=shard.bytes):
             label = files.get(fmt.LABEL_EXT, b"0").decode().strip()
             folder = os.path.join(dest, f"{int(label):05d}")
             os.makedirs(folder, exist_ok=True)

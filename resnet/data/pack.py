@@ -20,7 +20,9 @@ Design, chosen so that a rerun after a crash is always correct:
 - A run that packs some splits (``--splits val``) into a DEST that holds others keeps those
   others in the new manifest, unchanged (their shards are not touched), and says so. The
   manifest it started from is saved in ``.pack-state/`` first, so an interrupted partial
-  re-pack still knows them when rerun.
+  re-pack still knows them when rerun. The splits it re-packs are noted there too: until a run
+  finishes them, a run that does not pack them refuses to start (their shards match neither
+  manifest), instead of keeping them from the earlier manifest.
 - Source files are assumed unchanged between runs (the plan id does not stat 1.28 M files);
   after editing the source, use ``--fresh``.
 
@@ -58,6 +60,9 @@ from resnet.progress import ProgressBar
 
 STATE_DIR = ".pack-state"
 EARLIER_MANIFEST = "manifest-before-repack.json"  # in STATE_DIR, while a partial re-pack runs
+# In STATE_DIR beside it: the splits partial re-packs began and did not finish. Their shards no
+# longer match the earlier manifest, so a later run may never keep them from it.
+REPACKING = "splits-being-repacked.json"
 PACKER_VERSION = 1  # bump when the bytes written for the same input change
 _EOI_TAIL = 4096  # bytes at the end of a JPEG searched for the end-of-image marker
 
@@ -339,6 +344,7 @@ def pack(src: str, dest: str, layout: str, opts: PackOptions = PackOptions(),
     manifest = _manifest(listing, plans, results, opts, src, earlier)
     storage.write_bytes(storage.join(dest, MANIFEST_NAME), manifest.to_json().encode())
     storage.remove(storage.join(dest, STATE_DIR, EARLIER_MANIFEST))
+    storage.remove(storage.join(dest, STATE_DIR, REPACKING))
     if earlier is not None:
         kept_splits = [s for s in earlier.splits if s not in listing.splits]
         log(f"kept split(s) {', '.join(kept_splits)} of the earlier manifest unchanged "
@@ -403,10 +409,28 @@ def _other_splits(dest: str, listing: Listing, src: str) -> Manifest | None:
             raise PackError(f"{dest} holds split(s) {', '.join(others)} packed with other "
                             f"classes than {src} has: pack them too (--splits), or pack into "
                             f"a new DEST")
+        _note_repacking(dest, others, list(listing.splits))
         if url != saved:
             storage.write_bytes(saved, earlier.to_json().encode())
         return earlier
     return None
+
+
+def _note_repacking(dest: str, others: list[str], packing: list[str]) -> None:
+    """Refuse to keep a split an interrupted re-pack left half done; else note `packing` as
+    being re-packed (until this run writes the manifest)."""
+    url = storage.join(dest, STATE_DIR, REPACKING)
+    try:
+        begun = set(json.loads(storage.read_bytes(url)))
+    except FileNotFoundError:
+        begun = set()
+    unfinished = sorted(begun & set(others))
+    if unfinished:
+        raise PackError(f"split(s) {', '.join(unfinished)} of {dest} were being re-packed when "
+                        f"an earlier run stopped: their shards no longer match the earlier "
+                        f"manifest. Pack them again too (--splits "
+                        f"{','.join(sorted(set(packing) | set(unfinished)))})")
+    storage.write_bytes(url, json.dumps(sorted(begun | set(packing))).encode())
 
 
 def _manifest(listing: Listing, plans: list[ShardPlan], results: dict[str, ShardResult],

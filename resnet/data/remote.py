@@ -92,22 +92,36 @@ def set_io_timeout_s(seconds: float) -> None:
 
 class Backoff:
     """The one retry policy: exponential backoff with full jitter under a total deadline that
-    starts at the first failure. `wait(exc, what)` sleeps before the next try, or raises a
-    StorageError naming `what`, the time spent and the last cause once the deadline passed."""
+    starts when the first failed attempt began. `attempt(fn)` runs one attempt, cut off at the
+    time left once something failed (a read timeout alone can take 70 s); `wait(exc, what)`
+    sleeps before the next try, or raises a StorageError naming `what`, the time spent and the
+    last cause once the deadline passed."""
 
     def __init__(self, deadline_s: float | None = None, base_delay: float = 0.2,
                  attempts: int | None = None) -> None:
         self.deadline_s = io_timeout_s() if deadline_s is None else deadline_s
         self.base_delay, self.attempts = base_delay, attempts
         self.failures, self.first = 0, 0.0
+        self.attempt_started: float | None = None
 
     def reset(self) -> None:
-        self.failures = 0
+        self.failures, self.attempt_started = 0, None
+
+    def time_left(self) -> float | None:
+        """Seconds to the deadline (None: nothing failed yet, so no deadline runs)."""
+        if self.failures == 0:
+            return None
+        return self.deadline_s - (time.monotonic() - self.first)
+
+    def attempt(self, fn: Callable[[], T]) -> T:
+        self.attempt_started = time.monotonic()
+        left = self.time_left()
+        return fn() if left is None else _within(fn, max(left, 0.0))
 
     def wait(self, exc: BaseException, what: str) -> None:
         now = time.monotonic()
         if self.failures == 0:
-            self.first = now
+            self.first = self.attempt_started if self.attempt_started is not None else now
         self.failures += 1
         spent = now - self.first
         delay = min(MAX_DELAY_S, self.base_delay * 2 ** (self.failures - 1)) * random.random()
@@ -119,6 +133,27 @@ class Backoff:
         time.sleep(delay)  # full jitter: spreads the retries of many workers on one store
 
 
+def _within(fn: Callable[[], T], seconds: float) -> T:
+    """`fn()`, or TimeoutError after `seconds` (the call goes on in its daemon thread until its
+    own socket timeout; its result is dropped)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001  (handed to the caller)
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="storage-attempt", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"an attempt took longer than the {seconds:.1f} s left")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def retry(fn: Callable[[], T], *, what: str, attempts: int | None = None,
           base_delay: float = 0.2, deadline_s: float | None = None) -> T:
     """Call ``fn``; on a transient error back off (`Backoff`) and try again until the deadline
@@ -126,7 +161,7 @@ def retry(fn: Callable[[], T], *, what: str, attempts: int | None = None,
     backoff = Backoff(deadline_s, base_delay, attempts)
     while True:
         try:
-            return fn()
+            return backoff.attempt(fn)
         except Exception as exc:  # noqa: BLE001  (filtered just below)
             if not is_transient(exc):
                 raise

@@ -16,6 +16,7 @@ run is sample i, the index the plan uses.
 from __future__ import annotations
 
 import logging
+import os
 import tarfile
 from typing import Callable, Iterator
 
@@ -67,6 +68,7 @@ class _Cursor:
         self.url, self.pos, self.opener = url, offset, opener
         self.stream = opener(url, offset)
         self.seekable = bool(getattr(self.stream, "seekable", lambda: False)())
+        self.size = _local_size(self.stream) if self.seekable else None
 
     def read(self, n: int) -> bytes:
         try:
@@ -105,6 +107,13 @@ class _Cursor:
             pass
 
 
+def _local_size(stream) -> int | None:
+    try:
+        return os.fstat(stream.fileno()).st_size
+    except (AttributeError, OSError, ValueError):  # no file descriptor behind it
+        return None
+
+
 def _open(url: str, offset: int, opener: Callable, backoff: Backoff) -> _Cursor:
     """Open, retrying transient errors under `backoff`; a missing shard, or one storage gave
     up on, is a ShardError naming the URL and the cause at once."""
@@ -128,12 +137,15 @@ def _wait(backoff: Backoff, exc: BaseException, url: str, offset: int) -> None:
 
 
 def read_samples(url: str, needed: set[int], *, opener: Callable = storage.open_read,
-                 deadline_s: float | None = None) -> Iterator[tuple[int, str, dict[str, bytes]]]:
-    """Yield (sample index, key, {ext: bytes}) for each needed sample, in tar order."""
+                 deadline_s: float | None = None, shard_bytes: int | None = None
+                 ) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """Yield (sample index, key, {ext: bytes}) for each needed sample, in tar order.
+    `shard_bytes` (the manifest's size of the shard) bounds every member: a size field that
+    reaches past it is corrupt, not an allocation of what it claims."""
     if not needed:
         return
     last = max(needed)
-    state = {"index": -1, "key": None, "files": {}}
+    state = {"index": -1, "key": None, "files": {}, "end": shard_bytes}
     backoff = Backoff(deadline_s)
     cursor = _open(url, 0, opener, backoff)
     try:
@@ -166,6 +178,10 @@ def _walk(cursor: _Cursor, state: dict, needed: set[int], last: int):
         name, size, kind = _next_header(cursor)
         if name is None:  # end of archive
             break
+        end = state["end"] if state["end"] is not None else cursor.size
+        if size < 0 or (end is not None and cursor.pos + size > end):
+            raise _Corrupt(f"a member of {size} bytes at byte {state['member']} would end "
+                           f"outside the shard's {end} bytes")
         key, ext = split_name(name)
         ext = ext.lower()
         if key != state["key"]:

@@ -107,7 +107,7 @@ class _ResumingReader(io.RawIOBase):
     def _open(self):
         while True:
             try:
-                return _open_remote_once(self.url, self.pos)
+                return self.backoff.attempt(lambda: _open_remote_once(self.url, self.pos))
             except Exception as exc:  # noqa: BLE001
                 if not is_transient(exc):
                     raise
@@ -335,39 +335,95 @@ def remove(url: str, missing_ok: bool = True) -> None:
         raise FileNotFoundError(f"no such file: {url}")
 
 
-def upload_dir(local_dir: str, url: str) -> None:
-    """Copy a local directory tree to ``url`` (files only; existing objects are overwritten)."""
+def upload_dir(local_dir: str, url: str) -> dict[str, int]:
+    """Copy a local directory tree to ``url`` (files only; existing objects are overwritten).
+    Returns what was uploaded: {relative key: size in bytes}."""
     if not os.path.isdir(local_dir):
         raise FileNotFoundError(f"no such directory to upload: {local_dir}")
+    uploaded = {}
     for dirpath, _, files in os.walk(local_dir):
         rel = os.path.relpath(dirpath, local_dir)
         for name in sorted(files):
             parts = [p for p in rel.split(os.sep) if p not in ("", ".")] + [name]
-            upload_file(os.path.join(dirpath, name), join(url, *parts))
+            path = os.path.join(dirpath, name)
+            uploaded["/".join(parts)] = os.path.getsize(path)
+            upload_file(path, join(url, *parts))
+    return uploaded
 
 
-def download_dir(url: str, local_dir: str) -> None:
-    """Copy everything under ``url`` into ``local_dir`` (created if needed)."""
-    url = str(url)
-    if not is_s3(url):
-        _require_not_http(url, "download a directory from")
-        shutil.copytree(url, local_dir, dirs_exist_ok=True)
-        return
+def checked_key(rel: str, url: str) -> list[str]:
+    """A key found under ``url`` as path parts that cannot leave the folder it is copied into:
+    a key is data from the store, and `..`, an absolute path, an empty part or a backslash
+    (a separator elsewhere) would write outside it."""
+    parts = rel.split("/")
+    if "\\" in rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise StorageError(f"refusing to download {url}: the key {rel[:200]!r} under it is not "
+                           f"a plain relative name (.., an absolute path, an empty part or a "
+                           f"backslash) and would not stay inside the target folder")
+    return parts
+
+
+def _local_listing(url: str) -> dict[str, int]:
+    """{relative key: size} of the regular files under a local folder; a symbolic link is
+    refused (it could point anywhere, and a copy would follow it)."""
+    listing = {}
+    for dirpath, dirs, files in os.walk(url):
+        for name in sorted(dirs + files):
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, url).replace(os.sep, "/")
+            if os.path.islink(path):
+                raise StorageError(f"refusing to download {url}: {rel!r} under it is a "
+                                   f"symbolic link")
+            checked_key(rel, url)
+            if name in files:
+                listing[rel] = os.path.getsize(path)
+    return listing
+
+
+def _s3_listing(url: str) -> dict[str, int]:
     bucket, key = split_s3(url)
     base = key.rstrip("/") + "/" if key else ""
-    keys, _ = _s3_keys(url, None)
-    if not keys:
+    listing: dict[str, int] = {}
+
+    def list_all() -> None:
+        listing.clear()
+        for page in s3_client().get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=base):
+            for item in page.get("Contents", ()):
+                if not item["Key"].endswith("/"):  # a "folder" placeholder object
+                    listing[item["Key"][len(base):]] = int(item["Size"])
+
+    _s3_call(url, "list", list_all)
+    return listing
+
+
+def download_dir(url: str, local_dir: str) -> dict[str, int]:
+    """Copy everything under ``url`` into ``local_dir`` (created if needed). Every key is
+    checked before anything is written (`checked_key`), and every file is checked afterwards
+    to have the size the listing gave. Returns {relative key: size}."""
+    url = str(url)
+    _require_not_http(url, "download a directory from")
+    listing = _s3_listing(url) if is_s3(url) else _local_listing(url)
+    if not listing:
         raise FileNotFoundError(f"nothing under {url}")
-    for k in keys:
-        rel = k[len(base):]
-        if not rel or rel.endswith("/"):
-            continue
-        target = os.path.join(local_dir, *rel.split("/"))
+    parts = {rel: checked_key(rel, url) for rel in listing}
+    for rel, size_ in listing.items():
+        target = os.path.join(local_dir, *parts[rel])
         tmp = _local_tmp(target)
-        source = f"s3://{bucket}/{k}"
+        source = join(url, rel)
         try:
-            _s3_call(source, "download", lambda k=k, t=tmp: s3_client().download_file(bucket, k, t))
+            if is_s3(url):
+                bucket, key = split_s3(source)
+                _s3_call(source, "download",
+                         lambda b=bucket, k=key, t=tmp: s3_client().download_file(b, k, t))
+            else:
+                shutil.copyfile(source, tmp, follow_symlinks=False)
+            got = os.path.getsize(tmp)
+            if got != size_:
+                raise StorageError(f"downloading {source}: {got} bytes arrived, the listing "
+                                   f"said {size_} (the object changed or the copy was cut)")
             os.replace(tmp, target)
         except BaseException:
             _silent_remove(tmp)
             raise
+    return listing

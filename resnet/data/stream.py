@@ -128,7 +128,7 @@ def _samples(job: _Job, positions, log_: RateLimitedLogger) -> Iterator[tuple[st
         wanted = [int(i) for i in indices]
         pending: dict[int, tuple[str, dict]] = {}
         nxt = 0
-        for index, key, files in read_samples(url, set(wanted)):
+        for index, key, files in read_samples(url, set(wanted), shard_bytes=info.bytes):
             pending[index] = (key, files)
             # Emit in the shuffled order as soon as the next one is in: at most one shard's
             # needed samples are ever held, as raw bytes.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from resnet.data.augment import AugmentParams
 from resnet.deliver import app as app_module
-from resnet.deliver.source import HUB_CONFIG, Trained
+from resnet.deliver.source import HUB_CONFIG, Trained, data_on_this_machine
 from resnet.train.evaluate import MEAN, STD
 
 EXAMPLES = "examples"
@@ -66,7 +66,8 @@ def write_examples(trained: Trained, out: Path, count: int = 4) -> list[Path]:
     from resnet.data.format import ManifestError, load_manifest
     from resnet.data.shardio import ShardError, read_samples
 
-    source = (trained.cfg.data.val or trained.cfg.data.train) if trained.cfg else ""
+    source = data_on_this_machine(
+        (trained.cfg.data.val or trained.cfg.data.train) if trained.cfg else "")
     try:
         manifest = load_manifest(source) if source else None
         split = "val" if manifest and "val" in manifest.splits else "train"
@@ -77,7 +78,8 @@ def write_examples(trained: Trained, out: Path, count: int = 4) -> list[Path]:
     if shard is None:
         return written
     try:
-        samples = read_samples(storage.join(source, shard.name), set(range(min(shard.samples, 64))))
+        samples = read_samples(storage.join(source, shard.name), set(range(min(shard.samples, 64))),
+                               shard_bytes=shard.bytes)
         for _, _, files in samples:
             label = int(files.get("cls", b"-1"))
             if label in seen or not 0 <= label < trained.num_classes or "jpg" not in files:

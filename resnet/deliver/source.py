@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from resnet.data import storage
 from resnet.data.augment import AugmentParams
 from resnet.model import ARCHS, ResNet, build_model
 from resnet.runfiles import METRICS_FILE
@@ -93,6 +94,13 @@ def last_val_metrics(run_dir: Path | None) -> dict:
     return last
 
 
+def data_on_this_machine(location: str) -> str:
+    """A data set named by a run's config.yaml, if it is a path on this machine ("" if it is a
+    URL). Weights and their folder may come from anyone: following a URL from their config
+    would send requests, with this machine's credentials, wherever its author chose."""
+    return "" if storage.is_remote(location) else location
+
+
 def _from_run_dir(path: Path) -> Path:
     """A run directory's final/ weights, else its newest complete checkpoint."""
     if (path / "final" / WEIGHTS_FILE).is_file():
@@ -113,7 +121,7 @@ def _classes_of_run(weights: Path, run_dir: Path | None, cfg) -> tuple[list[dict
     layout = ""
     candidates = [folder / CLASSES_FILE] + ([run_dir / "final" / CLASSES_FILE] if run_dir else [])
     classes = next((json.loads(p.read_text()) for p in candidates if p.is_file()), None)
-    if cfg is not None and cfg.data.train:
+    if cfg is not None and data_on_this_machine(cfg.data.train):
         try:
             manifest = load_manifest(cfg.data.train)
             layout = manifest.layout

@@ -17,18 +17,24 @@ restores the mirror's newest checkpoint unless all nodes already hold the same n
 (a shared run.dir), so nodes with their own disks (empty, behind or ahead) all resume from
 the same step. Without a mirror, run.dir must be shared, and nodes that see different
 newest checkpoints are an error naming both, never a silent restart from step 0.
+A restore takes the mirror's keys as untrusted (storage.checked_key), downloads into a folder
+of its own, checks it against the mirror's completion marker (mirror.py) and renames it; nodes
+sharing run.dir restore one at a time (RESTORE_LOCK).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from resnet.train import diskspace
+from resnet.train import diskspace, dswrites
 
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
@@ -39,6 +45,9 @@ NAME = re.compile(r"step-\d{9}")  # what a checkpoint folder (and `latest`) may 
 # disk). After a rollback a newer checkpoint can have a lower step than older ones: pruning
 # and the fallback for a missing `latest` go by this order, never by the step in the name.
 ORDER = "written"
+# Held (fcntl.lockf: POSIX locks, which NFS and EFS carry to every client) by the one process
+# restoring into this folder: nodes that share run.dir must not download into each other.
+RESTORE_LOCK = ".restore-lock"
 
 
 class CheckpointError(RuntimeError):
@@ -56,8 +65,13 @@ def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:09d}"
 
 
+def unique_suffix() -> str:
+    """Host, pid and a random part: containers on one shared run.dir often share pids."""
+    return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+
+
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{unique_suffix()}")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -97,7 +111,7 @@ def checked_name(name: str, where: str) -> str:
     return name
 
 
-def _written(checkpoint: Path) -> tuple[int, int]:
+def written_key(checkpoint: Path) -> tuple[int, int]:
     """Sort key: the order of writing (checkpoints without one, from older versions, first),
     then the step."""
     try:
@@ -107,11 +121,21 @@ def _written(checkpoint: Path) -> tuple[int, int]:
     return order, step_of(checkpoint.name)
 
 
+@contextmanager
+def _restore_lock(directory: Path):
+    with open(directory / RESTORE_LOCK, "a") as handle:
+        fcntl.lockf(handle, fcntl.LOCK_EX)  # waits for a restore another node is making
+        try:
+            yield
+        finally:
+            fcntl.lockf(handle, fcntl.LOCK_UN)
+
+
 def complete_checkpoints(directory: Path) -> list[Path]:
     """The complete checkpoints in `directory`, in the order they were written."""
     found = [p for p in directory.glob(f"{PREFIX}*")
              if NAME.fullmatch(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=_written)
+    return sorted(found, key=written_key)
 
 
 def find_latest(directory: Path) -> Path | None:
@@ -129,7 +153,7 @@ class CheckpointManager:
     def __init__(self, accelerator: Any, run_dir: Path, parts: dict[str, Stateful],
                  keep: int = 3, mirror: str = "",
                  gather: Callable[[Any], list] = lambda item: [item],
-                 mirror_wait_s: float = 60.0,
+                 mirror_wait_s: float = 60.0, resume: bool = True,
                  fence: Callable[[str], None] = lambda what: None) -> None:
         if keep < 1:
             raise ValueError(f"checkpoint.keep must be at least 1, got {keep}")
@@ -141,6 +165,7 @@ class CheckpointManager:
         self.gather = gather  # every rank's item, in rank order (a collective: all ranks call)
         self.mirror_wait_s = mirror_wait_s
         self.fence = fence  # returns only while this rank belongs to the current group
+        self.resume = resume  # false: a mirror that holds a run is refused, as run.dir is
         self._uploads = None
         if self.mirror:
             from resnet.train.mirror import Mirror
@@ -165,8 +190,11 @@ class CheckpointManager:
         local_main = self.accelerator.is_local_main_process
         if local_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            for leftover in self.dir.glob(f"{TMP_PREFIX}*"):
-                shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+            # Never a restore from the mirror that another node (shared run.dir) is making.
+            with _restore_lock(self.dir) if self.mirror else nullcontext():
+                for leftover in self.dir.glob(f"{TMP_PREFIX}*"):
+                    shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else \
+                        leftover.unlink(missing_ok=True)
         self.accelerator.wait_for_everyone()
         # Every step that can fail on one rank reports through the gather, so all ranks raise
         # together instead of the others waiting at the next barrier for one that is gone.
@@ -180,11 +208,16 @@ class CheckpointManager:
 
         def restore() -> None:
             if chosen and local_main:
-                if not (self.dir / chosen / STATE_FILE).is_file():
-                    self._restore(chosen)
-                self._discard_newer_than(chosen)
+                with _restore_lock(self.dir):  # nodes on a shared run.dir: one at a time
+                    if not (self.dir / chosen / STATE_FILE).is_file():
+                        self._restore(chosen)
+                    self._discard_newer_than(chosen)
 
         self._on_every_rank(restore)
+        if chosen and self._main and self._uploads and chosen != mirrored:
+            # Newer here than on the mirror (its upload was cut off by the stop): put it
+            # there now, in the background, instead of at the next save.
+            self._uploads.submit(self.dir / chosen)
         # A disk too full for the next checkpoint would train until the save and fail there,
         # restart after restart: stop now, on every rank.
         short = diskspace.shortfall(self.dir, self.dir / chosen if chosen else None)
@@ -199,8 +232,8 @@ class CheckpointManager:
         """Run `step` here; if it failed on any rank, raise on every rank naming where."""
         try:
             result, error = step(), None
-        except (OSError, RuntimeError, CheckpointError) as exc:
-            result, error = None, f"{self.location}: {exc}"
+        except Exception as exc:  # noqa: BLE001  (anything: the other ranks must hear of it)
+            result, error = None, f"{self.location}: {type(exc).__name__}: {exc}"
         outcomes = self.gather((result, error))
         failed = [e for _, e in outcomes if e]
         if failed:
@@ -251,6 +284,7 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         try:
+            dswrites.guard(self.accelerator)  # a write failing inside DeepSpeed: no hang
             self.accelerator.save_state(str(tmp))
             if self.accelerator.is_local_main_process:  # each node flushes what its ranks wrote
                 _fsync_tree(tmp)
@@ -258,19 +292,24 @@ class CheckpointManager:
                 state = {name: part.state_dict() for name, part in self.parts.items()}
                 state.update(extra or {})
                 complete = complete_checkpoints(self.dir)  # in write order: the last is newest
-                state[ORDER] = 1 + (_written(complete[-1])[0] if complete else 0)
+                state[ORDER] = 1 + (written_key(complete[-1])[0] if complete else 0)
                 _write_atomic(tmp / STATE_FILE, json.dumps(state, indent=1))
             failed = None
-        except OSError as exc:
-            if not diskspace.is_no_space(exc):
-                raise
-            failed = f"{self.location}: {exc}"
+        except Exception as exc:  # noqa: BLE001  (any failure: every rank must hear of it)
+            failed = (diskspace.is_no_space(exc), f"{self.location}: {type(exc).__name__}: {exc}")
         failures = [f for f in self.gather(failed) if f]  # every rank stops, or none
         if failures:
             if self.accelerator.is_local_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise diskspace.CheckpointSpaceError(diskspace.no_space_message(
-                final.name, self.dir, failures, find_latest(self.dir)))
+            previous = find_latest(self.dir)
+            if all(no_space for no_space, _ in failures):
+                raise diskspace.CheckpointSpaceError(diskspace.no_space_message(
+                    final.name, self.dir, [f for _, f in failures], previous))
+            raise CheckpointError(
+                f"writing checkpoint {final.name} to {self.dir} failed on {len(failures)} "
+                f"rank(s): {'; '.join(f for _, f in failures)}. The partial checkpoint was "
+                f"removed; {previous.name if previous else 'no earlier checkpoint'} is the "
+                f"newest")
         self.accelerator.wait_for_everyone()
         if self._main:
             self.fence(f"publishing checkpoint {final.name} and {LATEST}")
@@ -326,24 +365,60 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
 
     def _mirror_latest(self) -> str | None:
+        """The mirror's newest complete checkpoint: `latest`, if its upload finished."""
         from resnet.data import storage
+        from resnet.train.mirror import complete_on_mirror, read_marker
 
         pointer = storage.join(self.mirror, LATEST)
+        held = storage.exists(self.mirror) and any(
+            n == LATEST or NAME.fullmatch(n) for n in storage.listdir(self.mirror))
+        if held and not self.resume:
+            raise CheckpointError(
+                f"checkpoint.mirror={self.mirror} already holds checkpoints and "
+                f"checkpoint.resume=false: this run would restore them, then prune them with "
+                f"its own. Give a new checkpoint.mirror, or delete {self.mirror} to start this "
+                f"run over")
         if not storage.exists(pointer):
             return None
-        return checked_name(storage.read_bytes(pointer).decode().strip(), pointer)
+        name = checked_name(storage.read_bytes(pointer).decode().strip(), pointer)
+        if read_marker(self.mirror, name) is not None:
+            return name
+        complete = complete_on_mirror(self.mirror)
+        if not complete:
+            raise CheckpointError(f"{pointer} names {name}, whose upload never finished (no "
+                                  f"{self.mirror}/{name}/mirror-complete.json), and no "
+                                  f"checkpoint on the mirror is complete")
+        print(f"[checkpoint] {pointer} names {name}, whose upload never finished; using the "
+              f"newest complete one, {complete[-1]}", flush=True)
+        return complete[-1]
 
     def _restore(self, name: str) -> None:
-        """Download the mirror's copy of `name` onto this node's disk, atomically."""
+        """Download the mirror's copy of `name` onto this node's disk: into a folder of this
+        process's own, checked against the mirror's marker (every file, its size), renamed."""
         from resnet.data import storage
+        from resnet.train.mirror import MARKER, read_marker
 
-        tmp = self.dir / f"{TMP_PREFIX}{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        storage.download_dir(storage.join(self.mirror, name), str(tmp))
-        if not (tmp / STATE_FILE).is_file():
-            raise RuntimeError(f"mirrored checkpoint {self.mirror}/{name} has no {STATE_FILE}")
-        shutil.rmtree(self.dir / name, ignore_errors=True)  # an incomplete local copy
-        os.replace(tmp, self.dir / name)
+        marker = read_marker(self.mirror, name)
+        if marker is None:
+            raise CheckpointError(f"mirrored checkpoint {self.mirror}/{name} is incomplete "
+                                  f"(no {MARKER}): its upload never finished")
+        tmp = self.dir / f"{TMP_PREFIX}{name}.{unique_suffix()}"
+        try:
+            storage.download_dir(storage.join(self.mirror, name), str(tmp))
+            wrong = [f"{rel} ({'missing' if not (tmp / rel).is_file() else 'size differs'})"
+                     for rel, size in marker["files"].items()
+                     if not (tmp / rel).is_file() or (tmp / rel).stat().st_size != size]
+            if wrong or not (tmp / STATE_FILE).is_file():
+                raise CheckpointError(
+                    f"restoring {self.mirror}/{name}: {len(wrong)} of the "
+                    f"{len(marker['files'])} files its {MARKER} lists did not arrive whole, "
+                    f"e.g. {', '.join(wrong[:3]) or STATE_FILE}")
+            (tmp / MARKER).unlink()  # the mirror's record; an upload from here writes its own
+            _fsync_tree(tmp)
+            shutil.rmtree(self.dir / name, ignore_errors=True)  # an incomplete local copy
+            os.replace(tmp, self.dir / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         _write_atomic(self.dir / LATEST, name)
         print(f"[checkpoint] {self.location}: restored {name} from {self.mirror}", flush=True)
 

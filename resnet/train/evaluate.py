@@ -141,10 +141,10 @@ def run_dir_of(weights: Path) -> Path | None:
 
 
 def run_config(weights: Path):
-    from resnet.config import load_config
+    from resnet.config import load_saved_config
 
     folder = run_dir_of(weights)
-    return load_config([folder / "config.yaml"]) if folder else None
+    return load_saved_config(folder / "config.yaml") if folder else None
 
 
 def evaluate_weights(weights: str, data: str, *, arch: str = "", image_size: int = 0,

@@ -7,6 +7,10 @@ newest), so an outage of any length costs memory and disk for at most two checkp
 one in flight and the one waiting, which pruning leaves alone. Failures are logged at most
 once per 30 s; `lag_steps` says how far the mirror is behind. After each upload the mirror
 is pruned to the same keep-K as the local folder, in the order the checkpoints were written.
+A checkpoint is complete on the mirror once its marker (`MARKER`: every file's name and size,
+and the order it was written in) is there; the marker goes up after every file and before
+`latest`, so a killed upload is never `latest`, never restored, and pruned before any complete
+checkpoint.
 At the end of the run `close` waits, at most `wait_s`, for the last upload, and says so if it
 could not finish: training itself never fails because of the mirror.
 """
@@ -20,6 +24,41 @@ from pathlib import Path
 from typing import Callable
 
 from resnet.logs import RateLimitedLogger
+
+MARKER = "mirror-complete.json"  # {"files": {relative name: bytes}, "written": N}
+
+
+def read_marker(url: str, name: str) -> dict | None:
+    """The completion marker of checkpoint `name` on the mirror `url` (None: a partial upload,
+    or one written before markers existed)."""
+    from resnet.data import storage
+
+    try:
+        marker = json.loads(storage.read_bytes(storage.join(url, name, MARKER)))
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        raise storage.StorageError(f"{url}/{name}/{MARKER} is not valid JSON: {exc}") from None
+    if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict):
+        raise storage.StorageError(f"{url}/{name}/{MARKER} lists no files")
+    return marker
+
+
+def complete_on_mirror(url: str, markers: dict | None = None) -> list[str]:
+    """The complete checkpoints on the mirror, in the order they were written. `markers`
+    (name -> marker) caches what was read before."""
+    from resnet.data import storage
+    from resnet.train.checkpoint import NAME, step_of
+
+    markers = {} if markers is None else markers
+    complete = []
+    for name in storage.listdir(url) if storage.exists(url) else []:
+        if NAME.fullmatch(name):
+            marker = markers.get(name) or read_marker(url, name)
+            if marker is not None:
+                markers[name] = marker
+                complete.append(name)
+    return sorted(complete, key=lambda n: (int(markers[n].get("written", 0)), step_of(n)))
 
 
 class Mirror:
@@ -38,7 +77,7 @@ class Mirror:
         self._mirrored_step: int | None = None  # the newest the mirror is known to hold
         self._last_error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._orders: dict[str, tuple[int, int]] = {}  # mirrored name -> (written, step)
+        self._markers: dict[str, dict] = {}  # mirrored name -> its completion marker
 
     # -- the training thread ----------------------------------------------------------------
     def note_mirrored(self, name: str) -> None:
@@ -119,11 +158,15 @@ class Mirror:
 
     def _upload(self, checkpoint: Path) -> bool:
         from resnet.data import storage
-        from resnet.train.checkpoint import LATEST, step_of
+        from resnet.train.checkpoint import LATEST, step_of, written_key
 
         self.fence(f"uploading {checkpoint.name} to {self.url}")
+        remote = storage.join(self.url, checkpoint.name)
         try:
-            storage.upload_dir(str(checkpoint), storage.join(self.url, checkpoint.name))
+            storage.remove(storage.join(remote, MARKER))  # re-uploaded: partial until done
+            files = storage.upload_dir(str(checkpoint), remote)
+            marker = {"files": files, "written": written_key(checkpoint)[0]}
+            storage.write_bytes(storage.join(remote, MARKER), json.dumps(marker).encode())
             storage.write_bytes(storage.join(self.url, LATEST), checkpoint.name.encode())
         except Exception as exc:  # noqa: BLE001  (any failure: retried, training goes on)
             with self._cv:
@@ -135,7 +178,7 @@ class Mirror:
         with self._cv:
             self._mirrored_step = step_of(checkpoint.name)
             self._last_error = None
-        self._orders.pop(checkpoint.name, None)  # written again (after a rollback): re-read
+        self._markers.pop(checkpoint.name, None)  # written again (after a rollback): re-read
         try:
             self._prune(checkpoint.name)
         except Exception as exc:  # noqa: BLE001  (an old checkpoint stays; the next try prunes)
@@ -143,20 +186,15 @@ class Mirror:
         return True
 
     def _prune(self, newest: str) -> None:
-        """Keep the `keep` checkpoints last written on the mirror (`newest` is among them)."""
+        """Keep the `keep` complete checkpoints last written on the mirror (`newest` is among
+        them); partial uploads (no marker: killed, or cut by an outage) go first."""
         from resnet.data import storage
-        from resnet.train.checkpoint import NAME, ORDER, STATE_FILE, step_of
+        from resnet.train.checkpoint import NAME
 
-        names = [n for n in storage.listdir(self.url) if NAME.fullmatch(n)]
-        for name in names:
-            if name not in self._orders:
-                try:  # a partial upload (no state file) of an earlier process sorts first
-                    state = json.loads(storage.read_bytes(
-                        storage.join(self.url, name, STATE_FILE)))
-                    self._orders[name] = (int(state.get(ORDER, 0)), step_of(name))
-                except FileNotFoundError:
-                    self._orders[name] = (-1, step_of(name))
-        ordered = sorted(names, key=lambda n: (n == newest, self._orders[n]))
-        for name in ordered[:-self.keep]:
+        complete = complete_on_mirror(self.url, self._markers)
+        ordered = sorted(complete, key=lambda n: n == newest)  # stable: newest last
+        partial = [n for n in storage.listdir(self.url)
+                   if NAME.fullmatch(n) and n not in complete and n != newest]
+        for name in partial + ordered[:-self.keep]:
             storage.remove(storage.join(self.url, name))
-            self._orders.pop(name, None)
+            self._markers.pop(name, None)

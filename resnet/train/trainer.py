@@ -132,7 +132,8 @@ class Trainer:
         self.checkpoints = CheckpointManager(
             engine.accelerator, self.run_dir, {"progress": self.progress, "loader": self.feed},
             keep=cfg.checkpoint.keep, mirror=cfg.checkpoint.mirror, gather=engine.gather,
-            mirror_wait_s=cfg.checkpoint.mirror_wait_s, fence=engine.fence)
+            mirror_wait_s=cfg.checkpoint.mirror_wait_s, resume=cfg.checkpoint.resume,
+            fence=engine.fence)
         self.logger = RunLogger(engine.accelerator, cfg, self.run_dir)
         self.restart = restart_count()
         self.audit = (AuditLog(self.run_dir, engine.rank, self._agreed_start_id())

@@ -22,6 +22,10 @@ Training faults (resnet.train.trainer and accelerate's save_state), first attemp
     RESNET_TEST_FAULT_ENOSPC_AT_STEP=N (every attempt) accelerate's save_state into step N's
                                        temporary folder writes, then raises OSError(ENOSPC), as
                                        a full disk would (on RANK, if given)
+    RESNET_TEST_FAULT_ENOSPC_INSIDE=1  raise that ENOSPC inside DeepSpeed's save_checkpoint
+                                       instead: its checkpoint engine's first file write
+                                       into step N's folder (rank 0: the model file; other
+                                       ranks: their ZeRO shard), before DeepSpeed's barriers
     RESNET_TEST_FAULT_DISK_FREE=BYTES  shutil.disk_usage reports this many bytes free
     RESNET_TEST_FAULT_INF_GRAD_AT_STEP=N  (every attempt) optimizer step N's loss keeps its
                                        value but its gradient is multiplied by inf: a finite
@@ -88,6 +92,7 @@ RANK = _env_int("RESNET_TEST_FAULT_RANK")
 INF_GRAD_AT = _env_int("RESNET_TEST_FAULT_INF_GRAD_AT_STEP")
 ENOSPC_AT = _env_int("RESNET_TEST_FAULT_ENOSPC_AT_STEP")
 DISK_FREE = _env_int("RESNET_TEST_FAULT_DISK_FREE")
+ENOSPC_INSIDE = os.environ.get("RESNET_TEST_FAULT_ENOSPC_INSIDE") == "1"
 
 
 def _fires(step: int) -> bool:
@@ -178,11 +183,9 @@ def _patch_save_state(module) -> None:
         if IN_CHECKPOINT and name.startswith(".tmp-step-") and _fires(int(step)):
             os.kill(os.getpid(), signal.SIGKILL)
         rank = int(os.environ.get("RANK", "0"))
-        if ENOSPC_AT is not None and name == f".tmp-step-{ENOSPC_AT:09d}" and \
-                (RANK is None or RANK == rank):
-            import errno
-
-            raise OSError(errno.ENOSPC, "No space left on device (test shim)", str(output_dir))
+        if ENOSPC_AT is not None and not ENOSPC_INSIDE and \
+                name == f".tmp-step-{ENOSPC_AT:09d}" and (RANK is None or RANK == rank):
+            _no_space(output_dir)
         return result
 
     module.Accelerator.save_state = save_state
@@ -201,6 +204,24 @@ def _patch_fence(module) -> None:
         return real_check(self, what)
 
     module.Membership.check = check
+
+
+def _no_space(path) -> None:
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device (test shim)", str(path))
+
+
+def _patch_deepspeed_writes(module) -> None:
+    real_save = module.TorchCheckpointEngine.save
+
+    def save(self, state_dict, path):
+        rank = int(os.environ.get("RANK", "0"))
+        if f"/.tmp-step-{ENOSPC_AT:09d}/" in str(path) and (RANK is None or RANK == rank):
+            _no_space(path)
+        return real_save(self, state_dict, path)
+
+    module.TorchCheckpointEngine.save = save
 
 
 # ------------------------------------------------------------------------------ W&B faults
@@ -266,6 +287,11 @@ if (AFTER_STEP is not None and IN_CHECKPOINT) or ENOSPC_AT is not None:
     _patches["accelerate.accelerator"] = _patch_save_state
 if STOP_AT_FENCE:
     _patches["resnet.train.liveness"] = _patch_fence
+
+
+if ENOSPC_AT is not None and ENOSPC_INSIDE:
+    _patches["deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine"] = \
+        _patch_deepspeed_writes
 if DISK_FREE is not None:
     import shutil
 
