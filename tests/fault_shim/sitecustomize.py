@@ -287,8 +287,6 @@ if (AFTER_STEP is not None and IN_CHECKPOINT) or ENOSPC_AT is not None:
     _patches["accelerate.accelerator"] = _patch_save_state
 if STOP_AT_FENCE:
     _patches["resnet.train.liveness"] = _patch_fence
-
-
 if ENOSPC_AT is not None and ENOSPC_INSIDE:
     _patches["deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine"] = \
         _patch_deepspeed_writes
