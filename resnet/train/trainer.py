@@ -197,9 +197,11 @@ class Trainer:
                           f"warm-up: a minute or more on a GPU)")
         while self.progress.step < self.total_steps and self.loader.epoch < self.cfg.train.epochs:
             if self.run_epoch():  # False: max_steps reached inside the epoch
-                self._log_epoch_io()
+                self._log_epoch_io(self.loader.epoch - 1, self.loader.io_finished)
                 self.save()
                 self.run_eval()
+            elif self.loader.batches_remaining == 0:  # the budget ended with the epoch
+                self._log_epoch_io(self.loader.epoch, self.loader.io)
         return self.finish()
 
     def run_epoch(self) -> bool:
@@ -363,16 +365,15 @@ class Trainer:
             raise TrainingError(f"{found}; stopping. The last good "
                                 f"checkpoint is kept in {self.checkpoints.dir}; {advice}")
 
-    def _log_epoch_io(self) -> None:
-        """What the finished epoch read from S3 and from the shard caches, all ranks summed
+    def _log_epoch_io(self, epoch: int, counts: IOCounts | None) -> None:
+        """What a finished epoch read from S3 and from the shard caches, all ranks summed
         (since the resume, for an epoch resumed mid-way)."""
-        counts = self.loader.io_finished or IOCounts()
+        counts = counts or IOCounts()
         summed = self.engine.accelerator.reduce(
             torch.tensor(counts.as_list(), dtype=torch.int64, device=self.engine.device), "sum")
         total = IOCounts.from_list(summed.tolist())
-        self.logger.log({"data_epoch": self.loader.epoch - 1, **total.metrics()},
-                        step=self.progress.step)
-        self.log.info(f"epoch {self.loader.epoch - 1} read {total.s3_bytes / 1e6:,.1f} MB in "
+        self.logger.log({"data_epoch": epoch, **total.metrics()}, step=self.progress.step)
+        self.log.info(f"epoch {epoch} read {total.s3_bytes / 1e6:,.1f} MB in "
                       f"{total.s3_requests} requests from S3, {total.cache_bytes / 1e6:,.1f} MB "
                       f"from shard caches")
 
