@@ -43,3 +43,21 @@ def test_epoch_records_show_s3_bytes_and_a_warm_cache(s3_server, tmp_path_factor
     (segment,) = run_files(run_dir)
     history = [row for row in read_run(segment)["history"] if "data_s3_bytes" in row]
     assert [row["data_s3_bytes"] for row in history] == [train_bytes, 0]
+
+
+def test_bench_data_prints_what_s3_and_the_cache_served(s3_server, tmp_path, capsys):
+    from resnet.cli import main
+    from shards_helper import make_shards
+
+    local = make_shards(tmp_path / "local", [9, 6, 11, 4])
+    url = upload(s3_server, local)
+    args = ["bench", "data", url, "--no-baseline", "--workers", "0", "--batch-size", "5",
+            "--steps", "12", "--warmup", "0", "--image-size", "16",
+            "--cache-dir", str(tmp_path / "cache")]
+    assert main(args) == 0
+    total_mb = fmt.load_manifest(str(local)).split("train").bytes / 1e6
+    out = capsys.readouterr().out
+    # 12 batches of 5 are two epochs of 30: the first fills the cache, the second reads it.
+    assert f"read {total_mb:,.1f} MB in 4 requests from S3 (0.50x the data set's bytes per " \
+           f"image)" in out, out
+    assert "4 filled" in out
