@@ -1,15 +1,18 @@
 """What reading shards from S3 costs, on moto over loopback: bytes, requests and img/s per epoch.
 
-    python benchmarks/bench_s3.py [--data PACKED] [--epochs 3] [--ranks 2] [--workers 2]
-        [--images 1200] [--per-shard 100] [--size 200x150] [--image-size 64] [--batch 16]
+    python benchmarks/bench_s3.py [--data PACKED | --keep-data DIR] [--epochs 3] [--ranks 2]
+        [--workers 2] [--images 1200] [--per-shard 100] [--size 200x150] [--image-size 64]
+        [--batch 16] [--repeats 2]
 
-One run, three sources in turn, the same packed data set: local disk, S3 without a cache, and S3
-with a node-local shard cache (a fresh directory, so epoch 1 fills it). Each source is read for
+Three sources in turn, the same packed data set, --repeats times: local disk, S3 without a
+cache, and S3 with a node-local shard cache (a fresh directory each time, so epoch 1 fills it). Each source is read for
 --epochs epochs by --ranks processes (the ranks of one node), each a ShardLoader with --workers
 DataLoader workers from the forkserver, as training reads it (rank r of world --ranks, global
 batch ranks x batch). Per epoch it prints, summed over the ranks: the bytes and GET requests
 that reached S3, the bytes served by the cache, and the loader's img/s (all ranks' images over
-the slowest rank's epoch time); then the S3 runs' img/s as a ratio of the local one. S3 is
+the slowest rank's epoch time) in each repeat, and its ratio to local disk's in the same
+repeat and epoch (the median over repeats): on a shared machine only same-run ratios mean
+anything. S3 is
 moto's server in this process, on 127.0.0.1: it measures the protocol's cost (requests, bytes,
 moto's own CPU), not a real network.
 
@@ -33,7 +36,7 @@ from resnet.data import format as fmt
 from resnet.data import storage
 from resnet.data.cache import ShardCache
 from resnet.data.iostats import IOCounts
-from resnet.data.stream import AugmentParams, ShardLoader
+from resnet.data.stream import AugmentParams, ShardLoader, _worker_context
 from resnet.envinfo import cpu_model
 
 BUCKET = "bench"
@@ -76,6 +79,7 @@ def rank_epochs(source: str, rank: int, opts, cache_dir: str, barrier, results) 
                          workers=opts.workers, seed=0, train=True,
                          augment=AugmentParams(image_size=opts.image_size),
                          cache=ShardCache(cache_dir) if cache_dir else None)
+    start_forkserver()
     barrier.wait()
     out = []
     for _ in range(opts.epochs):
@@ -83,6 +87,14 @@ def rank_epochs(source: str, rank: int, opts, cache_dir: str, barrier, results) 
         images = sum(len(b) for b in loader)
         out.append((time.perf_counter() - start, images, loader.io_finished.as_list()))
     results.put((rank, out))
+
+
+def start_forkserver() -> None:
+    """Start the loader's worker server (it imports torch once per rank) before the timing:
+    epoch 1 then shows what reading costs, not that start-up."""
+    process = _worker_context().Process(target=os.getpid)
+    process.start()
+    process.join()
 
 
 def run_source(source: str, opts, cache_dir: str = "") -> list[tuple[float, IOCounts]]:
@@ -122,36 +134,50 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1200)
     parser.add_argument("--per-shard", type=int, default=100)
     parser.add_argument("--size", default="200x150")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of the three sources, "
+                        "in turn; ratios are taken within each run, then the median")
+    parser.add_argument("--keep-data", default="", help="pack the generated data set here "
+                        "(reuse it with --data)")
     opts = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-s3-"))
     try:
         data = Path(opts.data) if opts.data else make_data(
-            tmp, opts.images, opts.per_shard, tuple(map(int, opts.size.split("x"))))
+            Path(opts.keep_data) if opts.keep_data else tmp, opts.images, opts.per_shard,
+            tuple(map(int, opts.size.split("x"))))
         split = fmt.load_manifest(str(data)).split("train")
         server, url = start_s3(data)
         print(f"# bench_s3: {split.samples} samples, {len(split.shards)} shards, "
               f"{split.bytes / 1e6:.1f} MB; {opts.ranks} ranks x {opts.workers} workers, batch "
               f"{opts.batch}, {opts.image_size} px; {cpu_model()}, {os.cpu_count()} CPUs, "
               f"Python {platform.python_version()}; S3: moto on loopback")
-        runs = {"local disk": run_source(str(data), opts),
-                "S3, no cache": run_source(url, opts),
-                "S3, shard cache": run_source(url, opts, str(tmp / "cache"))}
+        runs: dict[str, list] = {}
+        for repeat in range(opts.repeats):  # in turn, so load drifts on a shared VM hit all
+            cache = tmp / f"cache-{repeat}"  # empty at each repeat: epoch 1 fills it
+            for name, source, cache_dir in (("local disk", str(data), ""),
+                                            ("S3, no cache", url, ""),
+                                            ("S3, shard cache", url, str(cache))):
+                runs.setdefault(name, []).append(run_source(source, opts, cache_dir))
         server.stop()
-        print("| source | epoch | S3 bytes / data set | S3 requests | cache MB | img/s |")
-        print("|---|---|---|---|---|---|")
-        for name, epochs in runs.items():
-            for e, (rate, io) in enumerate(epochs, 1):
-                print(f"| {name} | {e} | {io.s3_bytes / split.bytes:.3f}x "
-                      f"({io.s3_bytes / 1e6:.1f} MB) | {io.s3_requests} | "
-                      f"{io.cache_bytes / 1e6:.1f} | {rate:.0f} |")
-        local = statistics.median(r for r, _ in runs["local disk"])
-        for name in ("S3, no cache", "S3, shard cache"):
-            rates = [r for r, _ in runs[name]]
-            print(f"{name}: median img/s over epochs {statistics.median(rates):.0f}, "
-                  f"{statistics.median(rates) / local:.2f}x local disk "
-                  f"({statistics.median(rates[1:] or rates) / local:.2f}x from epoch 2)")
+        report(runs, split.bytes)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(runs: dict[str, list], data_bytes: int) -> None:
+    """Per source and epoch: the I/O of the last repeat (the same in each), img/s of each
+    repeat, and img/s as a ratio of local disk's in the same repeat and epoch."""
+    print("| source | epoch | S3 bytes / data set | S3 requests | cache MB | img/s (each run) "
+          "| / local disk |")
+    print("|---|---|---|---|---|---|---|")
+    for name, repeats in runs.items():
+        for e in range(len(repeats[0])):
+            io = repeats[-1][e][1]
+            rates = [r[e][0] for r in repeats]
+            ratios = [r[e][0] / local[e][0] for r, local in zip(repeats, runs["local disk"])]
+            print(f"| {name} | {e + 1} | {io.s3_bytes / data_bytes:.3f}x "
+                  f"({io.s3_bytes / 1e6:.1f} MB) | {io.s3_requests} | "
+                  f"{io.cache_bytes / 1e6:.1f} | {', '.join(f'{x:.0f}' for x in rates)} | "
+                  f"{statistics.median(ratios):.2f} |")
 
 
 if __name__ == "__main__":
