@@ -5,16 +5,15 @@
         [--batch 16] [--repeats 2]
 
 Three sources in turn, the same packed data set, --repeats times: local disk, S3 without a
-cache, and S3 with a node-local shard cache (a fresh directory each time, so epoch 1 fills it). Each source is read for
---epochs epochs by --ranks processes (the ranks of one node), each a ShardLoader with --workers
-DataLoader workers from the forkserver, as training reads it (rank r of world --ranks, global
-batch ranks x batch). Per epoch it prints, summed over the ranks: the bytes and GET requests
+cache, and S3 with a node-local shard cache (a fresh directory each time, so epoch 1 fills
+it). Each source is read for --epochs epochs by --ranks processes (the ranks of one node),
+each a ShardLoader with --workers DataLoader workers from the forkserver, as training reads
+it (rank r of world --ranks, global batch ranks x batch). Per epoch it prints, summed over the ranks: the bytes and GET requests
 that reached S3, the bytes served by the cache, and the loader's img/s (all ranks' images over
 the slowest rank's epoch time) in each repeat, and its ratio to local disk's in the same
 repeat and epoch (the median over repeats): on a shared machine only same-run ratios mean
-anything. S3 is
-moto's server in this process, on 127.0.0.1: it measures the protocol's cost (requests, bytes,
-moto's own CPU), not a real network.
+anything. S3 is moto's server in this process, on 127.0.0.1: it measures the protocol's
+cost (requests, bytes, moto's own CPU), not a real network.
 
 Without --data it packs --images generated photo-like JPEGs (synthetic.realistic_image, about
 1/10 of ImageNet's pixels at the default size) into shards of --per-shard samples first.
