@@ -177,7 +177,8 @@ def test_full_disk_evicts_or_streams_and_training_goes_on(s3_server, tmp_path, t
 
 
 def _config(tmp_path, data, *more):
-    return load_config((), [f"data.train={data}", f"run.dir={tmp_path / 'run'}", *more])
+    return load_config((), [f"data.train={data}", f"run.dir={tmp_path / 'run'}",
+                           "train.batch_size=4", *more])
 
 
 def test_bad_cache_settings_are_config_errors(tmp_path, dataset):
