@@ -16,6 +16,8 @@ set -euo pipefail
 : "${EBS_VOLUME_ID:=}"       # vol-...: attached to this instance if it is not already
 : "${EBS_DEVICE:=}"          # block device of the volume (default: found from EBS_VOLUME_ID or lsblk)
 : "${MOUNT_POINT:=/data}"
+: "${SHARD_CACHE:=auto}"     # data.cache_dir: auto = an instance-store NVMe disk when there is one; a directory; or off
+: "${CACHE_MOUNT:=/mnt/shard-cache}"  # where auto mounts the instance-store disk
 : "${INSTALL_DIR:=/opt/resnet}"
 : "${PYTHON:=python3}"
 : "${DRY_RUN:=0}"            # 1: print what would be done, change nothing
@@ -131,6 +133,36 @@ find_unused_disk() {
   echo "${found[0]}"
 }
 
+# Instance store: fast NVMe that is blank after a stop. Right for the shard cache, which S3 can
+# always refill (data.cache_dir), never for checkpoints. Sets CACHE_DIR (empty: no cache).
+CACHE_DIR=
+prepare_cache() {
+  case $SHARD_CACHE in
+    off|"") return ;;
+    auto) ;;
+    *) CACHE_DIR=$SHARD_CACHE; run mkdir -p "$CACHE_DIR"; return ;;
+  esac
+  local disk='' mounted
+  local d
+  while read -r d; do
+    if [[ $(lsblk -dno MODEL "$d") == "Amazon EC2 NVMe Instance Storage"* ]]; then disk=$d; break; fi
+  done < <(lsblk -dpno NAME,TYPE | awk '$2 == "disk" {print $1}')
+  if [[ -z "$disk" ]]; then
+    say "no instance-store disk: shards stream from S3 without a node cache"
+    return
+  fi
+  mounted=$(lsblk -no MOUNTPOINT "$disk" | awk 'NF {print; exit}')
+  if [[ -n "$mounted" ]]; then
+    CACHE_DIR=$mounted/shard-cache  # the AMI mounted it already
+  else
+    format_if_new "$disk"
+    run mkdir -p "$CACHE_MOUNT"
+    if dry || ! mountpoint -q "$CACHE_MOUNT"; then run mount "$disk" "$CACHE_MOUNT"; fi
+    CACHE_DIR=$CACHE_MOUNT
+  fi
+  say "shard cache on the instance store $disk: data.cache_dir=$CACHE_DIR"
+}
+
 find_device() {
   if [[ -n "$EBS_DEVICE" ]]; then echo "$EBS_DEVICE"
   elif [[ -n "$EBS_VOLUME_ID" ]]; then attach_volume
@@ -183,6 +215,7 @@ train_command() {
   local overrides=("run.dir=$MOUNT_POINT/runs/$RUN_NAME" "checkpoint.mirror=$CHECKPOINT_MIRROR")
   [[ -n "$DATA_TRAIN" ]] && overrides+=("data.train=$DATA_TRAIN")
   [[ -n "$DATA_VAL" ]] && overrides+=("data.val=$DATA_VAL")
+  [[ -n "$CACHE_DIR" ]] && overrides+=("data.cache_dir=$CACHE_DIR")
   printf 'exec %q %q' "$SRC_DIR/launch/single_node.sh" "$1"
   shift
   printf ' %q' "${overrides[@]}" "$@"
@@ -284,6 +317,7 @@ main() {
   say "data volume: $dev"
   format_if_new "$dev"
   mount_volume "$dev"
+  prepare_cache
   install_project
   if ! dry && [[ ! -f "$SRC_DIR/$CONFIG" && ! -f "$CONFIG" ]]; then
     die "config file not found: $CONFIG (relative paths are inside $SRC_DIR)"

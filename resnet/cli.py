@@ -259,6 +259,8 @@ def _add_bench(sub) -> None:
                    help="also time the loader decoding with torchvision.io.decode_jpeg only")
     d.add_argument("--resume-cost", action="store_true",
                    help="time to the first batch: fresh vs resumed at 50%% of the epoch")
+    d.add_argument("--cache-dir", default="", help="a node-local shard cache for a remote "
+                   "SHARDS (data.cache_dir); the S3 bytes and requests are printed either way")
     d.set_defaults(handler=_bench_data)
 
 

@@ -40,6 +40,8 @@ class DataConfig:
     prefetch_factor: int = 2
     io_timeout_s: float = 120.0  # a read failing this long (backoff included) stops with its URL
     worker_timeout_s: float = 600.0  # a DataLoader worker silent this long is named; 0: wait
+    cache_dir: str = ""  # node-local shard cache for remote data sets (NVMe); empty: off
+    cache_limit_gb: float = 0.0  # the cache's size limit in GB (10^9 bytes); 0: the disk's
 
 
 @dataclass

@@ -23,10 +23,13 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 from resnet.data import augment
 from resnet.data import format as fmt
 from resnet.data import storage
+from resnet.data.cache import ShardCache
+from resnet.data.iostats import IOCounts
 from resnet.data.shardio import read_samples
 from resnet.data.stream import AugmentParams, ShardLoader
 
@@ -35,21 +38,24 @@ from resnet.data.stream import AugmentParams, ShardLoader
 class Rate:
     images: int
     seconds: float
+    io: Optional[IOCounts] = None  # what the timed batches read (the shard loader's runs)
 
     @property
     def per_s(self) -> float:
         return self.images / self.seconds
 
 
-def _timed(batches, warmup: int, steps: int, count) -> Rate:
-    """Skip `warmup` batches, then time `steps` batches; `count(batch)` gives its images."""
+def _timed(batches, warmup: int, steps: int, count, read=lambda: None) -> Rate:
+    """Skip `warmup` batches, then time `steps` batches; `count(batch)` gives its images,
+    `read()` the I/O counts so far (the Rate gets those of the timed batches)."""
     it = iter(batches)
     for _ in range(warmup):
         next(it)
-    start, images = time.perf_counter(), 0
+    start, images, before = time.perf_counter(), 0, read()
     for _ in range(steps):
         images += count(next(it))
-    return Rate(images, time.perf_counter() - start)
+    seconds, after = time.perf_counter() - start, read()
+    return Rate(images, seconds, after - before if after is not None else None)
 
 
 def _endless(loader: ShardLoader):
@@ -58,11 +64,23 @@ def _endless(loader: ShardLoader):
 
 
 def loader_rate(source: str, split: str, workers: int, batch_size: int, steps: int,
-                warmup: int, image_size: int) -> Rate:
+                warmup: int, image_size: int, cache_dir: str = "") -> Rate:
     loader = ShardLoader(source, split, rank=0, world_size=1, batch_size=batch_size,
                          global_batch=batch_size, workers=workers, seed=0, train=True,
-                         augment=AugmentParams(image_size=image_size))
-    return _timed(_endless(loader), warmup, steps, lambda b: len(b))
+                         augment=AugmentParams(image_size=image_size),
+                         cache=ShardCache(cache_dir) if cache_dir else None)
+    return _timed(_endless(loader), warmup, steps, lambda b: len(b), lambda: loader.io_total)
+
+
+def describe_reads(rate: Rate, source: str, split: str) -> str:
+    """The timed batches' reads, per image and against the data set's bytes per image."""
+    info = fmt.load_manifest(source).split(split)
+    per_image = info.bytes / max(1, info.samples)
+    io = rate.io
+    return (f"read {io.s3_bytes / 1e6:,.1f} MB in {io.s3_requests} requests from S3 "
+            f"({io.s3_bytes / rate.images / per_image:.2f}x the data set's bytes per image), "
+            f"{io.cache_bytes / 1e6:,.1f} MB from the shard cache ({io.cache_hits} openings, "
+            f"{io.cache_fills} filled)")
 
 
 def extract_imagefolder(source: str, split: str, dest: str) -> int:
@@ -156,6 +174,8 @@ def run(args) -> int:
         med = statistics.median(per_s)
         each = f" (runs: {', '.join(f'{x:.0f}' for x in per_s)})" if len(per_s) > 1 else ""
         print(f"{name}: {med:.0f} img/s ({med / max(1, args.workers):.0f} per worker){each}")
+        if storage.is_remote(args.shards) and rates[-1].io is not None:
+            print(f"  {name}, last run: {describe_reads(rates[-1], args.shards, args.split)}")
     base = runs.get(BASELINE)
     for name, rates in runs.items():
         if base and name != BASELINE:  # ratio within each repeat, then the median of those
@@ -185,12 +205,13 @@ def _throughput(args) -> dict[str, list[Rate]]:
     tmp = None if args.no_baseline else tempfile.mkdtemp(prefix="resnet-bench-")
     runs: dict[str, list[Rate]] = {}
     timing = (args.workers, args.batch_size, args.steps, args.warmup, args.image_size)
+    cache_dir = getattr(args, "cache_dir", "")
     try:
         if tmp:
             extract_imagefolder(args.shards, args.split, tmp)
         for _ in range(max(1, args.repeats)):
             runs.setdefault("shard loader", []).append(
-                loader_rate(args.shards, args.split, *timing))
+                loader_rate(args.shards, args.split, *timing, cache_dir))
             if args.compare_decode_jpeg:
                 with _decode_jpeg_only():
                     runs.setdefault("shard loader, decode_jpeg only", []).append(

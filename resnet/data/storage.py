@@ -25,6 +25,7 @@ import urllib.error
 import urllib.request
 from typing import Optional
 
+from resnet.data import iostats
 from resnet.data.remote import (  # noqa: F401  (re-exported: part of the storage API)
     Backoff, StorageError, _s3_call, _s3_error, is_s3, is_transient, reset_clients, retry,
     s3_client, set_io_timeout_s, split_s3)
@@ -61,6 +62,7 @@ def _open_remote_once(url: str, offset: int):
     if is_s3(url):
         bucket, key = split_s3(url)
         kwargs = {"Range": f"bytes={offset}-"} if offset else {}
+        iostats.COUNTS.s3_requests += 1
         try:
             return s3_client().get_object(Bucket=bucket, Key=key, **kwargs)["Body"]
         except Exception as exc:  # noqa: BLE001
@@ -132,6 +134,8 @@ class _ResumingReader(io.RawIOBase):
         n = len(data)
         view[:n] = data
         self.pos += n
+        if is_s3(self.url):
+            iostats.COUNTS.s3_bytes += n
         return n
 
     def _close_body(self) -> None:

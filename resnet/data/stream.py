@@ -33,9 +33,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from resnet.data import augment as A
 from resnet.data import format as fmt
+from resnet.data import iostats
 from resnet.data import plan as P
 from resnet.data import storage
 from resnet.data.augment import AugmentParams
+from resnet.data.cache import ShardCache
 from resnet.data.shardio import ShardError, read_samples
 from resnet.logs import RateLimitedLogger, rank_from_env
 
@@ -55,6 +57,7 @@ class Batch:
     boxes: Optional[torch.Tensor] = None  # ... float [n, 4] x0, y0, x1, y1 in source pixels
     flips: Optional[torch.Tensor] = None  # ... bool [n]
     jpeg_offsets: Optional[torch.Tensor] = None  # ... int64 [n + 1]: jpeg i is [o[i], o[i+1])
+    io: Optional[iostats.IOCounts] = None  # what its worker read since its previous batch
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -62,7 +65,8 @@ class Batch:
     def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
         pin = lambda t: t.pin_memory() if t is not None else None  # noqa: E731
         return Batch(pin(self.labels), self.keys, self.skipped, pin(self.images),
-                     pin(self.jpegs), pin(self.boxes), pin(self.flips), self.jpeg_offsets)
+                     pin(self.jpegs), pin(self.boxes), pin(self.flips), self.jpeg_offsets,
+                     self.io)
 
 
 class CorruptSample(ValueError):
@@ -83,6 +87,7 @@ class _Job:
     num_classes: int
     decode: str
     augment: AugmentParams = field(default_factory=AugmentParams)
+    cache: Optional[ShardCache] = None  # remote sources only
 
 
 def _label(files: dict[str, bytes], job: _Job) -> int:
@@ -128,7 +133,9 @@ def _samples(job: _Job, positions, log_: RateLimitedLogger) -> Iterator[tuple[st
         wanted = [int(i) for i in indices]
         pending: dict[int, tuple[str, dict]] = {}
         nxt = 0
-        for index, key, files in read_samples(url, set(wanted), shard_bytes=info.bytes):
+        opener = job.cache.opener(info) if job.cache else storage.open_read
+        for index, key, files in read_samples(url, set(wanted), opener=opener,
+                                              shard_bytes=info.bytes):
             pending[index] = (key, files)
             # Emit in the shuffled order as soon as the next one is in: at most one shard's
             # needed samples are ever held, as raw bytes.
@@ -188,10 +195,14 @@ def _batches(job: _Job, positions, sizes: tuple[int, ...]) -> Iterator[Batch]:
     log_ = RateLimitedLogger(rank_from_env(), every_s=10.0)  # one key: at most 1 line / 10 s
     items: list = []
     produced = 0
+    counted = iostats.snapshot()
     for item in _samples(job, positions, log_):
         items.append(item)
         if produced < len(sizes) and len(items) == sizes[produced]:
-            yield _collate(items, job)
+            batch = _collate(items, job)
+            now = iostats.snapshot()
+            batch.io, counted = now - counted, now
+            yield batch
             produced, items = produced + 1, []
     if items or produced != len(sizes):  # the plan and the reader disagree: never hand out
         raise RuntimeError(f"worker produced {produced} batches (and {len(items)} samples "
@@ -288,7 +299,7 @@ class ShardLoader:
                  batch_size: int, global_batch: int, workers: int, seed: int, train: bool,
                  augment: AugmentParams = AugmentParams(), decode: str = "cpu",
                  prefetch_factor: int = 2, pin_memory: bool = False,
-                 worker_timeout_s: float = 0.0):
+                 worker_timeout_s: float = 0.0, cache: Optional[ShardCache] = None):
         if decode not in ("cpu", "device"):
             raise ValueError(f"decode must be 'cpu' or 'device', got {decode!r}")
         if not 0 <= rank < world_size:
@@ -302,6 +313,7 @@ class ShardLoader:
         self.workers, self.prefetch_factor, self.pin_memory = workers, prefetch_factor, pin_memory
         self.worker_timeout_s = worker_timeout_s  # 0: wait for a worker's batch forever
         self.augment = augment
+        self.cache = cache if storage.is_remote(source) else None  # local shards: no copy
         self.manifest = fmt.load_manifest(source)
         self._split = self.manifest.split(split)
         self._sizes = tuple(s.samples for s in self._split.shards)
@@ -312,6 +324,8 @@ class ShardLoader:
         self._topology = (P.Segment.for_training(self.layout, max(1, workers)) if train else
                           P.Segment(world_size, max(1, workers), batch_size))
         self.skipped = 0
+        self.io_total = iostats.IOCounts()  # read by this rank's loader since it was built
+        self.io_finished: Optional[iostats.IOCounts] = None  # ... in its last finished epoch
         self._start(0, ())
 
     # ------------------------------------------------------------------ plan bookkeeping
@@ -320,6 +334,7 @@ class ShardLoader:
         self._plan = P.EpochPlan(order, self.global_batch, self.train, segments).resume(
             self._topology)
         self.epoch = epoch
+        self.io = iostats.IOCounts()  # read in this epoch (since the resume, if resumed)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -343,7 +358,7 @@ class ShardLoader:
                          self._plan.schedule(self.rank))
         return _Job(self.source, self._split.shards, self._plan.order, schedule,
                     self.train, self._split.labelled,
-                    self.manifest.num_classes, self.decode, self.augment)
+                    self.manifest.num_classes, self.decode, self.augment, self.cache)
 
     def __iter__(self) -> Iterator[Batch]:
         expected = self.batches_remaining
@@ -365,10 +380,13 @@ class ShardLoader:
                 for batch in batches:
                     self._plan = self._plan.advance(1)
                     self.skipped += batch.skipped
+                    if batch.io is not None:
+                        self.io, self.io_total = self.io + batch.io, self.io_total + batch.io
                     yield batch
             finally:
                 del batches  # shuts the workers down when the caller stops early
         if self._plan.batches_remaining(self.rank) == 0:
+            self.io_finished = self.io
             self._start(self.epoch + 1, ())
 
     # ------------------------------------------------------------------ state
@@ -428,8 +446,8 @@ class ShardLoader:
 
 def eval_loader(source: str, split: str = "val", *, batch_size: int, workers: int = 2,
                 rank: int = 0, world_size: int = 1, augment: AugmentParams = AugmentParams(),
-                decode: str = "cpu") -> ShardLoader:
+                decode: str = "cpu", cache: Optional[ShardCache] = None) -> ShardLoader:
     """A standalone validation loader: stored order, every sample once across ranks."""
     return ShardLoader(source, split, rank=rank, world_size=world_size, batch_size=batch_size,
                        global_batch=1, workers=workers, seed=0, train=False, augment=augment,
-                       decode=decode)
+                       decode=decode, cache=cache)

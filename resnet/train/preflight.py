@@ -10,6 +10,7 @@ from pathlib import Path
 
 from resnet.config import Config
 from resnet.data.augment import AugmentParams
+from resnet.data.cache import CacheSettingError, check_settings
 from resnet.data.format import Manifest, ManifestError, load_manifest
 from resnet.data.plan import MicroLayout
 from resnet.model import ARCHS
@@ -49,6 +50,15 @@ def _manifest(source: str, split: str, key: str) -> Manifest:
     if info.samples == 0:
         raise SetupError(f"{key}={source}: its {split!r} split is empty")
     return manifest
+
+
+def _check_cache(directory: str, limit_gb: float, manifests) -> None:
+    largest = max(s.bytes for m in manifests if m for info in m.splits.values()
+                  for s in info.shards)
+    try:
+        check_settings(directory, limit_gb, largest)
+    except CacheSettingError as exc:
+        raise SetupError(str(exc)) from None
 
 
 def _saved_progress(cfg: Config) -> tuple[Path, dict] | None:
@@ -102,6 +112,8 @@ def preflight(cfg: Config, world_size: int | None = None) -> RunPlan:
                          f"{d.resize_start_epoch}, {d.resize_end_epoch})")
     train_manifest = _manifest(cfg.data.train, "train", "data.train")
     val_manifest = _manifest(cfg.data.val, "val", "data.val") if cfg.data.val else None
+    if d.cache_dir:
+        _check_cache(d.cache_dir, d.cache_limit_gb, [train_manifest, val_manifest])
     if val_manifest and val_manifest.fingerprint != train_manifest.fingerprint:
         if [c.id for c in val_manifest.classes] != [c.id for c in train_manifest.classes]:
             raise SetupError("data.train and data.val have different class lists")

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from resnet.config import Config, save_config, to_dict
+from resnet.data.cache import ShardCache
+from resnet.data.iostats import IOCounts
 from resnet.data.storage import set_io_timeout_s
 from resnet.data.stream import AugmentParams, ShardLoader
 from resnet.logs import RateLimitedLogger
@@ -85,7 +87,9 @@ class Trainer:
                       workers=cfg.data.workers, decode=cfg.data.decode,
                       prefetch_factor=cfg.data.prefetch_factor,
                       pin_memory=engine.device.type == "cuda",
-                      worker_timeout_s=cfg.data.worker_timeout_s)
+                      worker_timeout_s=cfg.data.worker_timeout_s,
+                      cache=(ShardCache(cfg.data.cache_dir, cfg.data.cache_limit_gb)
+                             if cfg.data.cache_dir else None))
         self.loader = ShardLoader(cfg.data.train, "train", batch_size=cfg.train.batch_size,
                                   global_batch=plan.global_batch, train=True,
                                   # the train size is a function of the epoch (progressive
@@ -195,8 +199,11 @@ class Trainer:
                           f"warm-up: a minute or more on a GPU)")
         while self.progress.step < self.total_steps and self.loader.epoch < self.cfg.train.epochs:
             if self.run_epoch():  # False: max_steps reached inside the epoch
+                self._log_epoch_io(self.loader.epoch - 1, self.loader.io_finished)
                 self.save()
                 self.run_eval()
+            elif self.loader.batches_remaining == 0:  # the budget ended with the epoch
+                self._log_epoch_io(self.loader.epoch, self.loader.io)
         return self.finish()
 
     def run_epoch(self) -> bool:
@@ -363,6 +370,18 @@ class Trainer:
                                          " or use train.precision=fp32")
             raise TrainingError(f"{found}; stopping. The last good "
                                 f"checkpoint is kept in {self.checkpoints.dir}; {advice}")
+
+    def _log_epoch_io(self, epoch: int, counts: IOCounts | None) -> None:
+        """What a finished epoch read from S3 and from the shard caches, all ranks summed
+        (since the resume, for an epoch resumed mid-way)."""
+        counts = counts or IOCounts()
+        summed = self.engine.accelerator.reduce(
+            torch.tensor(counts.as_list(), dtype=torch.int64, device=self.engine.device), "sum")
+        total = IOCounts.from_list(summed.tolist())
+        self.logger.log({"data_epoch": epoch, **total.metrics()}, step=self.progress.step)
+        self.log.info(f"epoch {epoch} read {total.s3_bytes / 1e6:,.1f} MB in "
+                      f"{total.s3_requests} requests from S3, {total.cache_bytes / 1e6:,.1f} MB "
+                      f"from shard caches")
 
     def _log_train(self, window: LogWindow) -> None:
         figures = window.summarise(lambda t: self.engine.accelerator.reduce(t, "sum"),
