@@ -201,8 +201,11 @@ def _batches(job: _Job, positions, sizes: tuple[int, ...]) -> Iterator[Batch]:
 # Workers start from a clean server process, not forked from the trainer, which has threads
 # (checkpoint mirror, W&B, progress bar, gloo): a fork copies locks those threads may hold.
 # The server imports this module (torch, torchvision, PIL) once, so each epoch's workers
-# start by a cheap fork of it instead of importing everything again.
+# start by a cheap fork of it instead of importing everything again. It imports
+# worker_signals first: the server and its workers ignore the stop signals that the
+# trainer's process group gets, so they feed the trainer until it has saved.
 WORKER_START = "forkserver"
+SERVER_PRELOAD = ["resnet.data.worker_signals", __name__]
 
 
 def _worker_context():
@@ -210,7 +213,7 @@ def _worker_context():
 
     context = multiprocessing.get_context(WORKER_START)
     if WORKER_START == "forkserver":
-        context.set_forkserver_preload([__name__])
+        context.set_forkserver_preload(SERVER_PRELOAD)
     return context
 
 
