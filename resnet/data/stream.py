@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Optional
@@ -201,11 +202,33 @@ def _batches(job: _Job, positions, sizes: tuple[int, ...]) -> Iterator[Batch]:
 # Workers start from a clean server process, not forked from the trainer, which has threads
 # (checkpoint mirror, W&B, progress bar, gloo): a fork copies locks those threads may hold.
 # The server imports this module (torch, torchvision, PIL) once, so each epoch's workers
-# start by a cheap fork of it instead of importing everything again. It imports
-# worker_signals first: the server and its workers ignore the stop signals that the
-# trainer's process group gets, so they feed the trainer until it has saved.
+# start by a cheap fork of it instead of importing everything again (loader_server.py).
 WORKER_START = "forkserver"
-SERVER_PRELOAD = ["resnet.data.worker_signals", __name__]
+SERVER_PRELOAD = ["resnet.data.loader_server"]
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def ignore_stop_signals() -> None:
+    """Loader processes (the fork server and each worker) outlive a stop signal, so they keep
+    feeding their trainer until it has saved the step it reached.
+
+    The stop signal reaches every process of the trainer's process group, and the loader's
+    are in it: torchrun SIGTERMs each worker's process group (when a node joins, and when
+    torchrun itself is stopped), a terminal's Ctrl-C and `kill -TERM -PGID` signal the group,
+    srun/slurmstepd every process of the job step. With the default action the workers died
+    at once and the trainer's next batch failed (`DataLoader worker ... exited unexpectedly`;
+    even a batch already queued, whose tensors come through the dead worker's socket): no
+    checkpoint. The server must live on too: when it dies, the trainer reads its workers as
+    exited. A process group of their own would not do: slurmstepd and systemd
+    (KillMode=control-group) signal every process of the step or cgroup.
+
+    Ignoring is safe because they end with their trainer anyway: the DataLoader stops the
+    workers when an epoch or the run ends, each watches the trainer's pid (_exit_with), the
+    server ends when the trainer's end of its lifeline pipe closes, and SIGKILL (torchrun's,
+    30 s after its SIGTERM; systemd's after TimeoutStopSec) ends them all.
+    """
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
 
 
 def _worker_context():
@@ -242,6 +265,9 @@ def _named_timeouts(batches: Iterator, workers: int, timeout_s: float, where: st
 
 def _init_worker(_: int, environ: dict | None = None, trainer_pid: int | None = None) -> None:
     torch.set_num_threads(1)  # one decode per core; intra-op threads only oversubscribe
+    # Inherited from the server, but torch's worker start installs a SIGTERM handler of its
+    # own (it ends the worker); this runs after that.
+    ignore_stop_signals()
     if environ is not None:  # the forkserver's environment is from when it started: use ours
         os.environ.clear()
         os.environ.update(environ)
