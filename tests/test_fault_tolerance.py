@@ -61,41 +61,36 @@ def test_sigkill_of_one_worker_mid_epoch_restarts_exactly(baseline, tmp_path):
 
 def test_sigterm_writes_a_checkpoint_and_the_next_start_resumes_from_it(baseline, tmp_path):
     """SIGTERM to torchrun's whole process group (as srun, systemd or `kill -TERM -PGID` do)
-    mid-epoch, off the checkpoint grid, with 2 loader workers per rank: torchrun passes it to
-    each worker's process group, loader workers included; the step reached is saved."""
+    mid-epoch, off the checkpoint grid, while both ranks wait for step 7's batches from their
+    2 loader workers: torchrun passes it to each worker's process group, loader workers
+    included, which must live on to hand the batches over; step 7 is saved."""
     data, reference = baseline
-    run_dir, hold = tmp_path / "run", tmp_path / "hold"
+    run_dir, gates = tmp_path / "run", tmp_path / "gates"
+    gates.mkdir()
+    (gates / "pause-fetch-at-6").touch()
     cmd = tu.torchrun_cmd(2, *tu.overrides(data, run_dir, *tu.BASELINE))
-    launch = tu.Launch(cmd, tmp_path / "log.txt", RESNET_TEST_FAULT_AFTER_STEP=6, RESNET_TEST_FAULT_RANK=0,
-                       RESNET_TEST_FAULT_HOLD=hold)
+    launch = tu.Launch(cmd, tmp_path / "log.txt", RESNET_TEST_FAULT_GATES=str(gates))
     try:
-        tu.wait_for(hold.exists, tu.RUN_TIMEOUT_S, "worker holding after step 6", [launch])
+        tu.wait_for(lambda: len(list(gates.glob("paused-fetch-at-6-rank-*"))) == 2,
+                    tu.RUN_TIMEOUT_S, "both ranks fetching step 7's batches", [launch])
         launch.signal_group(signal.SIGTERM)  # the agent passes it on to its workers
-        tu.wait_for(lambda: _sent_sigterm(launch), 30, "torchrun passing SIGTERM on", [])
-        hold.unlink()
         code = launch.wait(120)
     finally:
         launch.stop()
     out = launch.output()
     assert code != 0
     stopped = re.findall(r"stopped by signal 15 at step (\d+); checkpoint saved", out)
-    assert stopped, out[-4000:]
-    step = int(stopped[0])
-    assert step > 6 and step % 4, step  # a checkpoint the interval would not have written
-    name = f"step-{step:09d}"
+    assert stopped == ["7", "7"], out[-4000:]  # a checkpoint the interval would not write
+    name = "step-000000007"
     assert tu.latest(run_dir) == name
-    assert tu.trainer_state(run_dir / "checkpoints" / name)["progress"]["step"] == step
+    assert tu.trainer_state(run_dir / "checkpoints" / name)["progress"]["step"] == 7
     assert not (run_dir / "final").exists()
 
     code, out = tu.run(cmd, tmp_path / "log2.txt")
     assert code == 0, out[-4000:]
     assert tu.resumed_from(out) == [name]
-    _same_as_baseline(run_dir, reference, resumed_at=step)
+    _same_as_baseline(run_dir, reference, resumed_at=7)
     tu.assert_each_sample_once(tmp_path, run_dir, epochs=2)
-
-
-def _sent_sigterm(launch: tu.Launch) -> bool:
-    return "Sending process" in launch.output() or "SIGTERM" in launch.output()
 
 
 def test_kill_inside_a_checkpoint_write_keeps_the_previous_one(baseline, tmp_path):
