@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import signal
+import sys
 
 import pytest
 
@@ -82,3 +83,20 @@ def _steps(rank_files: list) -> list[int]:
     """The steps one start trained (rank 0's audit file), in order."""
     lines = rank_files[0].read_text().splitlines()
     return sorted({int(line.split('"step": ')[1].split(",")[0]) for line in lines})
+
+
+def test_a_process_that_fails_with_its_loader_workers_running_still_exits(tmp_path_factory,
+                                                                          tmp_path):
+    """The loader workers ignore SIGTERM, and multiprocessing's exit handler ends daemon
+    children with SIGTERM, then joins them: a process that fails with an epoch's iterator
+    alive (a trainer whose peer was lost) would wait forever. It exits."""
+    data = tu.shared_data(tmp_path_factory)
+    script = (f"from resnet.data.stream import AugmentParams, ShardLoader\n"
+              f"loader = ShardLoader({str(data)!r}, 'train', rank=0, world_size=1, "
+              f"batch_size=4, global_batch=4, workers=2, seed=0, train=True, "
+              f"augment=AugmentParams(image_size=32))\n"
+              f"batches = iter(loader)\n"
+              f"next(batches)\n"
+              f"raise RuntimeError('a lost peer')\n")
+    code, out = tu.run([sys.executable, "-c", script], tmp_path / "log.txt", timeout=90)
+    assert code == 1 and "RuntimeError: a lost peer" in out, out[-3000:]

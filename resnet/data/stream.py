@@ -21,8 +21,10 @@ decoded or augmented.
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
+import multiprocessing
 import os
 import signal
 import time
@@ -232,12 +234,25 @@ def ignore_stop_signals() -> None:
 
 
 def _worker_context():
-    import multiprocessing
-
     context = multiprocessing.get_context(WORKER_START)
     if WORKER_START == "forkserver":
         context.set_forkserver_preload(SERVER_PRELOAD)
     return context
+
+
+def _kill_loader_workers() -> None:
+    """At exit, SIGKILL this process's daemon children: its DataLoader workers, still running
+    when an exception ends the process with an epoch's iterator alive (a lost peer's collective
+    error). multiprocessing's own exit handler terminates daemon children with SIGTERM and then
+    joins them, which waits forever for workers that ignore SIGTERM (ignore_stop_signals)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+# Runs before multiprocessing's exit handler: atexit runs the last registered first, and
+# multiprocessing.util registered its handler when torch was imported.
+atexit.register(_kill_loader_workers)
 
 
 class WorkerStuck(RuntimeError):
