@@ -144,7 +144,8 @@ class Agents:
     def start(self, name: str, run_dir: Path) -> tu.Launch:
         self.empty_disk[name] = not (run_dir / "checkpoints").exists()
         train = tu.overrides(self.data, run_dir, f"train.epochs={self.epochs}",
-                             "checkpoint.every_steps=2", *self.more, val=False)
+                             "checkpoint.every_steps=2", tu.LOADER_WORKERS, *self.more,
+                             val=False)
         launch = tu.Launch(["bash", str(ELASTIC), str(self.config), *train],
                            self.tmp / f"{name}.txt", MIN_NODES="1", MAX_NODES="3",
                            NPROC_PER_NODE="1", MAX_RESTARTS="3",

@@ -60,39 +60,37 @@ def test_sigkill_of_one_worker_mid_epoch_restarts_exactly(baseline, tmp_path):
 
 
 def test_sigterm_writes_a_checkpoint_and_the_next_start_resumes_from_it(baseline, tmp_path):
-    """SIGTERM to torchrun (as SLURM or a spot notice does) mid-epoch, off the checkpoint grid."""
+    """SIGTERM to torchrun's whole process group (as srun, systemd or `kill -TERM -PGID` do)
+    mid-epoch, off the checkpoint grid, while both ranks wait for step 7's batches from their
+    2 loader workers: torchrun passes it to each worker's process group, loader workers
+    included, which must live on to hand the batches over; step 7 is saved."""
     data, reference = baseline
-    run_dir, hold = tmp_path / "run", tmp_path / "hold"
+    run_dir, gates = tmp_path / "run", tmp_path / "gates"
+    gates.mkdir()
+    (gates / "pause-fetch-at-6").touch()
     cmd = tu.torchrun_cmd(2, *tu.overrides(data, run_dir, *tu.BASELINE))
-    launch = tu.Launch(cmd, tmp_path / "log.txt", RESNET_TEST_FAULT_AFTER_STEP=6, RESNET_TEST_FAULT_RANK=0,
-                       RESNET_TEST_FAULT_HOLD=hold)
+    launch = tu.Launch(cmd, tmp_path / "log.txt", RESNET_TEST_FAULT_GATES=str(gates))
     try:
-        tu.wait_for(hold.exists, tu.RUN_TIMEOUT_S, "worker holding after step 6", [launch])
-        os.kill(launch.proc.pid, signal.SIGTERM)  # the agent passes it on to its workers
-        tu.wait_for(lambda: _sent_sigterm(launch), 30, "torchrun passing SIGTERM on", [])
-        hold.unlink()
+        tu.wait_for(lambda: len(list(gates.glob("paused-fetch-at-6-rank-*"))) == 2,
+                    tu.RUN_TIMEOUT_S, "both ranks fetching step 7's batches", [launch])
+        launch.signal_group(signal.SIGTERM)  # the agent passes it on to its workers
         code = launch.wait(120)
     finally:
         launch.stop()
     out = launch.output()
     assert code != 0
     stopped = re.findall(r"stopped by signal 15 at step (\d+); checkpoint saved", out)
-    assert stopped, out[-4000:]
-    step = int(stopped[0])
-    assert step > 6 and step % 4, step  # a checkpoint the interval would not have written
-    name = f"step-{step:09d}"
+    assert stopped == ["7", "7"], out[-4000:]  # a checkpoint the interval would not write
+    name = "step-000000007"
     assert tu.latest(run_dir) == name
-    assert tu.trainer_state(run_dir / "checkpoints" / name)["progress"]["step"] == step
+    assert tu.trainer_state(run_dir / "checkpoints" / name)["progress"]["step"] == 7
     assert not (run_dir / "final").exists()
 
     code, out = tu.run(cmd, tmp_path / "log2.txt")
     assert code == 0, out[-4000:]
     assert tu.resumed_from(out) == [name]
-    _same_as_baseline(run_dir, reference, resumed_at=step)
-
-
-def _sent_sigterm(launch: tu.Launch) -> bool:
-    return "Sending process" in launch.output() or "SIGTERM" in launch.output()
+    _same_as_baseline(run_dir, reference, resumed_at=7)
+    tu.assert_each_sample_once(tmp_path, run_dir, epochs=2)
 
 
 def test_kill_inside_a_checkpoint_write_keeps_the_previous_one(baseline, tmp_path):
@@ -125,7 +123,8 @@ def test_two_agents_one_killed_the_other_finishes_at_world_size_one(baseline, tm
     data, _ = baseline
     run_dir, hold = tmp_path / "run", tmp_path / "hold"
     port = tu.free_port()
-    train = tu.overrides(data, run_dir, "train.epochs=1", "checkpoint.every_steps=4", val=False)
+    train = tu.overrides(data, run_dir, "train.epochs=1", "checkpoint.every_steps=4",
+                         tu.LOADER_WORKERS, val=False)
 
     def agent() -> list[str]:
         return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2",
@@ -173,10 +172,7 @@ def test_two_agents_one_killed_the_other_finishes_at_world_size_one(baseline, tm
     state = tu.trainer_state(run_dir / "checkpoints" / "step-000000010")["progress"]
     assert (state["world_size"], state["global_batch"]) == (1, 16)
     assert (run_dir / "final" / "model.safetensors").is_file()
-    # What users run to prove it: `resnet audit` agrees.
-    code, report = tu.run(tu.resnet_cmd("audit", str(run_dir)), tmp_path / "audit.txt", timeout=60)
-    assert code == 0, report
-    assert f"{tu.TRAIN_SAMPLES} distinct of {tu.TRAIN_SAMPLES}, 0 left out, 0 used twice" in report
+    tu.assert_each_sample_once(tmp_path, run_dir, epochs=1)
 
 
 def _listening(port: int) -> bool:
@@ -240,12 +236,15 @@ def test_an_s3_mirror_outage_mid_run_never_stops_training(baseline, tmp_path, s3
 
 
 def _gated_single_process(data, tmp_path, **extra_env):
-    """`resnet train` (one process, W&B offline, audit on) held before step 4 by a gate."""
+    """`resnet train` (one process, W&B offline, audit on, 2 loader workers) held before step 4
+    by a gate. The tests signal its whole process group, as a terminal's Ctrl-C does: the
+    loader workers get the signal too."""
     gates = tmp_path / "gates"
     gates.mkdir()
     (gates / "pause-at-3").touch()
     launch = tu.Launch(tu.resnet_cmd("train", *tu.overrides(
-        data, tmp_path / "run", "train.max_steps=8", "wandb.mode=offline", val=False)),
+        data, tmp_path / "run", "train.max_steps=8", "wandb.mode=offline", tu.LOADER_WORKERS,
+        val=False)),
         tmp_path / "log.txt", RESNET_TEST_FAULT_GATES=str(gates), WANDB_MODE="offline",
         WANDB_SILENT="true", WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), **extra_env)
     tu.wait_for(lambda: list(gates.glob("paused-at-3-*")), 120, "step 3 done", [launch])
@@ -258,7 +257,7 @@ def test_sigterm_closes_the_audit_and_wandb_with_its_exit_code(tmp_path_factory,
     data = tu.shared_data(tmp_path_factory)
     launch = _gated_single_process(data, tmp_path)
     try:
-        os.kill(launch.proc.pid, signal.SIGTERM)
+        launch.signal_group(signal.SIGTERM)
         code = launch.wait(120)
     finally:
         launch.stop()
@@ -279,10 +278,12 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path_factory, tmp_path):
     data = tu.shared_data(tmp_path_factory)
     launch = _gated_single_process(data, tmp_path)
     try:
-        os.kill(launch.proc.pid, signal.SIGINT)  # checkpoint at the end of the step, then exit
+        launch.signal_group(signal.SIGINT)  # checkpoint at the end of the step, then exit
         time.sleep(0.1)
-        os.kill(launch.proc.pid, signal.SIGINT)  # no: now
+        launch.signal_group(signal.SIGINT)  # no: now
         code = launch.wait(10)
+        # The loader workers and their server ignore Ctrl-C; they end with the trainer.
+        tu.wait_for(lambda: not tu.tagged(launch.tag), 30, "the loader processes ending", [])
     finally:
         launch.stop()
     assert code == -signal.SIGINT, launch.tail()
@@ -297,7 +298,7 @@ def test_a_full_disk_at_a_checkpoint_stops_every_rank_and_the_restart_fails_fast
     data = tu.shared_data(tmp_path_factory)
     run_dir = tmp_path / "run"
     args = tu.overrides(data, run_dir, "train.max_steps=6", "checkpoint.every_steps=2",
-                        val=False)
+                        tu.LOADER_WORKERS, val=False)
     code, out = tu.run(tu.torchrun_cmd(2, *args), tmp_path / "log.txt", timeout=180,
                        RESNET_TEST_FAULT_ENOSPC_AT_STEP=4, RESNET_TEST_FAULT_RANK=1)
     assert code != 0

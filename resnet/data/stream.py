@@ -21,9 +21,12 @@ decoded or augmented.
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
+import multiprocessing
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Optional
@@ -212,17 +215,55 @@ def _batches(job: _Job, positions, sizes: tuple[int, ...]) -> Iterator[Batch]:
 # Workers start from a clean server process, not forked from the trainer, which has threads
 # (checkpoint mirror, W&B, progress bar, gloo): a fork copies locks those threads may hold.
 # The server imports this module (torch, torchvision, PIL) once, so each epoch's workers
-# start by a cheap fork of it instead of importing everything again.
+# start by a cheap fork of it instead of importing everything again (loader_server.py).
 WORKER_START = "forkserver"
+SERVER_PRELOAD = ["resnet.data.loader_server"]
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def ignore_stop_signals() -> None:
+    """Loader processes (the fork server and each worker) outlive a stop signal, so they keep
+    feeding their trainer until it has saved the step it reached.
+
+    The stop signal reaches every process of the trainer's process group, and the loader's
+    are in it: torchrun SIGTERMs each worker's process group (when a node joins, and when
+    torchrun itself is stopped), a terminal's Ctrl-C and `kill -TERM -PGID` signal the group,
+    srun/slurmstepd every process of the job step. With the default action the workers died
+    at once and the trainer's next batch failed (`DataLoader worker ... exited unexpectedly`;
+    even a batch already queued, whose tensors come through the dead worker's socket): no
+    checkpoint. The server must live on too: when it dies, the trainer reads its workers as
+    exited. A process group of their own would not do: slurmstepd and systemd
+    (KillMode=control-group) signal every process of the step or cgroup.
+
+    Ignoring is safe because they end with their trainer anyway: the DataLoader stops the
+    workers when an epoch or the run ends, each watches the trainer's pid (_exit_with), the
+    server ends when the trainer's end of its lifeline pipe closes, and SIGKILL (torchrun's,
+    30 s after its SIGTERM; systemd's after TimeoutStopSec) ends them all.
+    """
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
 
 
 def _worker_context():
-    import multiprocessing
-
     context = multiprocessing.get_context(WORKER_START)
     if WORKER_START == "forkserver":
-        context.set_forkserver_preload([__name__])
+        context.set_forkserver_preload(SERVER_PRELOAD)
     return context
+
+
+def _kill_loader_workers() -> None:
+    """At exit, SIGKILL this process's daemon children: its DataLoader workers, still running
+    when an exception ends the process with an epoch's iterator alive (a lost peer's collective
+    error). multiprocessing's own exit handler terminates daemon children with SIGTERM and then
+    joins them, which waits forever for workers that ignore SIGTERM (ignore_stop_signals)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+# Runs before multiprocessing's exit handler: atexit runs the last registered first, and
+# multiprocessing.util registered its handler when torch was imported.
+atexit.register(_kill_loader_workers)
 
 
 class WorkerStuck(RuntimeError):
@@ -250,6 +291,9 @@ def _named_timeouts(batches: Iterator, workers: int, timeout_s: float, where: st
 
 def _init_worker(_: int, environ: dict | None = None, trainer_pid: int | None = None) -> None:
     torch.set_num_threads(1)  # one decode per core; intra-op threads only oversubscribe
+    # Inherited from the server, but torch's worker start installs a SIGTERM handler of its
+    # own (it ends the worker); this runs after that.
+    ignore_stop_signals()
     if environ is not None:  # the forkserver's environment is from when it started: use ours
         os.environ.clear()
         os.environ.update(environ)

@@ -3,9 +3,10 @@
 Each rank has local reasons to checkpoint or stop (a signal, the wall-clock interval); they
 must act at the same step. The flags of step k go into an all-reduce (max) on the CPU gloo
 group with `async_op=True`; the trainer reads it after fetching step k+1's batches, so the
-exchange overlaps the data wait, and acts on it at step k: every rank reads the same result at
-the same point of the loop, so all save or stop at the same step. One process needs no
-exchange: the result is its own flags.
+exchange overlaps the data wait, and acts on it at step k: every rank reads the same result
+for the same step, so all save or stop at the same step. A rank that has a stop signal reads
+it before fetching (a stop needs no more data); when it reads does not change what it reads.
+One process needs no exchange: the result is its own flags.
 """
 from __future__ import annotations
 

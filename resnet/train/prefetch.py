@@ -4,7 +4,7 @@ computes. On a CPU it degrades to a plain iterator.
 
 The loader's state moves when a batch leaves it, and this feed takes batches before the
 trainer uses them (one ahead on CUDA; the trainer itself fetches step k+1's micro-batches
-before it acts on step k's agreed stop/save). A checkpoint must record the batches the
+before it acts on step k's agreed stop/save, unless it has a stop signal). A checkpoint must record the batches the
 *trained* steps used, so the feed stands in for the loader in the checkpoint: `mark()` after
 each optimizer step records the loader's state as of the batches handed out so far, and
 `state_dict()` returns that marked state (the live one once an epoch's batches are all out).

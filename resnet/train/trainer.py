@@ -215,6 +215,8 @@ class Trainer:
         window = self.window = LogWindow()
         every = self.cfg.checkpoint.every_steps
         while self.progress.step < self.total_steps:
+            if self.stop.signum:  # read the agreement now: a stop needs no more data
+                self._act_on_agreement(window)
             window.start_wait()
             micro = [b for _, b in zip(range(self.accum), batches)]
             window.end_wait()

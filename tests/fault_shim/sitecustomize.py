@@ -47,6 +47,12 @@ Gates (every rank, every attempt), for tests that must act while training is at 
                                        until the test removes pause-at-N or the rank is asked
                                        to stop (SIGTERM: torchrun restarts the group for a
                                        joining node), at most 120 s
+                                       DIR/pause-fetch-at-N: the same, inside the fetch of the
+                                       next step's batches (the loader's next batch not yet
+                                       taken), writing DIR/paused-fetch-at-N-rank-R: a stop
+                                       signal lands while the trainer waits for data
+                                       DIR/block-fetch-at-N: as pause-fetch, but a stop signal
+                                       does not end the wait: data that does not come
 
 State probe (every rank, every attempt), for tests that compare what a resume loaded:
 
@@ -114,15 +120,32 @@ def _hold_or_die() -> None:
 GATES = os.environ.get("RESNET_TEST_FAULT_GATES", "")
 
 
-def _gate(trainer) -> None:
-    pause = Path(GATES) / f"pause-at-{trainer.progress.step}"
+def _gate(trainer, name: str = "pause-at", signal_ends: bool = True) -> None:
+    pause = Path(GATES) / f"{name}-{trainer.progress.step}"
     if not pause.exists():
         return
     rank = os.environ.get("RANK", "0")
-    (Path(GATES) / f"paused-at-{trainer.progress.step}-rank-{rank}").write_text(str(os.getpid()))
+    paused = "paused-" + name.split("-", 1)[1]  # what the test waits for
+    (Path(GATES) / f"{paused}-{trainer.progress.step}-rank-{rank}").write_text(str(os.getpid()))
     deadline = time.monotonic() + HOLD_LIMIT_S
-    while pause.exists() and not trainer.stop.signum and time.monotonic() < deadline:
+    while pause.exists() and not (signal_ends and trainer.stop.signum) and \
+            time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+_TRAINER = []  # the process's trainer, once it resumed (the feed's gates read its step)
+
+
+def _patch_feed(module) -> None:
+    real_pull = module.DeviceFeed._pull
+
+    def _pull(self, source):
+        if _TRAINER:
+            _gate(_TRAINER[0], "pause-fetch-at")
+            _gate(_TRAINER[0], "block-fetch-at", signal_ends=False)
+        return real_pull(self, source)
+
+    module.DeviceFeed._pull = _pull
 
 
 SAVE_AFTER_RESUME = os.environ.get("RESNET_TEST_SAVE_AFTER_RESUME", "")
@@ -133,6 +156,7 @@ def _patch_trainer(module) -> None:
 
     def resume(self):
         real_resume(self)
+        _TRAINER[:] = [self]
         if SAVE_AFTER_RESUME:
             self.engine.accelerator.save_state(SAVE_AFTER_RESUME)
 
@@ -283,6 +307,8 @@ _patches = {}
 if (AFTER_STEP is not None and not IN_CHECKPOINT) or GATES or SAVE_AFTER_RESUME or \
         INF_GRAD_AT is not None:
     _patches["resnet.train.trainer"] = _patch_trainer
+if GATES:
+    _patches["resnet.train.prefetch"] = _patch_feed
 if (AFTER_STEP is not None and IN_CHECKPOINT) or ENOSPC_AT is not None:
     _patches["accelerate.accelerator"] = _patch_save_state
 if STOP_AT_FENCE:

@@ -1,0 +1,102 @@
+"""A stop signal to the launcher's whole process group saves the step reached, whatever the
+loader's worker count and engine, and the same command resumes there, each sample once.
+
+torchrun, srun, systemd and a terminal's Ctrl-C signal a whole process group; torchrun passes
+the signal on to each worker's process group, which holds the worker's loader processes (the
+forkserver and its DataLoader workers). Both ranks are held after step 3 by the test-only gates
+(tests/fault_shim), and no checkpoint is due by the step count, so the one found is the
+signal's:
+
+- held while fetching step 4's batches (the common case: a signal lands while the trainer waits
+  for data): the loader workers must survive the signal to hand them over; step 4 trains, then
+  the checkpoint;
+- held inside step 4 with the fetch after it blocked for good (data that does not come): the
+  stop must not need more data; step 4 trains, then the checkpoint.
+
+The 2-worker DeepSpeed SIGTERM case, bit for bit against the uninterrupted run, is
+tests/test_fault_tolerance.py's test_sigterm_writes_a_checkpoint_and_the_next_start_resumes_from_it;
+the one-process Ctrl-C cases are there too.
+"""
+from __future__ import annotations
+
+import re
+import signal
+import sys
+
+import pytest
+
+import trainutil as tu
+
+from resnet.train.audit import audit_files
+
+pytestmark = pytest.mark.slow
+
+REACHED = 4  # held after step 3 and signalled: step 4 trains, then the checkpoint
+
+
+@pytest.mark.parametrize("engine, workers, sig, held", [
+    ("ddp", 4, signal.SIGTERM, "fetching"),
+    ("deepspeed", 0, signal.SIGINT, "no more data"),
+], ids=["ddp-4-workers-SIGTERM-while-fetching", "deepspeed-0-workers-SIGINT-no-more-data"])
+def test_a_stop_signal_to_torchruns_group_saves_the_step_reached_and_resumes_there(
+        tmp_path_factory, tmp_path, engine, workers, sig, held):
+    data = tu.shared_data(tmp_path_factory)
+    run_dir, gates = tmp_path / "run", tmp_path / "gates"
+    gates.mkdir()
+    if held == "fetching":
+        (gates / "pause-fetch-at-3").touch()
+        paused = "paused-fetch-at-3-rank-*"
+    else:
+        (gates / "pause-at-3").touch()
+        (gates / f"block-fetch-at-{REACHED}").touch()
+        paused = "paused-at-3-rank-*"
+    cmd = tu.torchrun_cmd(2, *tu.overrides(data, run_dir, "train.epochs=1",
+                                           f"deepspeed.engine={engine}",
+                                           f"data.workers={workers}", val=False))
+    launch = tu.Launch(cmd, tmp_path / "log.txt", RESNET_TEST_FAULT_GATES=str(gates))
+    try:
+        tu.wait_for(lambda: len(list(gates.glob(paused))) == 2, tu.RUN_TIMEOUT_S,
+                    f"both ranks held after step 3, {held}", [launch])
+        launch.signal_group(sig)
+        launch.wait(120)
+    finally:
+        launch.stop()
+    out = launch.output()
+    stopped = re.findall(rf"stopped by signal {int(sig)} at step (\d+); checkpoint saved", out)
+    assert stopped == [str(REACHED)] * 2, out[-4000:]  # each rank says so once
+    assert "exited unexpectedly" not in out
+    name = f"step-{REACHED:09d}"
+    assert tu.checkpoints(run_dir) == [name] and tu.latest(run_dir) == name
+    assert tu.trainer_state(run_dir / "checkpoints" / name)["progress"]["step"] == REACHED
+
+    code, out = tu.run(cmd, tmp_path / "log2.txt")
+    assert code == 0, out[-4000:]
+    assert tu.resumed_from(out) == [name]
+    first, second = audit_files(run_dir).values()
+    assert _steps(first) == list(range(1, REACHED + 1))  # nothing trained after the save ...
+    assert _steps(second)[0] == REACHED + 1  # ... and the resumed run starts right after it
+    assert list(tu.read_audit(run_dir)) == list(range(1, 11))
+    tu.assert_each_sample_once(tmp_path, run_dir, epochs=1)
+
+
+def _steps(rank_files: list) -> list[int]:
+    """The steps one start trained (rank 0's audit file), in order."""
+    lines = rank_files[0].read_text().splitlines()
+    return sorted({int(line.split('"step": ')[1].split(",")[0]) for line in lines})
+
+
+def test_a_process_that_fails_with_its_loader_workers_running_still_exits(tmp_path_factory,
+                                                                          tmp_path):
+    """The loader workers ignore SIGTERM, and multiprocessing's exit handler ends daemon
+    children with SIGTERM, then joins them: a process that fails with an epoch's iterator
+    alive (a trainer whose peer was lost) would wait forever. It exits."""
+    data = tu.shared_data(tmp_path_factory)
+    script = (f"from resnet.data.stream import AugmentParams, ShardLoader\n"
+              f"loader = ShardLoader({str(data)!r}, 'train', rank=0, world_size=1, "
+              f"batch_size=4, global_batch=4, workers=2, seed=0, train=True, "
+              f"augment=AugmentParams(image_size=32))\n"
+              f"batches = iter(loader)\n"
+              f"next(batches)\n"
+              f"raise RuntimeError('a lost peer')\n")
+    code, out = tu.run([sys.executable, "-c", script], tmp_path / "log.txt", timeout=90)
+    assert code == 1 and "RuntimeError: a lost peer" in out, out[-3000:]
