@@ -241,9 +241,9 @@ def test_keep_1_with_a_mirror_does_not_prune_the_checkpoint_being_uploaded(tmp_p
 
     real, uploaded = storage.upload_dir, []
 
-    def slow_upload(local: str, url: str) -> dict:
+    def slow_upload(local: str, url: str, **options) -> dict:
         time.sleep(0.5)  # the next checkpoint is saved (and pruning runs) meanwhile
-        files = real(local, url)
+        files = real(local, url, **options)
         uploaded.append(Path(url).name)
         return files
 

@@ -114,10 +114,31 @@ def test_a_local_folder_mirror_refuses_links_and_backslashes(tmp_path):
 
 # ------------------------------------------------------------------ item 5: completion marker
 
+def _killed_upload(monkeypatch, ckpt: CheckpointManager, mirror: Path, step: int, call: str,
+                   dies) -> None:
+    """Save `step` without handing it to the mirror, then upload it with `storage.<call>`
+    killing the process (KeyboardInterrupt) at the first call whose arguments `dies` accepts."""
+    monkeypatch.setattr(Mirror, "submit", lambda self, checkpoint: None)
+    checkpoint = ckpt.save(step)
+    monkeypatch.undo()
+    real = getattr(storage, call)
+
+    def killed(*args):
+        if dies(*args):
+            raise KeyboardInterrupt(f"killed in storage.{call}")
+        return real(*args)
+
+    monkeypatch.setattr(storage, call, killed)
+    with pytest.raises(KeyboardInterrupt):
+        Mirror(str(mirror), keep=ckpt.keep)._upload(checkpoint)
+    monkeypatch.undo()
+
+
 def test_a_killed_upload_is_never_latest_and_pruning_keeps_the_complete_ones(tmp_path,
                                                                           monkeypatch):
-    """keep=2: steps 1 and 2 mirrored; step 3's upload is killed after its state file (which
-    goes first: top-level files before pytorch_model/); step 4 mirrored. The mirror keeps the
+    """keep=2: steps 1 and 2 mirrored; step 3's upload is killed after its first tensor file
+    (trainer_state.json goes last, so the partial cannot pass for a legacy checkpoint); step 4
+    mirrored. The mirror keeps the
     complete steps 2 and 4, and `latest` never named step 3."""
     mirror = tmp_path / "mirror"
     ckpt = _manager(tmp_path / "run", str(mirror), keep=2, acc=StubAccelerator(files=3))
@@ -125,22 +146,11 @@ def test_a_killed_upload_is_never_latest_and_pruning_keeps_the_complete_ones(tmp
     for step in (1, 2):
         ckpt.save(step)
         assert ckpt.close() is True
-    monkeypatch.setattr(Mirror, "submit", lambda self, checkpoint: None)
-    step3 = ckpt.save(3)
-    monkeypatch.undo()
-    real_upload = storage.upload_file
-
-    def killed(local, url):  # the process dies at the first tensor file
-        if "pytorch_model" in url:
-            raise KeyboardInterrupt("killed mid-upload")
-        return real_upload(local, url)
-
-    monkeypatch.setattr(storage, "upload_file", killed)
-    with pytest.raises(KeyboardInterrupt):
-        Mirror(str(mirror), keep=2)._upload(step3)
-    monkeypatch.undo()
+    _killed_upload(monkeypatch, ckpt, mirror, 3, "upload_file",  # dies at the second tensor
+                   lambda local, url: "pytorch_model" in url and "tensor-000" not in url)
     assert (mirror / "latest").read_text() == "step-000000002"
-    assert (mirror / "step-000000003" / "trainer_state.json").is_file()
+    assert (mirror / "step-000000003" / "pytorch_model" / "tensor-000.bin").is_file()
+    assert not (mirror / "step-000000003" / "trainer_state.json").exists()  # it goes up last
     ckpt.save(4)
     assert ckpt.close() is True
     assert sorted(p.name for p in mirror.glob("step-*")) == ["step-000000002", "step-000000004"]

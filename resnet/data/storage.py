@@ -339,19 +339,23 @@ def remove(url: str, missing_ok: bool = True) -> None:
         raise FileNotFoundError(f"no such file: {url}")
 
 
-def upload_dir(local_dir: str, url: str) -> dict[str, int]:
-    """Copy a local directory tree to ``url`` (files only; existing objects are overwritten).
+def upload_dir(local_dir: str, url: str, last: str | None = None) -> dict[str, int]:
+    """Copy a local directory tree to ``url`` (files only; existing objects are overwritten),
+    the file at relative key ``last`` (if any) after every other one.
     Returns what was uploaded: {relative key: size in bytes}."""
     if not os.path.isdir(local_dir):
         raise FileNotFoundError(f"no such directory to upload: {local_dir}")
-    uploaded = {}
+    pending = []
     for dirpath, _, files in os.walk(local_dir):
         rel = os.path.relpath(dirpath, local_dir)
         for name in sorted(files):
-            parts = [p for p in rel.split(os.sep) if p not in ("", ".")] + [name]
-            path = os.path.join(dirpath, name)
-            uploaded["/".join(parts)] = os.path.getsize(path)
-            upload_file(path, join(url, *parts))
+            key = "/".join([p for p in rel.split(os.sep) if p not in ("", ".")] + [name])
+            pending.append((key, os.path.join(dirpath, name)))
+    pending.sort(key=lambda item: item[0] == last)  # stable: `last` goes last
+    uploaded = {}
+    for key, path in pending:
+        uploaded[key] = os.path.getsize(path)
+        upload_file(path, join(url, *key.split("/")))
     return uploaded
 
 

@@ -384,6 +384,8 @@ class CheckpointManager:
         if read_marker(self.mirror, name) is not None:
             return name
         complete = complete_on_mirror(self.mirror)
+        if name in complete:  # a legacy checkpoint: _restore says so
+            return name
         if not complete:
             raise CheckpointError(f"{pointer} names {name}, whose upload never finished (no "
                                   f"{self.mirror}/{name}/mirror-complete.json), and no "
@@ -394,14 +396,21 @@ class CheckpointManager:
 
     def _restore(self, name: str) -> None:
         """Download the mirror's copy of `name` onto this node's disk: into a folder of this
-        process's own, checked against the mirror's marker (every file, its size), renamed."""
+        process's own, checked against the mirror's marker (every file, its size; a legacy
+        checkpoint, mirror.complete_on_mirror: its trainer_state.json), renamed."""
         from resnet.data import storage
-        from resnet.train.mirror import MARKER, read_marker
+        from resnet.train.mirror import MARKER, complete_on_mirror, read_marker
 
         marker = read_marker(self.mirror, name)
-        if marker is None:
+        if marker is None and name not in complete_on_mirror(self.mirror):
             raise CheckpointError(f"mirrored checkpoint {self.mirror}/{name} is incomplete "
                                   f"(no {MARKER}): its upload never finished")
+        if marker is None:
+            print(f"[checkpoint] warning: {self.mirror}/{name} has no {MARKER}: restoring it "
+                  f"as a checkpoint the previous release mirrored (it holds {STATE_FILE} and "
+                  f"was written before every marked one); its file sizes cannot be checked",
+                  flush=True)
+            marker = {"files": {}}
         tmp = self.dir / f"{TMP_PREFIX}{name}.{unique_suffix()}"
         try:
             storage.download_dir(storage.join(self.mirror, name), str(tmp))
@@ -413,7 +422,7 @@ class CheckpointManager:
                     f"restoring {self.mirror}/{name}: {len(wrong)} of the "
                     f"{len(marker['files'])} files its {MARKER} lists did not arrive whole, "
                     f"e.g. {', '.join(wrong[:3]) or STATE_FILE}")
-            (tmp / MARKER).unlink()  # the mirror's record; an upload from here writes its own
+            (tmp / MARKER).unlink(missing_ok=True)  # the mirror's; an upload writes its own
             _fsync_tree(tmp)
             shutil.rmtree(self.dir / name, ignore_errors=True)  # an incomplete local copy
             os.replace(tmp, self.dir / name)

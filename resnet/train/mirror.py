@@ -10,7 +10,10 @@ is pruned to the same keep-K as the local folder, in the order the checkpoints w
 A checkpoint is complete on the mirror once its marker (`MARKER`: every file's name and size,
 and the order it was written in) is there; the marker goes up after every file and before
 `latest`, so a killed upload is never `latest`, never restored, and pruned before any complete
-checkpoint.
+checkpoint. Checkpoints the previous release mirrored carry no marker; one counts as complete
+(`legacy`) when it holds trainer_state.json (that release's rule) and was written before every
+marked checkpoint. An upload of this version can never look like one: it removes the marker,
+then trainer_state.json, and puts trainer_state.json back only after every other file.
 At the end of the run `close` waits, at most `wait_s`, for the last upload, and says so if it
 could not finish: training itself never fails because of the mirror.
 """
@@ -44,21 +47,49 @@ def read_marker(url: str, name: str) -> dict | None:
     return marker
 
 
+def legacy_order(url: str, name: str) -> int | None:
+    """The write order of an unmarked checkpoint `name` if it holds trainer_state.json, the
+    previous release's evidence of a complete upload (None: it does not)."""
+    from resnet.data import storage
+    from resnet.train.checkpoint import ORDER, STATE_FILE
+
+    state_url = storage.join(url, name, STATE_FILE)
+    try:
+        state = json.loads(storage.read_bytes(state_url))
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        raise storage.StorageError(f"{state_url} is not valid JSON: {exc}") from None
+    order = state.get(ORDER, 0) if isinstance(state, dict) else None
+    if not isinstance(order, int):
+        raise storage.StorageError(f"{state_url}: {ORDER!r} is not a whole number: {order!r}")
+    return order
+
+
 def complete_on_mirror(url: str, markers: dict | None = None) -> list[str]:
-    """The complete checkpoints on the mirror, in the order they were written. `markers`
+    """The complete checkpoints on the mirror, in the order they were written: the marked
+    ones, and the legacy ones (unmarked, with trainer_state.json, written before every marked
+    one: uploaded by the previous release, before this version marked anything). `markers`
     (name -> marker) caches what was read before."""
     from resnet.data import storage
     from resnet.train.checkpoint import NAME, step_of
 
     markers = {} if markers is None else markers
-    complete = []
+    orders, unmarked = {}, []
     for name in storage.listdir(url) if storage.exists(url) else []:
         if NAME.fullmatch(name):
             marker = markers.get(name) or read_marker(url, name)
-            if marker is not None:
-                markers[name] = marker
-                complete.append(name)
-    return sorted(complete, key=lambda n: (int(markers[n].get("written", 0)), step_of(n)))
+            if marker is None:
+                unmarked.append(name)
+                continue
+            markers[name] = marker
+            orders[name] = int(marker.get("written", 0))
+    first_marked = min(orders.values(), default=None)
+    for name in unmarked:
+        order = legacy_order(url, name)
+        if order is not None and (first_marked is None or order < first_marked):
+            orders[name] = order
+    return sorted(orders, key=lambda n: (orders[n], step_of(n)))
 
 
 class Mirror:
@@ -158,13 +189,16 @@ class Mirror:
 
     def _upload(self, checkpoint: Path) -> bool:
         from resnet.data import storage
-        from resnet.train.checkpoint import LATEST, step_of, written_key
+        from resnet.train.checkpoint import LATEST, STATE_FILE, step_of, written_key
 
         self.fence(f"uploading {checkpoint.name} to {self.url}")
         remote = storage.join(self.url, checkpoint.name)
         try:
             storage.remove(storage.join(remote, MARKER))  # re-uploaded: partial until done
-            files = storage.upload_dir(str(checkpoint), remote)
+            # Until every file is up, no trainer_state.json either: with it and no marker, a
+            # partial upload would look like a complete one of the previous release.
+            storage.remove(storage.join(remote, STATE_FILE))
+            files = storage.upload_dir(str(checkpoint), remote, last=STATE_FILE)
             marker = {"files": files, "written": written_key(checkpoint)[0]}
             storage.write_bytes(storage.join(remote, MARKER), json.dumps(marker).encode())
             storage.write_bytes(storage.join(self.url, LATEST), checkpoint.name.encode())
