@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from resnet.data.nvjpeg import check_deterministic
 from resnet.train.evaluate import batch_images
 
 
@@ -24,6 +25,7 @@ class DeviceFeed:
                  lookahead: Optional[bool] = None) -> None:
         """`lookahead`: read one batch ahead (default: on CUDA, where the copy overlaps)."""
         self.loader, self.device = loader, torch.device(device)
+        check_deterministic(loader.decode, self.device)  # before any work
         cuda = self.device.type == "cuda"
         self.lookahead = cuda if lookahead is None else lookahead
         self.stream = torch.cuda.Stream(self.device) if cuda else None
@@ -75,10 +77,14 @@ class DeviceFeed:
         return moved, state, ready
 
     def _to_device(self, batch):
-        images = batch_images(batch, self.device, self.loader.augment)  # the epoch's size
-        labels = batch.labels.to(self.device, non_blocking=True)
-        return dataclasses.replace(batch, images=images, labels=labels, jpegs=None, boxes=None,
-                                   flips=None)
+        images, kept = batch_images(batch, self.device, self.loader.augment)  # epoch's size
+        labels, keys, skipped = batch.labels, batch.keys, batch.skipped
+        if kept is not None:  # JPEGs no decoder reads: left out and counted, as on the CPU
+            labels, keys = labels[kept], [keys[i] for i in kept]
+            skipped += len(batch) - len(kept)
+        return dataclasses.replace(batch, images=images, keys=keys, skipped=skipped,
+                                   labels=labels.to(self.device, non_blocking=True),
+                                   jpegs=None, boxes=None, flips=None)
 
     def _use(self, batch, ready):
         if ready is not None:  # the compute stream waits for the copy, on the device
