@@ -279,6 +279,7 @@ def create_engine(cfg: Config, layout: MicroLayout, load_universal: bool = False
         project_dir=cfg.run.dir,
         step_scheduler_with_optimizer=False,
     )
+    tune_cudnn()
     control = None
     if accelerator.num_processes > 1:
         control = torch.distributed.new_group(backend="gloo")
@@ -291,6 +292,13 @@ def create_engine(cfg: Config, layout: MicroLayout, load_universal: bool = False
         precision=cfg.train.precision,
         control_group=control,
     )
+
+
+def tune_cudnn() -> None:
+    """cuDNN autotuning (it times the convolution algorithms once per input shape and keeps the
+    fastest), except where deterministic algorithms are asked for: it may pick another
+    algorithm from run to run."""
+    torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
 
 
 def check_distributed(accelerator) -> None:
