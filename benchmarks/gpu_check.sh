@@ -249,7 +249,7 @@ print(f"end-to-end from shards (run A, deterministic cuDNN, steps {rows[0]['step
 EOF
 
 # The headline: the DeepSpeed step resnet train runs against the plain compiled step.
-"$PY" - "$OUT/bench_train.json" > "$OUT/headline.txt" 2>&1 <<'EOF'
+"$PY" - "$OUT/bench_train.json" > "$OUT/headline.txt" 2>&1 <<'EOF' || failed+=("headline")
 import json, sys
 try:
     rows = {r["config"]: r for r in json.load(open(sys.argv[1]))["results"] if "error" not in r}

@@ -46,8 +46,6 @@ def main(run_dir: str, *overrides: str) -> None:
     T.train(load_config([], [f"run.dir={run_dir}", "train.compile=true",
                              "train.compile_backend=counting_eager", *overrides]))
     print("COMPILE_COUNTS " + json.dumps(seen), flush=True)
-    print("DYNAMO_COUNTERS " + json.dumps({k: dict(v) for k, v in counters.items()},
-                                          default=str), flush=True)
 
 
 if __name__ == "__main__":
