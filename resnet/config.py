@@ -66,6 +66,9 @@ class TrainConfig:
     log_every_steps: int = 10
     compile: bool = False  # torch.compile the model (in place: checkpoint keys unchanged)
     compile_backend: str = "inductor"  # any torch.compile backend (eager: to debug)
+    # At start, the largest micro-batch up to batch_size that fits the device (halving on out
+    # of memory; the ranks take the smallest); the global batch is kept by accumulation
+    auto_batch_size: bool = False
 
 
 @dataclass

@@ -1,6 +1,10 @@
 """Run by tests/test_sync_free.py in a process of its own (one Accelerator per process):
 train a few steps in-process and count, from the third step's start to the next log step,
-every call that forces a host-device sync on CUDA. Prints one JSON line: the call sites.
+every call that forces a host-device sync on CUDA: a tensor's value read on the host
+(.item(), .tolist(), .cpu(), bool(), torch.tensor(..., device=...)) and device-wide
+synchronisations (torch.cuda.synchronize, DeepSpeed's accelerator synchronize, which its
+throughput timer calls; on a CPU both are counted although they do nothing there). Prints one
+JSON line: the call sites.
 
     python tests/sync_count_helper.py RUN_DIR key=value ...
 """
@@ -12,6 +16,7 @@ import sys
 import traceback
 
 import torch
+from deepspeed.accelerator import get_accelerator
 
 from resnet.config import load_config
 from resnet.train import trainer as T
@@ -29,9 +34,11 @@ CALLS: list[str] = []
 
 
 def _site() -> str:
-    frames = [f for f in traceback.extract_stack()[:-2] if "/resnet/" in f.filename]
-    return f"{frames[-1].filename.split('/resnet/', 1)[-1]}:{frames[-1].lineno}" if frames \
+    stack = traceback.extract_stack()[:-2]
+    frames = [f for f in stack if "/resnet/" in f.filename]
+    here = f"{frames[-1].filename.split('/resnet/', 1)[-1]}:{frames[-1].lineno}" if frames \
         else "outside resnet"
+    return f"{here} (innermost {stack[-1].filename.rsplit('/', 2)[-1]}:{stack[-1].lineno})"
 
 
 def _counted(name, real):
@@ -46,6 +53,11 @@ def main(run_dir: str, *overrides: str) -> None:
     for name in ("item", "tolist", "cpu"):
         setattr(torch.Tensor, name, _counted(f"Tensor.{name}", getattr(torch.Tensor, name)))
     torch.tensor = _counted("torch.tensor", torch.tensor)
+    torch.Tensor.__bool__ = _counted("Tensor.__bool__", torch.Tensor.__bool__)
+    torch.cuda.synchronize = _counted("torch.cuda.synchronize", torch.cuda.synchronize)
+    accelerator = get_accelerator()  # DeepSpeed's singleton: its timers call this instance
+    accelerator.synchronize = _counted("deepspeed accelerator synchronize",
+                                       accelerator.synchronize)
     real_step, real_log = T.Trainer.train_step, T.Trainer._log_train
 
     def train_step(self, *args, **kwargs):

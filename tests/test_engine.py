@@ -63,7 +63,9 @@ def test_shipped_deepspeed_jsons_load():
         assert autos(shipped) and not autos(ds)
         assert ds["train_batch_size"] == 48
         for key, value in shipped.items():
-            if value != "auto":
+            if isinstance(value, dict):  # its entries survive (ours may be added: no syncs)
+                assert ds[key].items() >= value.items(), key
+            elif value != "auto":
                 assert ds[key] == value, key
 def test_a_key_only_in_the_json_is_what_runs(tmp_path):
     path = tmp_path / "ds.json"

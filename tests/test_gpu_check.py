@@ -1,31 +1,64 @@
-"""benchmarks/gpu_check.sh in its tiny CPU mode: every step of the GPU check works end to end.
+"""benchmarks/gpu_check.sh: its plan fits the budget, and in its tiny CPU mode every step works.
 
-The GPU check runs once, on a machine lent for minutes; a broken step there wastes the loan.
-Tiny mode runs the same steps (generate + pack, `resnet bench train` synthetic and end to end,
-two torchrun trainings with the audit on, one killed mid-epoch by the fault hook and restarted,
-compare_runs, a compiled configuration) on a CPU with tiny sizes in about 2.5 minutes, and on a
+The GPU check runs once, on a machine lent for minutes; a broken step there wastes the loan,
+and a phase cut by the budget leaves its check "not determined". The dry run (no work) checks
+the plan: the phases, their caps within the budget with margin, end-to-end rows inside one
+epoch. Tiny mode runs the same steps (generate + pack, crop check, sync check, `resnet bench
+train` synthetic and end to end, two torchrun trainings with the audit on, one killed
+mid-epoch by the fault hook and restarted, compare_runs) on a CPU with tiny sizes, and on a
 CPU the resume must be bitwise exact.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+PHASES = ["imports", "generate", "pack", "crops", "syncs", "bench_train", "train_a", "train_b",
+          "compare"]
+
+
+def _script_env(tmp_path, **more) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RESNET_TEST_", "GPU_CHECK_", "ACCELERATE_", "WANDB_"))}
+    env.update(OUT=str(tmp_path / "out"), GPU_CHECK_WORK=str(tmp_path / "work"), **more)
+    return env
+
+
+def test_dry_run_plans_every_phase_within_the_budget(tmp_path):
+    result = subprocess.run(["bash", str(SCRIPT)], env=_script_env(tmp_path, GPU_CHECK_DRY="1"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    caps = dict(re.findall(r"^== (\w+) \(at most (\d+) s\)", result.stdout, re.M))
+    assert list(caps) == PHASES
+    total = sum(int(c) for c in caps.values())
+    assert total <= 480 - 45, caps  # one H100 run of 8 minutes, with margin
+    assert f"dry run: 9 phases, caps {total} s of the 480 s budget" in result.stdout
+    assert "--configs bf16_cl_compile,deepspeed_zero0 --e2e cpu,device" in result.stdout
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()  # ran nothing
+
+
+@pytest.mark.parametrize("setting,message", [
+    ({"GPU_CHECK_BUDGET_S": "400"}, "the phase caps add up to 430 s, more than the budget"),
+    ({"GPU_CHECK_IMAGES": "2000"}, "14 batches per end-to-end row, but one epoch of 2000 "
+                                   "images has 7: raise GPU_CHECK_IMAGES")])
+def test_a_plan_that_cannot_hold_is_refused_before_any_work(tmp_path, setting, message):
+    result = subprocess.run(["bash", str(SCRIPT)],
+                            env=_script_env(tmp_path, GPU_CHECK_DRY="1", **setting),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
 @pytest.mark.slow
 def test_tiny_gpu_check_runs_every_step_and_resume_is_exact(tmp_path):
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RESNET_TEST_", "GPU_CHECK_", "ACCELERATE_", "WANDB_"))}
-    env.update(GPU_CHECK_TINY="1", OUT=str(out), GPU_CHECK_WORK=str(tmp_path / "work"))
-    result = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
-                            timeout=400)
+    result = subprocess.run(["bash", str(SCRIPT)], env=_script_env(tmp_path, GPU_CHECK_TINY="1"),
+                            capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     summary = (out / "summary.txt").read_text()
     assert "all steps passed" in summary and "resume exact: yes" in summary
@@ -34,12 +67,15 @@ def test_tiny_gpu_check_runs_every_step_and_resume_is_exact(tmp_path):
     assert "final weights: " in compare and "bitwise identical" in compare
     assert "resumed from step-000000004" in (out / "train_b.log").read_text()
     bench = json.loads((out / "bench_train.json").read_text())["results"]
-    assert [r["config"] for r in bench] == ["fp32", "deepspeed_zero0", "e2e_cpu", "e2e_device"]
+    assert [r["config"] for r in bench] == ["bf16_cl_compile", "deepspeed_zero0", "e2e_cpu",
+                                            "e2e_device"]
     assert all(r["img_per_s"] > 0 for r in bench)
-    compiled = json.loads((out / "bench_compiled.json").read_text())["results"]
-    assert [r["config"] for r in compiled] == ["deepspeed_zero0_compile"]
     summary_rows = [line for line in summary.splitlines() if line.startswith("| ")]
-    assert len(summary_rows) == 6, summary  # the table's head and the 5 configurations
+    assert len(summary_rows) == 5, summary  # the table's head and the 4 configurations
+    assert summary.startswith("headline: deepspeed_zero0 ")
+    assert "x the plain compiled step (bf16_cl_compile" in summary.splitlines()[0]
+    assert re.search(r"^crop check: mean \|device - cpu\| [\d.]+ .*: ok$", summary, re.M)
+    assert re.search(r"^steady-state syncs: 0 in \d+ steps .*: ok$", summary, re.M)
     assert "img/s" in (out / "end_to_end.txt").read_text()
     # Only small files come back from a GPU machine: no images, shards or checkpoints in OUT.
     assert all(p.stat().st_size < 5_000_000 for p in out.rglob("*") if p.is_file())

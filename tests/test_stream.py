@@ -274,11 +274,11 @@ def test_device_decode_matches_cpu_shapes_and_content(shards):
     assert dev.images is None and dev.jpegs.dtype == torch.uint8 and dev.jpegs.dim() == 1
     assert dev.jpeg_offsets.tolist()[0] == 0 and len(dev.jpeg_offsets) == 5
     assert dev.jpeg_offsets[-1] == len(dev.jpegs) and dev.boxes.shape == (4, 4)
-    out = A.decode_on_device(dev, "cpu", AUG)
+    out, _ = A.decode_on_device(dev, "cpu", AUG)
     assert out.dtype == torch.uint8 and out.shape == cpu.images.shape
     assert (out.float() - cpu.images.float()).abs().mean() < 3
     train = next(iter(loader(shards, b=4, decode="device")))
-    assert A.decode_on_device(train, "cpu", AUG).shape == (4, 3, 16, 16)
+    assert A.decode_on_device(train, "cpu", AUG)[0].shape == (4, 3, 16, 16)
 
 
 def _device_batch(datas, p, train):
@@ -314,7 +314,7 @@ def test_device_decode_matches_the_cpu_path_at_realistic_sizes(train):
     p = AugmentParams(image_size=224)
     batch, cpu = _device_batch(_photos([(500, 375), (375, 500), (1200, 900), (64, 48)]), p,
                                train)
-    out = A.decode_on_device(batch, "cpu", p)
+    out, _ = A.decode_on_device(batch, "cpu", p)
     assert out.shape == cpu.shape == (5, 3, 224, 224) and out.dtype == torch.uint8
     per_image = (out.float() - cpu.float()).abs().mean(dim=(1, 2, 3))
     assert per_image.max() < 2.0, per_image  # same boxes, flips; antialiased either way
@@ -349,11 +349,11 @@ def test_device_decode_memory_is_bounded_by_the_output_not_the_largest_image(mon
         datas = _photos([(500, 375), (300, 200)]) + [synthetic.encode_jpeg(arr)]
         batch, cpu = _device_batch(datas, p, True)
         seen.clear()
-        out = A.decode_on_device(batch, "cpu", p)
+        out, _ = A.decode_on_device(batch, "cpu", p)
         assert max(seen) <= budget and len(seen) > 2  # the big crop went in bands
         peaks.append(max(seen))
         assert (out.float() - cpu.float()).abs().mean() < 2.0
-        whole = A.decode_on_device(batch, "cpu", p, budget=10 ** 9)  # one canvas for all
+        whole, _ = A.decode_on_device(batch, "cpu", p, budget=10 ** 9)  # one canvas for all
         assert (whole.float() - out.float()).abs().max() <= 1
     assert 4 * 3 * 3000 * 4000 > 100 * budget  # what the old canvas would have asked for
 

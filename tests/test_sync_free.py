@@ -114,15 +114,19 @@ def _count_syncs(data: Path, run_dir: Path, *more: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine,precision,decode", [
-    ("deepspeed", "bf16", "cpu"), ("ddp", "bf16", "cpu"), ("ddp", "fp32", "device")])
-def test_steady_state_steps_force_no_sync(tmp_path_factory, tmp_path, engine, precision,
+@pytest.mark.parametrize("engine,stage,precision,decode", [
+    ("deepspeed", 0, "bf16", "cpu"), ("deepspeed", 1, "bf16", "cpu"), ("ddp", 0, "bf16", "cpu"),
+    ("ddp", 0, "fp32", "device")])
+def test_steady_state_steps_force_no_sync(tmp_path_factory, tmp_path, engine, stage, precision,
                                           decode):
     """Steps 3-6 (two accumulated micro-batches each, up to the log at step 6): no .item(),
-    .tolist(), .cpu() or torch.tensor(..., device=...) anywhere in them."""
+    .tolist(), .cpu(), bool() or torch.tensor(..., device=...) anywhere in them, and no
+    device-wide synchronisation (torch.cuda.synchronize, DeepSpeed's accelerator synchronize:
+    its throughput timer, ZeRO-1/2's gradient-norm check)."""
     data = tu.shared_data(tmp_path_factory)
     result = _count_syncs(data, tmp_path / "run", f"deepspeed.engine={engine}",
-                          f"train.precision={precision}", f"data.decode={decode}")
+                          f"deepspeed.zero_stage={stage}", f"train.precision={precision}",
+                          f"data.decode={decode}")
     assert result["counted_to"] == 6
     assert result["calls"] == []
 

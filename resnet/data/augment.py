@@ -10,7 +10,7 @@ Two paths share the same boxes:
   and flip; batches hold uint8 images.
 - decode="device": workers only read each JPEG's header to draw its box and hand the batch's
   JPEGs over as one byte buffer; `decode_on_device` decodes the batch in one call (nvJPEG on
-  CUDA) and crops + resizes each box straight into the output with `roi_align`, in memory
+  CUDA; resnet/data/nvjpeg.py makes it safe and falls back per JPEG) and crops + resizes each box straight into the output with `roi_align`, in memory
   bounded by the output batch plus the decoded images. It runs on CPU too.
 """
 from __future__ import annotations
@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 from torchvision.transforms.v2 import functional as F
+
+from resnet.data.nvjpeg import decode_jpegs
 
 try:  # libjpeg-turbo with DCT scaling, in a small wheel; without it decode_jpeg does all
     import simplejpeg
@@ -325,9 +327,10 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device | str) -> 
 
 
 def decode_on_device(batch, device: torch.device | str, params: AugmentParams,
-                     budget: int | None = None) -> torch.Tensor:
+                     budget: int | None = None) -> tuple[torch.Tensor, list[int]]:
     """uint8 [n, 3, S, S] on `device` from a decode="device" batch (jpegs + jpeg_offsets,
-    boxes, flips), in memory bounded by the output batch plus the decoded images.
+    boxes, flips), in memory bounded by the output batch plus the decoded images, and the
+    indices of the batch's samples they are (all but those no decoder reads: nvjpeg.py).
 
     One batched decode (nvJPEG on CUDA, grayscale expanded to RGB), then each image's box is
     cropped and resized straight into the output by `roi_align` (sampling_ratio=0 averages
@@ -340,15 +343,15 @@ def decode_on_device(batch, device: torch.device | str, params: AugmentParams,
     from torchvision.ops import roi_align
 
     size = params.image_size
-    jpegs = unpack_jpegs(batch.jpegs, batch.jpeg_offsets)
-    n = len(jpegs)
+    images, kept = decode_jpegs(unpack_jpegs(batch.jpegs, batch.jpeg_offsets), device,
+                                lambda jpeg: decode(jpeg.numpy().tobytes()))
+    n = len(images)
     out = torch.empty(n, 3, size, size, dtype=torch.uint8, device=device)
     if n == 0:
-        return out
+        return out, kept
     budget = budget or n * 3 * size * size
-    images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
-    boxes = batch.boxes.numpy().tolist()  # host metadata from the workers: no device sync
-    flips = batch.flips.numpy().tolist()
+    boxes = batch.boxes[kept].numpy().tolist()  # host metadata from the workers: no sync
+    flips = batch.flips[kept].numpy().tolist()
     pieces = [p for i, im in enumerate(images)
               for p in _pieces(i, tuple(boxes[i]), im.shape[2], im.shape[1], size, budget)]
     whole = [p for p in pieces if p.r1 - p.r0 == size]
@@ -390,4 +393,4 @@ def decode_on_device(batch, device: torch.device | str, params: AugmentParams,
         run(group, size)
     for p in bands:  # crops larger than the budget, one band of output rows at a time
         run([p], p.r1 - p.r0)
-    return out
+    return out, kept

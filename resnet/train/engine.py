@@ -146,6 +146,7 @@ def deepspeed_config(cfg: Config, layout: MicroLayout) -> dict:
     ds.update(ours)
     ds.setdefault("steps_per_print", 10**9)  # we log ourselves
     ds.setdefault("zero_optimization", {})["stage"] = cfg.deepspeed.zero_stage
+    no_device_syncs(ds, cfg.train.grad_clip)
     for key in ("bf16", "fp16"):  # its module cast breaks BatchNorm: we use torch_autocast
         ds.pop(key, None)
     autocast = ds.pop("torch_autocast", None) or {}
@@ -156,6 +157,25 @@ def deepspeed_config(cfg: Config, layout: MicroLayout) -> dict:
         dtype = "bfloat16" if cfg.train.precision == "bf16" else "float16"
         ds["torch_autocast"] = {**autocast, "enabled": True, "dtype": dtype}
     return ds
+
+
+def no_device_syncs(ds: dict, grad_clip: float) -> None:
+    """Settings that keep DeepSpeed from stalling the host on the device every step (each
+    measured with tests/sync_count_helper.py); a user JSON that sets them explicitly wins.
+
+    - Its throughput timer (on by default, it only feeds a log line we never print) calls the
+      accelerator's synchronize() at each forward and each step: on CUDA a
+      torch.cuda.synchronize, which also waits for our prefetch stream (3 calls a step with
+      2 micro-batches). wall_clock_breakdown's timers synchronise too.
+    - ZeRO-1/2 compute the global gradient norm at each step and read it on the host
+      (`bool()` on a device tensor) even without clipping; with train.grad_clip=0 nobody uses
+      it (non-finite losses and weights are caught by resnet/train/finite.py)."""
+    ds.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)
+    ds.setdefault("wall_clock_breakdown", False)
+    zero = ds["zero_optimization"]
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none")
+    if not grad_clip and zero["stage"] in (1, 2) and offload in (None, "none"):
+        zero.setdefault("compute_grad_norm", False)
 
 
 def describe_running(model, engine: "Engine") -> str:
@@ -282,6 +302,7 @@ def create_engine(cfg: Config, layout: MicroLayout, load_universal: bool = False
         project_dir=cfg.run.dir,
         step_scheduler_with_optimizer=False,
     )
+    tune_cudnn()
     control = None
     if accelerator.num_processes > 1:
         control = torch.distributed.new_group(backend="gloo")
@@ -296,6 +317,13 @@ def create_engine(cfg: Config, layout: MicroLayout, load_universal: bool = False
         membership=liveness.join(cfg.dist, accelerator.process_index,
                                  accelerator.num_processes, control),
     )
+
+
+def tune_cudnn() -> None:
+    """cuDNN autotuning (it times the convolution algorithms once per input shape and keeps the
+    fastest), except where deterministic algorithms are asked for: it may pick another
+    algorithm from run to run."""
+    torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
 
 
 def check_distributed(accelerator) -> None:

@@ -41,14 +41,16 @@ def normalize(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.sub_(mean).div_(std)
 
 
-def batch_images(batch, device: torch.device, params) -> torch.Tensor:
+def batch_images(batch, device: torch.device, params) -> tuple[torch.Tensor, list[int] | None]:
     """The batch's uint8 images on the device: copied (data.decode=cpu: workers decoded them)
-    or decoded there from the JPEG bytes and crop boxes the workers handed over (=device)."""
+    or decoded there from the JPEG bytes and crop boxes the workers handed over (=device);
+    and the indices of the samples they are (None: all)."""
     from resnet.data.augment import decode_on_device
 
     if batch.images is not None:
-        return batch.images.to(device, non_blocking=True)
-    return decode_on_device(batch, device, params)
+        return batch.images.to(device, non_blocking=True), None
+    images, kept = decode_on_device(batch, device, params)
+    return images, (None if len(kept) == len(batch) else kept)
 
 
 @torch.no_grad()

@@ -1,29 +1,36 @@
-"""Batches on the device without a host-device sync: the next batch's copy (and, with
-data.decode=device, its decode and crops) runs on a side CUDA stream while the current step
-computes. On a CPU it degrades to a plain iterator.
+"""Batches on the device without a host-device sync: on CUDA a background thread pulls the
+next batches (reads them from the loader, and with data.decode=device decodes and crops them:
+nvJPEG's batched call blocks its host thread) and copies them on a side CUDA stream of its own
+while the training thread launches the current step. On a CPU it is a plain iterator.
 
 The loader's state moves when a batch leaves it, and this feed takes batches before the
-trainer uses them (one ahead on CUDA; the trainer itself fetches step k+1's micro-batches
-before it acts on step k's agreed stop/save, unless it has a stop signal). A checkpoint must record the batches the
-*trained* steps used, so the feed stands in for the loader in the checkpoint: `mark()` after
-each optimizer step records the loader's state as of the batches handed out so far, and
-`state_dict()` returns that marked state (the live one once an epoch's batches are all out).
+trainer uses them (up to two ahead on CUDA; the trainer itself fetches step k+1's
+micro-batches before it acts on step k's agreed stop/save, unless it has a stop signal). A
+checkpoint must record the batches the *trained* steps used, so the feed stands in for the
+loader in the checkpoint: `mark()` after each optimizer step records the loader's state as of
+the batches handed out so far, and `state_dict()` returns that marked state (the live one once
+an epoch's batches are all out).
 """
 from __future__ import annotations
 
 import dataclasses
+import queue
+import threading
 from typing import Iterator, Optional
 
 import torch
 
+from resnet.data.nvjpeg import check_deterministic
 from resnet.train.evaluate import batch_images
 
 
 class DeviceFeed:
     def __init__(self, loader, device: torch.device | str,
                  lookahead: Optional[bool] = None) -> None:
-        """`lookahead`: read one batch ahead (default: on CUDA, where the copy overlaps)."""
+        """`lookahead`: pull batches in a background thread (default: on CUDA, where the
+        decode and copy then overlap the step)."""
         self.loader, self.device = loader, torch.device(device)
+        check_deterministic(loader.decode, self.device)  # before any work
         cuda = self.device.type == "cuda"
         self.lookahead = cuda if lookahead is None else lookahead
         self.stream = torch.cuda.Stream(self.device) if cuda else None
@@ -45,17 +52,54 @@ class DeviceFeed:
     # -- iteration ------------------------------------------------------------------------
     def __iter__(self) -> Iterator:
         source = iter(self.loader)
-        ahead = self._pull(source)
-        while ahead is not None:
-            batch, state, ready = ahead
-            if self.lookahead:
-                ahead = self._pull(source)  # its copy runs while the caller computes `batch`
+        pulls = self._in_background(source) if self.lookahead else iter(
+            lambda: self._pull(source), None)
+        for batch, state, ready in pulls:
             self._handed = state
             yield self._use(batch, ready)
-            if not self.lookahead:
-                ahead = self._pull(source)
         # The epoch is out and the loader moved to the next one: checkpoints take its state.
         self._handed = self._marked = None
+
+    def _in_background(self, source) -> Iterator:
+        """`_pull` in a thread of its own, at most one finished pull waiting: the next batches
+        are read, decoded and copied while the caller computes. Its errors are raised here."""
+        items: queue.Queue = queue.Queue(maxsize=1)
+        stop = threading.Event()
+
+        def put(item) -> None:
+            while not stop.is_set():
+                try:
+                    return items.put(item, timeout=0.1)
+                except queue.Full:
+                    continue
+
+        def work() -> None:
+            try:
+                if self.stream is not None:
+                    torch.cuda.set_device(self.device)  # (a new thread starts on device 0)
+                while not stop.is_set():
+                    item = self._pull(source)
+                    put(("item", item))
+                    if item is None:
+                        return
+            except BaseException as exc:  # handed to the training thread, raised there
+                put(("error", exc))
+            finally:
+                source.close()  # the loader's workers stop with the iteration
+
+        thread = threading.Thread(target=work, name="resnet-feed", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, item = items.get()
+                if kind == "error":
+                    raise item
+                if item is None:
+                    return
+                yield item
+        finally:
+            stop.set()
+            thread.join()
 
     def _pull(self, source):
         """(batch on the device, the loader's state after it, ready event) or None at the end."""
@@ -75,10 +119,14 @@ class DeviceFeed:
         return moved, state, ready
 
     def _to_device(self, batch):
-        images = batch_images(batch, self.device, self.loader.augment)  # the epoch's size
-        labels = batch.labels.to(self.device, non_blocking=True)
-        return dataclasses.replace(batch, images=images, labels=labels, jpegs=None, boxes=None,
-                                   flips=None)
+        images, kept = batch_images(batch, self.device, self.loader.augment)  # epoch's size
+        labels, keys, skipped = batch.labels, batch.keys, batch.skipped
+        if kept is not None:  # JPEGs no decoder reads: left out and counted, as on the CPU
+            labels, keys = labels[kept], [keys[i] for i in kept]
+            skipped += len(batch) - len(kept)
+        return dataclasses.replace(batch, images=images, keys=keys, skipped=skipped,
+                                   labels=labels.to(self.device, non_blocking=True),
+                                   jpegs=None, boxes=None, flips=None)
 
     def _use(self, batch, ready):
         if ready is not None:  # the compute stream waits for the copy, on the device

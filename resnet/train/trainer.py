@@ -23,7 +23,7 @@ from resnet.data.stream import AugmentParams, ShardLoader
 from resnet.logs import RateLimitedLogger
 from resnet.model import build_model
 from resnet.progress import ProgressBar
-from resnet.train import universal
+from resnet.train import autobatch, universal
 from resnet.train.agreement import Agreement
 from resnet.train.audit import AuditLog, new_start_id
 from resnet.train.checkpoint import CheckpointError, CheckpointManager, read_state
@@ -409,4 +409,6 @@ def train(cfg: Config) -> Path:
     set_io_timeout_s(cfg.data.io_timeout_s)  # every read's retry deadline, workers included
     plan = preflight(cfg)  # bad input fails here, before any process group
     engine = create_engine(cfg, plan.layout, plan.load_universal)
+    if cfg.train.auto_batch_size:  # (needs the process group; before the engine wraps)
+        cfg, plan = autobatch.fit(cfg, plan, engine, RateLimitedLogger(engine.rank))
     return Trainer(cfg, plan, engine).fit()

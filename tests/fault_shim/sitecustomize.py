@@ -60,6 +60,12 @@ State probe (every rank, every attempt), for tests that compare what a resume lo
                                        any step, every rank writes accelerate's save_state into
                                        DIR (DeepSpeed: its shards at the new world size)
 
+Device memory (every rank, every attempt), for train.auto_batch_size:
+
+    RESNET_TEST_FAULT_OOM_ABOVE=R:N,...  on global rank R, a ResNet forward of more than N
+                                       images raises torch.OutOfMemoryError (a device that
+                                       fits N); a bare N applies to every rank
+
 W&B faults (wandb), RESNET_TEST_WANDB_FAULT:
 
     init      wandb.init raises (as an unreachable server or a bad setting would)
@@ -303,7 +309,35 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
+def _oom_limit() -> int | None:
+    rank = os.environ.get("RANK", "0")
+    for item in filter(None, os.environ.get("RESNET_TEST_FAULT_OOM_ABOVE", "").split(",")):
+        who, _, limit = item.rpartition(":")
+        if who in ("", rank):
+            return int(limit)
+    return None
+
+
+OOM_ABOVE = _oom_limit()
+
+
+def _patch_resnet_forward(module) -> None:
+    import torch
+
+    real_forward = module.ResNet.forward
+
+    def forward(self, x):
+        if x.shape[0] > OOM_ABOVE:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (fault shim: {x.shape[0]} images "
+                                         f"> {OOM_ABOVE})")
+        return real_forward(self, x)
+
+    module.ResNet.forward = forward
+
+
 _patches = {}
+if OOM_ABOVE is not None:
+    _patches["torchvision.models.resnet"] = _patch_resnet_forward
 if (AFTER_STEP is not None and not IN_CHECKPOINT) or GATES or SAVE_AFTER_RESUME or \
         INF_GRAD_AT is not None:
     _patches["resnet.train.trainer"] = _patch_trainer
