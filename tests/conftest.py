@@ -1,6 +1,7 @@
 """Shared fixtures: a real S3 API on loopback (moto's server) and small generated source trees."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -183,3 +184,14 @@ def _no_real_aws(monkeypatch):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+
+
+@pytest.fixture(autouse=True)
+def _product_logger_restored():
+    """A command run in-process (cli.main) configures the `resnet` logger for a terminal:
+    its own handler, propagation off. Later tests' caplog listens at the root, so each test
+    gets the logger back as it found it."""
+    logger = logging.getLogger("resnet")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
