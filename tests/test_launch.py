@@ -119,6 +119,7 @@ def test_elastic_dry_run(config):
     cmd = _command(_run("elastic.sh", config, "train.epochs=3", MIN_NODES="1", MAX_NODES="4",
                         RDZV_ENDPOINT="10.0.0.1:29400", NPROC_PER_NODE="8", RDZV_ID="job7"))
     assert cmd == ["env", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+                   "RESNET_JOB_STORE=10.0.0.1:29400",  # the heartbeats' store (c10d only)
                    "torchrun", "--nnodes", "1:4", "--nproc-per-node", "8", "--max-restarts", "3",
                    "--rdzv-backend", "c10d", "--rdzv-endpoint", "10.0.0.1:29400",
                    "--rdzv-id", "job7", "-m", "resnet.cli", "train", "--config", config,
@@ -126,6 +127,10 @@ def test_elastic_dry_run(config):
     cmd = _command(_run("elastic.sh", config, MIN_NODES="1", RDZV_ENDPOINT="h:1",
                         NPROC_PER_NODE="1", RDZV_CONF="last_call_timeout=5,join_timeout=60"))
     assert cmd[cmd.index("--rdzv-conf") + 1] == "last_call_timeout=5,join_timeout=60"
+    cmd = _command(_run("elastic.sh", config, MIN_NODES="1", RDZV_ENDPOINT="h:2379",
+                        NPROC_PER_NODE="1", RDZV_BACKEND="etcd-v2"))
+    assert "--rdzv-backend" in cmd and cmd[cmd.index("--rdzv-backend") + 1] == "etcd-v2"
+    assert not any(part.startswith("RESNET_JOB_STORE=") for part in cmd)
 
 
 def test_elastic_missing_and_bad_variables(config):
