@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from resnet.report import read_metrics
-from resnet.runfiles import METRICS_FILE
+from resnet.runfolder import METRICS_FILE
 from resnet.train.audit import audit_files
 from resnet.train.audit import read_audit as read_steps
 

@@ -23,7 +23,7 @@ from typing import IO
 from resnet import logs, progress
 from resnet.data import synthetic
 from resnet.data.format import MANIFEST_NAME
-from resnet.runfiles import CONSOLE_LOG, METRICS_FILE
+from resnet.runfolder import CONSOLE_LOG, METRICS_FILE
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 TAIL_LINES = 30  # of the log, shown when a command fails

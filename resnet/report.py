@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from resnet.runfiles import METRICS_FILE
+from resnet.runfolder import METRICS_FILE
 
 DEFAULT_PNG = "report.png"
 

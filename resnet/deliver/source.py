@@ -16,8 +16,7 @@ import torch
 from resnet.data import storage
 from resnet.data.augment import AugmentParams
 from resnet.model import ARCHS, ResNet, build_model
-from resnet.runfiles import METRICS_FILE
-from resnet.train.checkpoint import find_latest, read_state
+from resnet.runfolder import METRICS_FILE, find_latest, read_state
 from resnet.train.evaluate import (CLASSES_FILE, WEIGHTS_FILE, load_weights, run_config,
                                    run_dir_of)
 

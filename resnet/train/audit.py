@@ -163,7 +163,7 @@ def check_run(*run_dirs: Path) -> tuple[list[str], bool]:
     node-local folders: config, checkpoints and final/ are read where they are."""
     from resnet.config import load_config
     from resnet.data.format import load_manifest
-    from resnet.train.checkpoint import find_latest, read_state
+    from resnet.runfolder import find_latest, read_state
 
     run_dirs = tuple(Path(d) for d in run_dirs)
     usage = list(stream_usage(*run_dirs))  # a few numbers per epoch; keys one epoch at a time

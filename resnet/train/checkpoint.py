@@ -26,7 +26,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import secrets
 import shutil
 import socket
@@ -34,17 +33,12 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from resnet.runfolder import (CHECKPOINT_NAME, CHECKPOINT_PREFIX, LATEST, STATE_FILE,
+                              WRITTEN_ORDER, checkpoint_name, complete_checkpoints, find_latest,
+                              read_state, step_of, written_key)
 from resnet.train import diskspace, dswrites
 
-STATE_FILE = "trainer_state.json"
-LATEST = "latest"
-PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
-NAME = re.compile(r"step-\d{9}")  # what a checkpoint folder (and `latest`) may be called
-# In trainer_state.json: the checkpoint's place in the order of writing (1 + the highest on
-# disk). After a rollback a newer checkpoint can have a lower step than older ones: pruning
-# and the fallback for a missing `latest` go by this order, never by the step in the name.
-ORDER = "written"
 # Held (fcntl.lockf: POSIX locks, which NFS and EFS carry to every client) by the one process
 # restoring into this folder: nodes that share run.dir must not download into each other.
 RESTORE_LOCK = ".restore-lock"
@@ -59,10 +53,6 @@ class Stateful(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
-
-
-def checkpoint_name(step: int) -> str:
-    return f"{PREFIX}{step:09d}"
 
 
 def unique_suffix() -> str:
@@ -95,30 +85,12 @@ def _fsync_tree(folder: Path) -> None:
         _fsync(path)
 
 
-def read_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / STATE_FILE).read_text())
-
-
-def step_of(name: str) -> int:
-    return int(name[len(PREFIX):])
-
-
 def checked_name(name: str, where: str) -> str:
     """A checkpoint name read from outside (a mirror's `latest`): never a path of its own."""
-    if not NAME.fullmatch(name):
+    if not CHECKPOINT_NAME.fullmatch(name):
         raise CheckpointError(f"{where} names {name[:80]!r}, not a checkpoint "
                                  f"(step-NNNNNNNNN); refusing to use it")
     return name
-
-
-def written_key(checkpoint: Path) -> tuple[int, int]:
-    """Sort key: the order of writing (checkpoints without one, from older versions, first),
-    then the step."""
-    try:
-        order = int(read_state(checkpoint).get(ORDER, 0))
-    except (OSError, ValueError, AttributeError):
-        order = 0
-    return order, step_of(checkpoint.name)
 
 
 @contextmanager
@@ -129,24 +101,6 @@ def _restore_lock(directory: Path):
             yield
         finally:
             fcntl.lockf(handle, fcntl.LOCK_UN)
-
-
-def complete_checkpoints(directory: Path) -> list[Path]:
-    """The complete checkpoints in `directory`, in the order they were written."""
-    found = [p for p in directory.glob(f"{PREFIX}*")
-             if NAME.fullmatch(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=written_key)
-
-
-def find_latest(directory: Path) -> Path | None:
-    """The newest complete checkpoint: `latest` if valid, else the last one written."""
-    pointer = directory / LATEST
-    if pointer.is_file():
-        candidate = directory / pointer.read_text().strip()
-        if (candidate / STATE_FILE).is_file():
-            return candidate
-    complete = complete_checkpoints(directory)
-    return complete[-1] if complete else None
 
 
 class CheckpointManager:
@@ -244,8 +198,8 @@ class CheckpointManager:
     def _discard_newer_than(self, chosen: str) -> None:
         """Local checkpoints past the agreed one (written here, never mirrored) would be a fork
         of the run: the resumed run writes those steps again."""
-        for path in self.dir.glob(f"{PREFIX}*"):
-            if NAME.fullmatch(path.name) and step_of(path.name) > step_of(chosen):
+        for path in self.dir.glob(f"{CHECKPOINT_PREFIX}*"):
+            if CHECKPOINT_NAME.fullmatch(path.name) and step_of(path.name) > step_of(chosen):
                 print(f"[checkpoint] {path} is newer than {chosen}, which every node can load "
                       f"(from the mirror); removing it", flush=True)
                 shutil.rmtree(path, ignore_errors=True)
@@ -292,7 +246,7 @@ class CheckpointManager:
                 state = {name: part.state_dict() for name, part in self.parts.items()}
                 state.update(extra or {})
                 complete = complete_checkpoints(self.dir)  # in write order: the last is newest
-                state[ORDER] = 1 + (written_key(complete[-1])[0] if complete else 0)
+                state[WRITTEN_ORDER] = 1 + (written_key(complete[-1])[0] if complete else 0)
                 _write_atomic(tmp / STATE_FILE, json.dumps(state, indent=1))
             failed = None
         except Exception as exc:  # noqa: BLE001  (any failure: every rank must hear of it)
@@ -339,8 +293,8 @@ class CheckpointManager:
         # size) that remainder is off the boundary: optimizer steps would straddle our steps.
         self.accelerator.step = 0
         state = read_state(checkpoint)
-        if checkpoint.name.startswith(PREFIX) and checkpoint.name[len(PREFIX):].isdigit():
-            self._saved_step = int(checkpoint.name[len(PREFIX):])
+        if CHECKPOINT_NAME.fullmatch(checkpoint.name):
+            self._saved_step = step_of(checkpoint.name)
         for name, part in self.parts.items():
             if name in state:
                 part.load_state_dict(state[name])
@@ -371,7 +325,7 @@ class CheckpointManager:
 
         pointer = storage.join(self.mirror, LATEST)
         held = storage.exists(self.mirror) and any(
-            n == LATEST or NAME.fullmatch(n) for n in storage.listdir(self.mirror))
+            n == LATEST or CHECKPOINT_NAME.fullmatch(n) for n in storage.listdir(self.mirror))
         if held and not self.resume:
             raise CheckpointError(
                 f"checkpoint.mirror={self.mirror} already holds checkpoints and "

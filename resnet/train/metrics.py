@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import torch
 
 from resnet.logs import RateLimitedLogger, verbose
-from resnet.runfiles import METRICS_FILE
+from resnet.runfolder import METRICS_FILE
 
 RUN_ID_FILE = "wandb_run_id"
 WANDB_TRACKER = "wandb"

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Callable
 
 from resnet.logs import RateLimitedLogger
+from resnet.runfolder import (CHECKPOINT_NAME, LATEST, STATE_FILE, WRITTEN_ORDER, step_of,
+                              written_key)
 
 MARKER = "mirror-complete.json"  # {"files": {relative name: bytes}, "written": N}
 
@@ -51,7 +53,6 @@ def legacy_order(url: str, name: str) -> int | None:
     """The write order of an unmarked checkpoint `name` if it holds trainer_state.json, the
     previous release's evidence of a complete upload (None: it does not)."""
     from resnet.data import storage
-    from resnet.train.checkpoint import ORDER, STATE_FILE
 
     state_url = storage.join(url, name, STATE_FILE)
     try:
@@ -60,9 +61,9 @@ def legacy_order(url: str, name: str) -> int | None:
         return None
     except ValueError as exc:
         raise storage.StorageError(f"{state_url} is not valid JSON: {exc}") from None
-    order = state.get(ORDER, 0) if isinstance(state, dict) else None
+    order = state.get(WRITTEN_ORDER, 0) if isinstance(state, dict) else None
     if not isinstance(order, int):
-        raise storage.StorageError(f"{state_url}: {ORDER!r} is not a whole number: {order!r}")
+        raise storage.StorageError(f"{state_url}: {WRITTEN_ORDER!r} is not a whole number: {order!r}")
     return order
 
 
@@ -72,12 +73,11 @@ def complete_on_mirror(url: str, markers: dict | None = None) -> list[str]:
     one: uploaded by the previous release, before this version marked anything). `markers`
     (name -> marker) caches what was read before."""
     from resnet.data import storage
-    from resnet.train.checkpoint import NAME, step_of
 
     markers = {} if markers is None else markers
     orders, unmarked = {}, []
     for name in storage.listdir(url) if storage.exists(url) else []:
-        if NAME.fullmatch(name):
+        if CHECKPOINT_NAME.fullmatch(name):
             marker = markers.get(name) or read_marker(url, name)
             if marker is None:
                 unmarked.append(name)
@@ -113,14 +113,12 @@ class Mirror:
     # -- the training thread ----------------------------------------------------------------
     def note_mirrored(self, name: str) -> None:
         """The mirror already holds `name` (its `latest` at start)."""
-        from resnet.train.checkpoint import step_of
 
         with self._cv:
             self._mirrored_step = step_of(name)
 
     def submit(self, checkpoint: Path) -> None:
         """Upload `checkpoint` in the background, replacing any older one still waiting."""
-        from resnet.train.checkpoint import step_of
 
         with self._cv:
             self._waiting = checkpoint
@@ -189,7 +187,6 @@ class Mirror:
 
     def _upload(self, checkpoint: Path) -> bool:
         from resnet.data import storage
-        from resnet.train.checkpoint import LATEST, STATE_FILE, step_of, written_key
 
         self.fence(f"uploading {checkpoint.name} to {self.url}")
         remote = storage.join(self.url, checkpoint.name)
@@ -223,12 +220,11 @@ class Mirror:
         """Keep the `keep` complete checkpoints last written on the mirror (`newest` is among
         them); partial uploads (no marker: killed, or cut by an outage) go first."""
         from resnet.data import storage
-        from resnet.train.checkpoint import NAME
 
         complete = complete_on_mirror(self.url, self._markers)
         ordered = sorted(complete, key=lambda n: n == newest)  # stable: newest last
         partial = [n for n in storage.listdir(self.url)
-                   if NAME.fullmatch(n) and n not in complete and n != newest]
+                   if CHECKPOINT_NAME.fullmatch(n) and n not in complete and n != newest]
         for name in partial + ordered[:-self.keep]:
             storage.remove(storage.join(self.url, name))
             self._markers.pop(name, None)

@@ -14,8 +14,8 @@ from resnet.data.cache import CacheSettingError, check_settings
 from resnet.data.format import Manifest, ManifestError, load_manifest
 from resnet.data.plan import MicroLayout
 from resnet.model import ARCHS
+from resnet.runfolder import find_latest, read_state
 from resnet.train import liveness, universal
-from resnet.train.checkpoint import find_latest, read_state
 from resnet.train.engine import SetupError, launched_world_size, micro_layout
 
 
