@@ -122,6 +122,7 @@ def _add_verify(sub) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from resnet.checkpoint.errors import CheckpointError, ResumeError
     from resnet.config import ConfigError, explicit_keys, load_config
     from resnet.logs import RateLimitedLogger, rank_from_env
     from resnet.train.engine import SetupError
@@ -133,8 +134,7 @@ def _train(args: argparse.Namespace) -> int:
         if from_launcher:  # the first line says which settings the launcher chose
             RateLimitedLogger(rank_from_env()).info("from the launcher: "
                                                     + "; ".join(from_launcher))
-        from resnet.train.checkpoint import CheckpointError
-        from resnet.train.diskspace import CheckpointSpaceError
+        from resnet.checkpoint.diskspace import CheckpointSpaceError
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         from resnet.train.trainer import TrainingError, train
@@ -142,7 +142,7 @@ def _train(args: argparse.Namespace) -> int:
         # Library log lines print above the progress bar, not glued to its line.
         with logging_redirect_tqdm(loggers=[logging.root, logging.getLogger("DeepSpeed")]):
             final = train(cfg)
-    except (ConfigError, SetupError) as exc:
+    except (ConfigError, SetupError, ResumeError) as exc:  # bad input (before CheckpointError)
         print(f"resnet train: error: {exc}", file=sys.stderr)
         return 2
     except (TrainingError, CheckpointError, CheckpointSpaceError) as exc:

@@ -1,5 +1,5 @@
-"""Small bounds (issue 20, item 9): a tar member's size, the errors `_on_every_rank` gathers,
-`_write_atomic`'s temporary names, and the time one retried read may take."""
+"""Small bounds (issue 20, item 9): a tar member's size, the errors `on_every_rank` gathers,
+`write_atomic`'s temporary names, and the time one retried read may take."""
 from __future__ import annotations
 
 import io
@@ -13,7 +13,9 @@ import pytest
 
 from resnet.data import remote
 from resnet.data.shardio import ShardError, read_samples
-from resnet.train.checkpoint import CheckpointError, CheckpointManager, _write_atomic
+from resnet.checkpoint.errors import CheckpointError
+from resnet.checkpoint.files import write_atomic
+from resnet.checkpoint.manager import CheckpointManager
 
 
 def _shard_with_member_size(size: int) -> bytes:
@@ -85,7 +87,7 @@ def test_on_every_rank_gathers_any_exception_not_only_os_and_runtime_errors(tmp_
         raise botocore.exceptions.NoCredentialsError()
 
     with pytest.raises(CheckpointError, match="NoCredentialsError: Unable to locate credentials"):
-        manager._on_every_rank(no_credentials)
+        manager.on_every_rank(no_credentials)
     assert gathered and "NoCredentialsError" in gathered[0][1]
 
 
@@ -97,7 +99,7 @@ def test_write_atomic_from_many_writers_of_one_pid_never_collides(tmp_path):
     def writer(n: int) -> None:
         for i in range(50):
             try:
-                _write_atomic(target, f"step-{n:03d}{i:06d}")
+                write_atomic(target, f"step-{n:03d}{i:06d}")
             except OSError as exc:
                 errors.append(exc)
 

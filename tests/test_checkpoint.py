@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from resnet.data import storage
-from resnet.train.checkpoint import (STATE_FILE, CheckpointManager, CheckpointError,
-                                     find_latest)
+from resnet.checkpoint.errors import CheckpointError
+from resnet.checkpoint.manager import CheckpointManager
+from resnet.runfolder import STATE_FILE, find_latest
 
 
 class StubAccelerator:
@@ -111,7 +112,7 @@ def test_a_stale_latest_pointer_falls_back_to_the_newest_complete(tmp_path):
 
 
 def test_keep_must_be_positive(tmp_path):
-    with pytest.raises(ValueError, match="checkpoint.keep"):
+    with pytest.raises(CheckpointError, match="checkpoint.keep must be at least 1"):
         _manager(tmp_path, keep=0)
 
 
@@ -280,7 +281,7 @@ def test_load_restarts_the_micro_step_count_at_an_optimizer_step_boundary(tmp_pa
 def test_contents_reach_the_disk_before_the_checkpoint_becomes_visible(tmp_path, monkeypatch):
     import os
 
-    from resnet.train import checkpoint as ck
+    from resnet.checkpoint import files as ck
 
     events = []
     real_fsync, real_replace = os.fsync, os.replace
@@ -396,7 +397,7 @@ def test_a_mirror_pointer_that_is_not_a_checkpoint_name_is_refused(tmp_path, nam
 def test_a_full_disk_during_a_save_removes_the_partial_and_keeps_the_previous(tmp_path):
     import errno
 
-    from resnet.train.diskspace import CheckpointSpaceError
+    from resnet.checkpoint.diskspace import CheckpointSpaceError
 
     class FullAt4(StubAccelerator):
         def save_state(self, path: str) -> None:
@@ -419,7 +420,7 @@ def test_a_full_disk_during_a_save_removes_the_partial_and_keeps_the_previous(tm
 
 
 def test_a_disk_too_full_for_the_next_checkpoint_refuses_the_start(tmp_path, monkeypatch):
-    from resnet.train import diskspace
+    from resnet.checkpoint import diskspace
 
     ckpt, _, _ = _manager(tmp_path)
     ckpt.save(2)

@@ -15,8 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from resnet.data.shardio import ShardError, read_samples
-from resnet.train.checkpoint import CheckpointError, CheckpointManager
-from resnet.train.mirror import MARKER
+from resnet.checkpoint.errors import CheckpointError
+from resnet.checkpoint.manager import CheckpointManager
+from resnet.checkpoint.mirror import MARKER
 
 SAMPLES = {f"s{i:03d}": {"jpg": bytes([i]) * (300 + 200 * i), "cls": str(i).encode()}
            for i in range(4)}

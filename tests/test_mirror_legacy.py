@@ -3,10 +3,11 @@ restore and are kept by `checkpoint.keep` like complete ones, while an upload of
 that was cut off (no marker either) is still never restored, never `latest`, pruned first."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from resnet.train.checkpoint import checkpoint_name
-from resnet.train.mirror import MARKER
+from resnet.checkpoint.mirror import MARKER
+from resnet.runfolder import checkpoint_name
 from test_mirror_safety import StubAccelerator, _killed_upload, _manager, _mirrored_run
 
 
@@ -24,12 +25,13 @@ def _names(mirror: Path) -> list[str]:
 
 
 def test_a_legacy_mirror_restores_on_an_empty_disk_and_keep_prunes_it_in_order(tmp_path,
-                                                                              capsys):
+                                                                              caplog):
+    caplog.set_level(logging.INFO, logger="resnet")
     mirror = _legacy_mirror(tmp_path, steps=(1, 2, 3))
     ckpt = _manager(tmp_path / "node", str(mirror), keep=3)
     restored = ckpt.prepare()
     assert restored is not None and restored.name == checkpoint_name(3)
-    assert f"{mirror}/{checkpoint_name(3)} has no {MARKER}" in capsys.readouterr().out
+    assert f"{mirror}/{checkpoint_name(3)} has no {MARKER}" in caplog.text
     ckpt.save(4)
     assert ckpt.close() is True
     # keep=3 in the order written: only the oldest legacy one goes, not all three

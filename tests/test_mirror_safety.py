@@ -4,6 +4,7 @@ uploads, `checkpoint.resume=false` with a mirror, and the re-upload of what the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -13,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from resnet.data import storage
-from resnet.train.checkpoint import CheckpointError, CheckpointManager, checkpoint_name
-from resnet.train.mirror import MARKER, Mirror
+from resnet.checkpoint.errors import CheckpointError
+from resnet.checkpoint.manager import CheckpointManager
+from resnet.checkpoint.mirror import MARKER, Mirror
+from resnet.runfolder import checkpoint_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,14 +160,15 @@ def test_a_killed_upload_is_never_latest_and_pruning_keeps_the_complete_ones(tmp
     assert all((p / MARKER).is_file() for p in mirror.glob("step-*"))
 
 
-def test_a_latest_that_names_a_partial_upload_restores_the_newest_complete(tmp_path, capsys):
+def test_a_latest_that_names_a_partial_upload_restores_the_newest_complete(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="resnet")
     mirror = tmp_path / "mirror"
     _mirrored_run(tmp_path, str(mirror), steps=(5, 6))
     (mirror / checkpoint_name(6) / MARKER).unlink()  # as if killed before its marker
     (mirror / "latest").write_text(checkpoint_name(6))
     restored = _manager(tmp_path / "node", str(mirror)).prepare()
     assert restored is not None and restored.name == checkpoint_name(5)
-    assert "whose upload never finished" in capsys.readouterr().out
+    assert "whose upload never finished" in caplog.text
 
 
 def test_a_restore_missing_a_file_the_marker_lists_is_refused(tmp_path):
@@ -227,7 +231,7 @@ def test_the_lag_before_the_re_upload_finishes_counts_the_missing_steps(tmp_path
     restarted = _manager(run, str(mirror))
     restarted.prepare()
     assert restarted.mirror_metrics()["mirror_lag_steps"] == 5
-    assert {p.name for p in restarted._uploads.busy()} == {checkpoint_name(9)}
+    assert {p.name for p in restarted.mirror.busy()} == {checkpoint_name(9)}
 
 
 # ------------------------------------------------------------------ item 1: a shared run.dir

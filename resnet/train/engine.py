@@ -282,7 +282,7 @@ def create_engine(cfg: Config, layout: MicroLayout, load_universal: bool = False
     mixed = "no"
     if use_ds:
         ds = deepspeed_config(cfg, layout)
-        if load_universal:  # ZeRO shards of another world size (resnet/train/universal.py)
+        if load_universal:  # ZeRO shards of another world size (resnet/checkpoint/universal.py)
             ds.setdefault("checkpoint", {})["load_universal"] = True
         plugin = DeepSpeedPlugin(hf_ds_config=ds)
     elif cfg.train.precision in AUTOCAST_DTYPES:

@@ -8,14 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from resnet.checkpoint.errors import ResumeError
+from resnet.checkpoint.resume import LocalResume, local_resume_point
 from resnet.config import Config
 from resnet.data.augment import AugmentParams
 from resnet.data.cache import CacheSettingError, check_settings
 from resnet.data.format import Manifest, ManifestError, load_manifest
 from resnet.data.plan import MicroLayout
 from resnet.model import ARCHS
-from resnet.runfolder import find_latest, read_state
-from resnet.train import liveness, universal
+from resnet.train import liveness
 from resnet.train.engine import SetupError, launched_world_size, micro_layout
 
 
@@ -61,32 +62,15 @@ def _check_cache(directory: str, limit_gb: float, manifests) -> None:
         raise SetupError(str(exc)) from None
 
 
-def _saved_progress(cfg: Config) -> tuple[Path, dict] | None:
-    """The trainer state of the newest local checkpoint the run would resume from."""
-    latest = find_latest(Path(cfg.run.dir) / "checkpoints")
-    if latest and not cfg.checkpoint.resume:
-        # Training on would mix two runs' checkpoints, metrics and audit in one folder.
-        raise SetupError(f"run.dir={cfg.run.dir} already holds checkpoints (newest: "
-                         f"{latest.name}) and checkpoint.resume=false: use a new run.dir, or "
-                         f"delete {latest.parent} to start this run over")
-    return (latest, read_state(latest)["progress"]) if latest else None
-
-
-def check_resumable(checkpoint: Path, saved: dict, *, fingerprint: str, global_batch: int,
-                    world_size: int) -> bool:
-    """Refuse, with what to do, a checkpoint this run cannot continue. True: it is ZeRO-1/2
-    of another world size, loaded through DeepSpeed's universal checkpoint (universal.py)."""
-    if saved["fingerprint"] != fingerprint:
-        raise SetupError(f"{checkpoint} was trained on another data set (fingerprint "
-                         f"{saved['fingerprint'][:12]}, data.train has {fingerprint[:12]}); "
-                         f"use a new run.dir or the original data.train")
-    if saved["global_batch"] != global_batch:
-        raise SetupError(f"{checkpoint} was trained with global batch {saved['global_batch']}; "
-                         f"set train.global_batch_size={saved['global_batch']}")
-    if universal.needs_conversion(saved, world_size):  # ZeRO shards of another world size
-        universal.check_convertible(checkpoint, saved, world_size)
-        return True
-    return False
+def _local_resume(cfg: Config, fingerprint: str, global_batch: int,
+                  world_size: int) -> LocalResume | None:
+    """The newest local checkpoint the run would continue, checked (resnet.checkpoint.resume)."""
+    try:
+        return local_resume_point(cfg.run.dir, resume=cfg.checkpoint.resume,
+                                  fingerprint=fingerprint, global_batch=global_batch,
+                                  world_size=world_size)
+    except ResumeError as exc:
+        raise SetupError(str(exc)) from None
 
 
 def preflight(cfg: Config, world_size: int | None = None) -> RunPlan:
@@ -122,13 +106,11 @@ def preflight(cfg: Config, world_size: int | None = None) -> RunPlan:
         raise SetupError(f"model.num_classes={num_classes} is smaller than the data set's "
                          f"{train_manifest.num_classes} classes")
     # An elastic restart keeps the global batch it started with (the schedule depends on it).
-    saved = _saved_progress(cfg)
-    global_batch = ((saved and saved[1]["global_batch"]) or cfg.train.global_batch_size
-                    or cfg.train.batch_size * world_size)
+    configured = cfg.train.global_batch_size or cfg.train.batch_size * world_size
+    saved = _local_resume(cfg, train_manifest.fingerprint, configured, world_size)
+    global_batch = saved.global_batch if saved else configured
     layout = micro_layout(global_batch, cfg.train.batch_size, world_size)
-    load_universal = bool(saved) and check_resumable(
-        *saved, fingerprint=train_manifest.fingerprint, global_batch=global_batch,
-        world_size=world_size)
+    load_universal = bool(saved) and saved.load_universal
     if global_batch > train_manifest.split("train").samples:
         raise SetupError(f"the global batch {global_batch} is larger than the training set "
                          f"({train_manifest.split('train').samples} samples)")

@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from resnet.checkpoint import universal
+from resnet.checkpoint.manager import CheckpointManager
+from resnet.checkpoint.resume import PROGRESS, RunIdentity, resume
 from resnet.config import Config, save_config, to_dict
 from resnet.data.cache import ShardCache
 from resnet.data.iostats import IOCounts
@@ -23,16 +26,15 @@ from resnet.data.stream import AugmentParams, ShardLoader
 from resnet.logs import RateLimitedLogger
 from resnet.model import build_model
 from resnet.progress import ProgressBar
-from resnet.train import autobatch, universal
+from resnet.train import autobatch
 from resnet.train.agreement import Agreement
 from resnet.train.audit import AuditLog, new_start_id
-from resnet.train.checkpoint import CheckpointError, CheckpointManager, read_state
 from resnet.train.engine import Engine, create_engine, describe_running, settle
 from resnet.train.evaluate import evaluate, export_final, normalize
 from resnet.train.finite import NonFiniteWatch
 from resnet.train.metrics import RunLogger, restart_count, system_metrics
 from resnet.train.optim import Schedule, build_optimizer, peak_lr, set_lr
-from resnet.train.preflight import RunPlan, check_resumable, preflight
+from resnet.train.preflight import RunPlan, preflight
 from resnet.train.prefetch import DeviceFeed
 from resnet.train.window import LogWindow
 
@@ -42,8 +44,9 @@ class TrainingError(RuntimeError):
 
 
 @dataclass
-class Progress:
-    """The trainer's own resumable state, checkpointed as JSON next to the loader's."""
+class TrainerState:
+    """The trainer's own resumable state, checkpointed as JSON next to the loader's (under
+    PROGRESS, the name checkpoints have always used for it)."""
 
     step: int = 0  # optimizer steps done
     samples_seen: int = 0
@@ -111,9 +114,10 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         self.schedule = Schedule(cfg.optim, peak_lr(cfg.optim, plan.global_batch),
                                  self.total_steps, self.steps_per_epoch)
-        self.progress = Progress(global_batch=plan.global_batch, world_size=engine.world_size,
-                                 zero_stage=cfg.deepspeed.zero_stage,
-                                 fingerprint=plan.train_manifest.fingerprint)
+        self.progress = TrainerState(global_batch=plan.global_batch,
+                                     world_size=engine.world_size,
+                                     zero_stage=cfg.deepspeed.zero_stage,
+                                     fingerprint=plan.train_manifest.fingerprint)
         torch.manual_seed(cfg.seed)  # the initial weights: a function of the seed, per run
         model = build_model(cfg.model.arch, plan.num_classes,
                             zero_init_residual=cfg.model.zero_init_residual)
@@ -134,7 +138,7 @@ class Trainer:
                                              reduction="sum")
         self.loss_scale = plan.layout.loss_weight
         self.checkpoints = CheckpointManager(
-            engine.accelerator, self.run_dir, {"progress": self.progress, "loader": self.feed},
+            engine.accelerator, self.run_dir, {PROGRESS: self.progress, "loader": self.feed},
             keep=cfg.checkpoint.keep, mirror=cfg.checkpoint.mirror, gather=engine.gather,
             mirror_wait_s=cfg.checkpoint.mirror_wait_s, resume=cfg.checkpoint.resume,
             fence=engine.fence)
@@ -155,31 +159,14 @@ class Trainer:
 
     # -- resume ---------------------------------------------------------------------------
     def resume(self) -> None:
-        latest = self.checkpoints.prepare()
-        if latest is None or not self.cfg.checkpoint.resume:
-            return
-        # Checked in preflight for a local checkpoint; again here for one from the mirror.
-        if check_resumable(latest, read_state(latest)["progress"],
-                           fingerprint=self.progress.fingerprint,
-                           global_batch=self.plan.global_batch, world_size=self.engine.world_size):
-            universal.load(self.checkpoints, latest, self.model, self.cfg.checkpoint.mirror)
-        else:
-            self.checkpoints.load(latest)
-        self._check_same_resume_point(latest)
-        self.log.info(f"resumed from {latest.name}: step {self.progress.step}, "
-                      f"epoch {self.loader.epoch}, world size {self.engine.world_size}")
-
-    def _check_same_resume_point(self, checkpoint: Path) -> None:
-        """Every rank loaded its own copy (node-local disks): they must be the same point."""
-        point = (self.progress.step, self.loader.epoch, self.loader.manifest.fingerprint)
-        views = self.engine.gather((self.checkpoints.location, checkpoint.name, point))
-        differ = [v for v in views if v[2] != views[0][2]]
-        if differ:
-            (where_a, name_a, a), (where_b, name_b, b) = views[0], differ[0]
-            raise CheckpointError(
-                f"ranks resumed from different points: {where_a} loaded {name_a} (step, epoch, "
-                f"data set = {a[0]}, {a[1]}, {a[2][:12]}), {where_b} loaded {name_b} "
-                f"({b[0]}, {b[1]}, {b[2][:12]}); run.dir must be shared or mirrored")
+        latest = resume(self.checkpoints, self.model,
+                        RunIdentity(self.progress.fingerprint, self.plan.global_batch,
+                                    self.engine.world_size),
+                        resumed_at=lambda: (self.progress.step, self.loader.epoch,
+                                            self.loader.manifest.fingerprint))
+        if latest is not None:
+            self.log.info(f"resumed from {latest.name}: step {self.progress.step}, "
+                          f"epoch {self.loader.epoch}, world size {self.engine.world_size}")
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self) -> Path:

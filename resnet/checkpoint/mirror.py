@@ -1,8 +1,9 @@
-"""The S3 (or any storage URL) mirror of a run's checkpoints: uploads that never stop training.
+"""The S3 (or any storage URL) mirror of a run's checkpoints, both ways: uploads that never
+stop training, and the restore of the mirror's newest checkpoint onto a node's disk.
 
-Rank 0 hands each complete checkpoint to one background thread. A failed upload is retried
-with exponential backoff and jitter for as long as the run goes on; a checkpoint handed over
-meanwhile replaces the one waiting (the backlog is one checkpoint: a restart needs only the
+Uploads. Rank 0 hands each complete checkpoint to one background thread. A failed upload is
+retried with exponential backoff and jitter for as long as the run goes on; a checkpoint handed
+over meanwhile replaces the one waiting (the backlog is one checkpoint: a restart needs only the
 newest), so an outage of any length costs memory and disk for at most two checkpoints: the
 one in flight and the one waiting, which pruning leaves alone. Failures are logged at most
 once per 30 s; `lag_steps` says how far the mirror is behind. After each upload the mirror
@@ -16,28 +17,44 @@ marked checkpoint. An upload of this version can never look like one: it removes
 then trainer_state.json, and puts trainer_state.json back only after every other file.
 At the end of the run `close` waits, at most `wait_s`, for the last upload, and says so if it
 could not finish: training itself never fails because of the mirror.
+
+Restores. `newest` takes the mirror's keys as untrusted (storage.checked_key, `checked_name`):
+`latest` if its upload finished, else the newest complete checkpoint. `restore` downloads into
+a folder of its own, checks it against the marker (every file, its size) and renames it; nodes
+sharing run.dir restore one at a time (`restore_lock`).
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
+import os
 import random
+import shutil
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+from resnet.checkpoint.errors import CheckpointError
+from resnet.checkpoint.files import TMP_PREFIX, fsync_tree, unique_suffix, write_atomic
+from resnet.data import storage
 from resnet.logs import RateLimitedLogger
 from resnet.runfolder import (CHECKPOINT_NAME, LATEST, STATE_FILE, WRITTEN_ORDER, step_of,
                               written_key)
 
 MARKER = "mirror-complete.json"  # {"files": {relative name: bytes}, "written": N}
+# Held (fcntl.lockf: POSIX locks, which NFS and EFS carry to every client) by the one process
+# restoring into this folder: nodes that share run.dir must not download into each other.
+RESTORE_LOCK = ".restore-lock"
+
+logger = logging.getLogger(__name__)  # (self.log: the uploads' rate-limited warnings)
 
 
 def read_marker(url: str, name: str) -> dict | None:
     """The completion marker of checkpoint `name` on the mirror `url` (None: a partial upload,
     or one written before markers existed)."""
-    from resnet.data import storage
-
     try:
         marker = json.loads(storage.read_bytes(storage.join(url, name, MARKER)))
     except FileNotFoundError:
@@ -52,8 +69,6 @@ def read_marker(url: str, name: str) -> dict | None:
 def legacy_order(url: str, name: str) -> int | None:
     """The write order of an unmarked checkpoint `name` if it holds trainer_state.json, the
     previous release's evidence of a complete upload (None: it does not)."""
-    from resnet.data import storage
-
     state_url = storage.join(url, name, STATE_FILE)
     try:
         state = json.loads(storage.read_bytes(state_url))
@@ -72,8 +87,6 @@ def complete_on_mirror(url: str, markers: dict | None = None) -> list[str]:
     ones, and the legacy ones (unmarked, with trainer_state.json, written before every marked
     one: uploaded by the previous release, before this version marked anything). `markers`
     (name -> marker) caches what was read before."""
-    from resnet.data import storage
-
     markers = {} if markers is None else markers
     orders, unmarked = {}, []
     for name in storage.listdir(url) if storage.exists(url) else []:
@@ -90,6 +103,26 @@ def complete_on_mirror(url: str, markers: dict | None = None) -> list[str]:
         if order is not None and (first_marked is None or order < first_marked):
             orders[name] = order
     return sorted(orders, key=lambda n: (orders[n], step_of(n)))
+
+
+def checked_name(name: str, where: str) -> str:
+    """A checkpoint name read from outside (a mirror's `latest`): never a path of its own."""
+    if not CHECKPOINT_NAME.fullmatch(name):
+        raise CheckpointError(f"{where} names {name[:80]!r}, not a checkpoint "
+                              f"(step-NNNNNNNNN); refusing to use it")
+    return name
+
+
+@contextmanager
+def restore_lock(directory: Path):
+    """Held while restoring into `directory`, or while clearing its leftovers (one may be a
+    restore another node is making)."""
+    with open(directory / RESTORE_LOCK, "a") as handle:
+        fcntl.lockf(handle, fcntl.LOCK_EX)  # waits for a restore another node is making
+        try:
+            yield
+        finally:
+            fcntl.lockf(handle, fcntl.LOCK_UN)
 
 
 class Mirror:
@@ -164,6 +197,66 @@ class Mirror:
             f"before another node resumes from the mirror", key="mirror-close")
         return False
 
+    # -- restores (the local main process of each node) --------------------------------------
+    def holds_run(self) -> bool:
+        """Whether the mirror holds checkpoints (or a `latest`) of a run."""
+        return storage.exists(self.url) and any(
+            n == LATEST or CHECKPOINT_NAME.fullmatch(n) for n in storage.listdir(self.url))
+
+    def newest(self) -> str | None:
+        """The mirror's newest complete checkpoint: `latest`, if its upload finished."""
+        pointer = storage.join(self.url, LATEST)
+        if not storage.exists(pointer):
+            return None
+        name = checked_name(storage.read_bytes(pointer).decode().strip(), pointer)
+        if read_marker(self.url, name) is not None:
+            return name
+        complete = complete_on_mirror(self.url)
+        if name in complete:  # a legacy checkpoint: restore() says so
+            return name
+        if not complete:
+            raise CheckpointError(f"{pointer} names {name}, whose upload never finished (no "
+                                  f"{self.url}/{name}/{MARKER}), and no checkpoint on the "
+                                  f"mirror is complete")
+        logger.info(f"{pointer} names {name}, whose upload never finished; using the "
+                    f"newest complete one, {complete[-1]}")
+        return complete[-1]
+
+    def restore(self, name: str, directory: Path, location: str) -> None:
+        """Download the mirror's copy of `name` into `directory` (a node's checkpoints folder):
+        into a folder of this process's own, checked against the mirror's marker (every file,
+        its size; a legacy checkpoint, complete_on_mirror: its trainer_state.json), renamed,
+        and made `latest`. The caller holds `restore_lock(directory)`."""
+        marker = read_marker(self.url, name)
+        if marker is None and name not in complete_on_mirror(self.url):
+            raise CheckpointError(f"mirrored checkpoint {self.url}/{name} is incomplete "
+                                  f"(no {MARKER}): its upload never finished")
+        if marker is None:
+            logger.warning(f"{self.url}/{name} has no {MARKER}: restoring it as a checkpoint "
+                           f"the previous release mirrored (it holds {STATE_FILE} and was "
+                           f"written before every marked one); its file sizes cannot be "
+                           f"checked")
+            marker = {"files": {}}
+        tmp = directory / f"{TMP_PREFIX}{name}.{unique_suffix()}"
+        try:
+            storage.download_dir(storage.join(self.url, name), str(tmp))
+            wrong = [f"{rel} ({'missing' if not (tmp / rel).is_file() else 'size differs'})"
+                     for rel, size in marker["files"].items()
+                     if not (tmp / rel).is_file() or (tmp / rel).stat().st_size != size]
+            if wrong or not (tmp / STATE_FILE).is_file():
+                raise CheckpointError(
+                    f"restoring {self.url}/{name}: {len(wrong)} of the "
+                    f"{len(marker['files'])} files its {MARKER} lists did not arrive whole, "
+                    f"e.g. {', '.join(wrong[:3]) or STATE_FILE}")
+            (tmp / MARKER).unlink(missing_ok=True)  # the mirror's; an upload writes its own
+            fsync_tree(tmp)
+            shutil.rmtree(directory / name, ignore_errors=True)  # an incomplete local copy
+            os.replace(tmp, directory / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        write_atomic(directory / LATEST, name)
+        logger.info(f"{location}: restored {name} from {self.url}")
+
     # -- the upload thread ------------------------------------------------------------------
     def _run(self) -> None:
         delay = self.retry_base_s
@@ -186,8 +279,6 @@ class Mirror:
                     delay = min(2 * delay, self.retry_max_s)
 
     def _upload(self, checkpoint: Path) -> bool:
-        from resnet.data import storage
-
         self.fence(f"uploading {checkpoint.name} to {self.url}")
         remote = storage.join(self.url, checkpoint.name)
         try:
@@ -219,8 +310,6 @@ class Mirror:
     def _prune(self, newest: str) -> None:
         """Keep the `keep` complete checkpoints last written on the mirror (`newest` is among
         them); partial uploads (no marker: killed, or cut by an outage) go first."""
-        from resnet.data import storage
-
         complete = complete_on_mirror(self.url, self._markers)
         ordered = sorted(complete, key=lambda n: n == newest)  # stable: newest last
         partial = [n for n in storage.listdir(self.url)

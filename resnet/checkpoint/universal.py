@@ -17,11 +17,12 @@ optimizer state, into the checkpoint itself (it stays loadable as it was):
 
 Rank 0 converts once (``.tmp-zero`` renamed to ``zero``, then ``universal.json``) after the
 process group exists, while the other ranks wait; with ``checkpoint.mirror`` the result is
-uploaded there too (``universal.json`` last). Universal loading restores parameters and
-optimizer state but not the module's buffers (BatchNorm statistics): ``load`` restores those
-from the model states file. Checkpoints declare ``universal_checkpoint_info`` (DeepSpeed's
-marker that the client wrote what conversion needs; ``declare``): one without it predates
-this and is refused with what works instead.
+uploaded there too (``universal.json`` last); resume.py orchestrates that and the loading.
+Universal loading restores parameters and optimizer state but not the module's buffers
+(BatchNorm statistics): ``restore_buffers`` restores those from the model states file.
+Checkpoints declare ``universal_checkpoint_info`` (DeepSpeed's marker that the client wrote
+what conversion needs; ``declare``): one without it predates this and is refused with what
+works instead.
 """
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ from typing import Any
 
 import torch
 
-from resnet.train.checkpoint import _fsync, _fsync_tree, _write_atomic
-from resnet.train.engine import SetupError
+from resnet.checkpoint.errors import ResumeError
+from resnet.checkpoint.files import TMP_PREFIX, fsync, fsync_tree, write_atomic
+from resnet.data import storage
 
 MODEL_DIR = "pytorch_model"  # Accelerate's tag folder for the (first) DeepSpeed model
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -75,50 +77,28 @@ def check_convertible(checkpoint: Path, saved: dict, world_size: int) -> None:
     missing = [name for name in [MODEL_STATES] + [_shard_name(r) for r in range(old)]
                if not (model_dir / name).is_file()]
     if missing:
-        raise SetupError(f"{head}, and {len(missing)} of its files are not in this run.dir "
-                         f"(e.g. {model_dir / missing[0]}), so it cannot be converted here. "
-                         f"ZeRO-1/2 need a run.dir every node shares. {fix}.")
+        raise ResumeError(f"{head}, and {len(missing)} of its files are not in this run.dir "
+                          f"(e.g. {model_dir / missing[0]}), so it cannot be converted here. "
+                          f"ZeRO-1/2 need a run.dir every node shares. {fix}.")
     states = torch.load(model_dir / MODEL_STATES, map_location="cpu", weights_only=False,
                         mmap=True)
     if INFO_KEY not in states:
-        raise SetupError(f"{head}. It was written before checkpoints carried DeepSpeed's "
-                         f"{INFO_KEY}, so it cannot be converted to another world size "
-                         f"(neither here nor with DeepSpeed's ds_to_universal). {fix}.")
+        raise ResumeError(f"{head}. It was written before checkpoints carried DeepSpeed's "
+                          f"{INFO_KEY}, so it cannot be converted to another world size "
+                          f"(neither here nor with DeepSpeed's ds_to_universal). {fix}.")
 
 
-def load(checkpoints: Any, checkpoint: Path, model: Any, mirror: str = "") -> dict:
-    """Resume from a ZeRO checkpoint of another world size: rank 0 converts it (once) while
-    the others wait, every rank loads it through DeepSpeed's universal loading, and the
-    module's buffers come from the model states file. Returns the trainer state, as
-    ``CheckpointManager.load`` does (the loader re-splits the rest of the epoch by itself)."""
-    from accelerate.utils import broadcast_object_list
-
-    accelerator = checkpoints.accelerator
-    if not getattr(model, "load_universal_checkpoint", lambda: False)():
-        raise SetupError(f"{checkpoint} holds ZeRO shards of another world size and was found "
-                         f"only after start (on the mirror); start again to convert it")
-    error = None
-    if accelerator.is_main_process:
-        try:
-            if not is_converted(checkpoint):
-                seconds = convert(checkpoint, mirror)
-                print(f"[checkpoint] converted {checkpoint.name} to DeepSpeed's universal "
-                      f"checkpoint in {seconds:.1f} s", flush=True)
-        except Exception as exc:  # every rank raises it, none waits forever
-            error = f"converting {checkpoint} to a universal checkpoint failed: {exc!r}"
-    error = broadcast_object_list([error], from_process=0)[0]
-    if error:
-        raise RuntimeError(error)
-    state = checkpoints.load(checkpoint)
-    _restore_buffers(accelerator.unwrap_model(model), checkpoint / MODEL_DIR / MODEL_STATES)
-    return state
+def loads_universal(model: Any) -> bool:
+    """Whether the prepared DeepSpeed engine `model` was started to load universal checkpoints
+    (``"checkpoint": {"load_universal": true}``: decided in preflight, before it existed)."""
+    return bool(getattr(model, "load_universal_checkpoint", lambda: False)())
 
 
 def convert(checkpoint: Path, mirror: str = "") -> float:
     """Write DeepSpeed's universal layout into `checkpoint` (see the module docstring)."""
     started = time.perf_counter()
     model_dir = checkpoint / MODEL_DIR
-    tmp, final = model_dir / ".tmp-zero", model_dir / "zero"
+    tmp, final = model_dir / f"{TMP_PREFIX}zero", model_dir / "zero"
     shutil.rmtree(tmp, ignore_errors=True)
     states = torch.load(model_dir / MODEL_STATES, map_location="cpu", weights_only=False)
     world = states["dp_world_size"]
@@ -133,19 +113,17 @@ def convert(checkpoint: Path, mirror: str = "") -> float:
     common = {k: v for k, v in shards[0].items() if k not in sharded}
     common["param_groups"] = shards[0]["base_optimizer_state"]["param_groups"]
     torch.save(common, tmp / "optimizer_state.pt")
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)  # a conversion cut short before its marker
     os.replace(tmp, final)
     seconds = time.perf_counter() - started
     done = json.dumps({"from_world_size": world, "seconds": round(seconds, 3)})
     if mirror:
-        from resnet.data import storage
-
         remote = storage.join(mirror, checkpoint.name, MODEL_DIR)
         storage.upload_dir(str(final), storage.join(remote, "zero"))
         storage.write_bytes(storage.join(remote, DONE), done.encode())
-    _write_atomic(model_dir / DONE, done)
-    _fsync(model_dir)
+    write_atomic(model_dir / DONE, done)
+    fsync(model_dir)
     return seconds
 
 
@@ -173,14 +151,16 @@ def _whole(shards: list, group: int, name: str, shape) -> dict[str, torch.Tensor
     return whole
 
 
-def _restore_buffers(model: torch.nn.Module, states_file: Path) -> None:
-    """Universal loading restores parameters only: BatchNorm statistics come from here."""
+def restore_buffers(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Universal loading restores parameters only: BatchNorm statistics come from the model
+    states file of `checkpoint`."""
+    states_file = checkpoint / MODEL_DIR / MODEL_STATES
     states = torch.load(states_file, map_location="cpu", weights_only=False)
     buffers = {name: states["module"][name] for name in states["buffer_names"]}
     result = model.load_state_dict(buffers, strict=False)
     if result.unexpected_keys:
-        raise SetupError(f"{states_file}: buffers {result.unexpected_keys[:3]} are not in the "
-                         f"model")
+        raise ResumeError(f"{states_file}: buffers {result.unexpected_keys[:3]} are not in the "
+                          f"model")
 
 
 def _shard_name(rank: int) -> str:
