@@ -18,8 +18,8 @@ import sys
 
 import torch
 
+from resnet.data.device import DeviceFeed
 from resnet.data.stream import AugmentParams, ShardLoader
-from resnet.train.prefetch import DeviceFeed
 
 
 def crops(data: str, decode: str, args, device: torch.device) -> list:

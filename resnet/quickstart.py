@@ -23,7 +23,7 @@ from typing import IO
 from resnet import logs, progress
 from resnet.data import synthetic
 from resnet.data.format import MANIFEST_NAME
-from resnet.runfolder import CONSOLE_LOG, METRICS_FILE
+from resnet.runfolder import CHECKPOINTS_DIR, CONSOLE_LOG, FINAL_DIR, METRICS_FILE, WEIGHTS_FILE
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 TAIL_LINES = 30  # of the log, shown when a command fails
@@ -32,11 +32,16 @@ _BAR_END = re.compile(r"\d+/\d+ \[[^\]]*\]")  # a tqdm bar ends at its bracket
 
 
 class _Console:
-    """Shows the product's lines of a child's output; draws bars on one line, as tqdm does."""
+    """Shows the product's lines of a child's output; on a terminal draws bars on one line, as
+    tqdm does, and elsewhere (a file, a pipe: no redraws there) writes each new state of a bar
+    as a line of its own."""
 
     def __init__(self, out: IO[str], verbose: bool, results: re.Pattern | None) -> None:
         self.out, self.verbose, self.results = out, verbose, results
-        self.pending, self.bar = "", ""
+        self.tty = out.isatty()
+        self.pending = ""
+        self.bar = ""  # the bar on the terminal's current line (never set off a terminal)
+        self.last_bar = ""  # off a terminal: the bar's last line written, not written again
 
     def feed(self, text: str) -> None:
         if self.verbose:
@@ -74,6 +79,11 @@ class _Console:
             self._line(text)
 
     def _bar(self, text: str, closed: bool) -> None:
+        if not self.tty:
+            if text != self.last_bar:
+                self.out.write(text + "\n")
+            self.last_bar = "" if closed else text
+            return
         pad = " " * max(0, len(self.bar) - len(text))
         self.out.write(f"\r{text}{pad}" + ("\n" if closed else ""))
         self.bar = "" if closed else text
@@ -155,15 +165,15 @@ def quickstart(out: Path, processes: int = 2, classes: int = 10, per_class: int 
               "-m", "resnet", "train", "--config", str(CONFIG),
               f"data.train={packed}", f"data.val={packed}", f"run.dir={run_dir}", *overrides],
              log, verbose)  # the trainer's own log line names the final weights
-        final = run_dir / "final"
+        final = run_dir / FINAL_DIR
         _run([sys.executable, "-m", "resnet", "eval", "--weights", str(final),
               "--data", str(packed)], log, verbose, results=r"\{")
         exported = out / "export"
         _run([sys.executable, "-m", "resnet", "export", str(run_dir), str(exported)], log,
              verbose, results=r"^exported ")
     print(f"\ndone.\n  packed shards:  {packed}\n  run directory:  {run_dir}"
-          f"\n  checkpoints:    {run_dir / 'checkpoints'}\n  metrics:        "
-          f"{run_dir / METRICS_FILE}\n  final weights:  {final / 'model.safetensors'}"
+          f"\n  checkpoints:    {run_dir / CHECKPOINTS_DIR}\n  metrics:        "
+          f"{run_dir / METRICS_FILE}\n  final weights:  {final / WEIGHTS_FILE}"
           f"\n  console log:    {run_dir / CONSOLE_LOG}"
           f"\n  report:         resnet report {run_dir}\n  exported (hf):  {exported}"
           f"\n\ntry next:\n  resnet predict {exported} {source / 'val'}\n"

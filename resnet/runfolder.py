@@ -1,5 +1,6 @@
-"""What a run leaves in its run.dir: every file and folder name, and how to find its newest
-complete checkpoint. The one place these names are spelled.
+"""What a run leaves in its run.dir: every file and folder name, how to find its newest
+complete checkpoint and its newest weights, and which run a path belongs to. The one place
+these names are spelled.
 
     run.dir/
         config.yaml              the settled configuration the run trained with
@@ -84,3 +85,23 @@ def find_latest(directory: Path) -> Path | None:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run."""
     return find_latest(Path(run_dir) / CHECKPOINTS_DIR)
+
+
+def newest_weights(run_dir: Path) -> Path:
+    """A run's final/ folder if it holds the final weights, else its newest complete
+    checkpoint. FileNotFoundError if it has neither."""
+    run_dir = Path(run_dir)
+    if (run_dir / FINAL_DIR / WEIGHTS_FILE).is_file():
+        return run_dir / FINAL_DIR
+    newest = latest_checkpoint(run_dir) if (run_dir / CHECKPOINTS_DIR).is_dir() else None
+    if newest is None:
+        raise FileNotFoundError(f"{run_dir}: a run directory with neither {FINAL_DIR}/"
+                                f"{WEIGHTS_FILE} nor a complete checkpoint")
+    return newest
+
+
+def run_dir_of(path: Path) -> Path | None:
+    """The run folder a final/ or checkpoint folder (or a file in one) sits in: the nearest
+    folder at most three levels up that holds config.yaml (None: none does)."""
+    return next((folder for folder in (path, *path.parents)[:4]
+                 if (folder / CONFIG_FILE).is_file()), None)

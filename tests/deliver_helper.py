@@ -21,7 +21,7 @@ from resnet.config import load_config, save_config
 from resnet.data import synthetic
 from resnet.data.format import load_manifest
 from resnet.model import build_model, forward_features, forward_head
-from resnet.train.evaluate import export_final
+from resnet.weights import export_final
 
 CLASSES, SIZE, CHECKPOINT = 6, 32, "step-000000004"
 VAL_TOP1, VAL_TOP5 = 0.75, 1.0

@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
+from resnet.data.device import DeviceFeed
 from resnet.data.stream import Batch
 from resnet.train.engine import tune_cudnn
-from resnet.train.prefetch import DeviceFeed
 
 SIZE = 4
 

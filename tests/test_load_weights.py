@@ -5,7 +5,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from resnet.train.evaluate import load_weights
+from resnet.weights import load_weights
 
 
 class Planted:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from resnet.data import storage
+from resnet.data import remote, storage
 from resnet.checkpoint.errors import CheckpointError
 from resnet.checkpoint.manager import CheckpointManager
 from resnet.checkpoint.mirror import MARKER, Mirror
@@ -78,7 +78,7 @@ def test_a_mirror_key_that_leaves_the_target_stops_the_restore_naming_it(tmp_pat
     _mirrored_run(tmp_path, mirror)
     name = checkpoint_name(5)
     s3_server.client().put_object(Bucket=s3_server.bucket, Key=f"run/{name}/{key}", Body=b"x")
-    assert any(k.endswith(key) for k in storage._s3_listing(f"{mirror}/{name}")), \
+    assert any(k.endswith(key) for k in remote.s3_listing(f"{mirror}/{name}")), \
         "the store kept the key as written"
     node = tmp_path / "deep" / "er" / "node"
     before = _files_under(tmp_path)

@@ -10,8 +10,8 @@ from torchvision.io import encode_jpeg
 
 from resnet.data import augment as A
 from resnet.data import nvjpeg
+from resnet.data.device import DeviceFeed
 from resnet.data.stream import Batch
-from resnet.train.prefetch import DeviceFeed
 
 AUG = A.AugmentParams(image_size=16)
 

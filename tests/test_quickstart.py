@@ -27,8 +27,13 @@ CHILD = textwrap.dedent("""
 CHATTER = ("Setting accelerator to CPU", "chatter beside the bar", "wandb: Run summary")
 
 
-def _run(tmp_path, verbose: bool) -> tuple[str, str]:
-    out = io.StringIO()
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _run(tmp_path, verbose: bool, out: io.StringIO | None = None) -> tuple[str, str]:
+    out = io.StringIO() if out is None else out
     log_path = tmp_path / f"console-{verbose}.log"
     child = tmp_path / "child.py"
     child.write_text(CHILD)
@@ -44,12 +49,19 @@ def test_default_output_is_the_products_lines_and_the_log_has_everything(tmp_pat
         assert line not in shown, shown
         assert line in logged
     assert "[rank 0] INFO: step 2: val top-1 0.5000\n" in shown
-    assert "\rprogress: step 4/4 (100%), loss 1.0000" in shown  # redrawn in place
+    assert "\nprogress: step 4/4 (100%), loss 1.0000" in shown  # not a terminal: plain lines
     assert "final weights: /tmp/x\n" in shown
+    assert "\r" not in shown and shown.count("progress: step ") == 2, shown
+    assert "\r" not in logged and logged.count("INFO: progress: step ") == 2  # line by line
+
+
+def test_on_a_terminal_the_bar_is_redrawn_in_place(tmp_path):
+    shown, _ = _run(tmp_path, verbose=False, out=_Terminal())
+    assert "\rprogress: step 4/4 (100%), loss 1.0000" in shown
+    assert "[rank 0] INFO: step 2: val top-1 0.5000\n" in shown
     for line in shown.split("\n"):  # the product line never shares the bar's line
         visible = line.rsplit("\r", 1)[-1]  # what a terminal shows after the redraws
         assert not ("step 2: val" in visible and "/4 (" in visible), shown
-    assert "\r" not in logged and logged.count("INFO: progress: step ") == 2  # line by line
 
 
 def test_verbose_shows_the_chatter(tmp_path):

@@ -7,7 +7,7 @@ import os
 import botocore.exceptions as bce
 import pytest
 
-from resnet.data import storage
+from resnet.data import remote, storage
 from resnet.data.storage import StorageError
 
 
@@ -67,7 +67,7 @@ def test_s3_missing_bucket_is_a_clear_error(s3_server):
 
 
 def test_access_denied_is_a_clear_error():
-    translated = storage._s3_error(_client_error("AccessDenied", 403), "s3://b/k", "read")
+    translated = remote.s3_error(_client_error("AccessDenied", 403), "s3://b/k", "read")
     assert isinstance(translated, StorageError) and "access denied" in str(translated)
 
 

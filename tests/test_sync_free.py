@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import trainutil as tu
+from resnet.data import device as D
+from resnet.data.device import DeviceFeed
 from resnet.data.stream import AugmentParams, ShardLoader
-from resnet.train import evaluate as E
 from resnet.train.agreement import Agreement
-from resnet.train.prefetch import DeviceFeed
 from shards_helper import make_shards
 
 HELPER = Path(__file__).with_name("sync_count_helper.py")
@@ -73,18 +73,18 @@ def test_feed_hands_over_device_batches_and_decodes_on_the_device(shards):
 
 def test_normalize_copies_mean_std_once_and_keeps_the_numbers(monkeypatch):
     x = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8)
-    reference = (x.float() - E.MEAN.view(1, 3, 1, 1)) / E.STD.view(1, 3, 1, 1)
-    E.normalize(x, False)
+    reference = (x.float() - D.MEAN.view(1, 3, 1, 1)) / D.STD.view(1, 3, 1, 1)
+    D.normalize(x, False)
     moved = []
     real_to = torch.Tensor.to
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: (
         moved.append(self.dtype), real_to(self, *a, **k))[1])
-    out = E.normalize(x, True)
+    out = D.normalize(x, True)
     assert moved == [torch.uint8]  # the batch itself; mean/std are already on the device
     assert torch.equal(out, reference)
     assert out.is_contiguous(memory_format=torch.channels_last)
     floats = reference.clone()
-    E.normalize(floats, False)
+    D.normalize(floats, False)
     assert torch.equal(floats, reference)  # never normalises its input in place
 
 

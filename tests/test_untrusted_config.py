@@ -17,7 +17,7 @@ from resnet.config import ConfigError, load_saved_config
 from resnet.deliver.hub import write_examples
 from resnet.deliver.source import resolve
 from resnet.model import build_model
-from resnet.train.evaluate import WEIGHTS_FILE
+from resnet.runfolder import WEIGHTS_FILE
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""The parts of storage that talk to a remote service: the S3 client, error translation, retries.
+"""The parts of storage that talk to a remote service: the S3 client, error translation, retries,
+and listing what is under an S3 prefix.
 
 Kept apart from `storage` (the public API, which re-exports `StorageError`, `retry`,
 `is_transient`, `s3_client` and `reset_clients`) so each file reads on its own.
@@ -12,7 +13,7 @@ import socket
 import threading
 import time
 import urllib.error
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -214,7 +215,7 @@ def reset_clients() -> None:
         _clients.clear()
 
 
-def _s3_error(exc: Exception, url: str, what: str) -> Exception:
+def s3_error(exc: Exception, url: str, what: str) -> Exception:
     """Translate a botocore ClientError into FileNotFoundError / StorageError, or keep it."""
     import botocore.exceptions as bce
 
@@ -233,14 +234,67 @@ def _s3_error(exc: Exception, url: str, what: str) -> Exception:
     return StorageError(f"cannot {what} {url}: {code}: {exc}")
 
 
-def _s3_call(url: str, what: str, fn: Callable[[], T]) -> T:
+def is_range_past_end(exc: Exception) -> bool:
+    """A ranged GET that starts at or past the object's end (nothing left to read)."""
+    import botocore.exceptions as bce
+
+    return isinstance(exc, bce.ClientError) and exc.response.get("Error", {}).get("Code") in (
+        "InvalidRange", "416"
+    )
+
+
+def s3_call(url: str, what: str, fn: Callable[[], T]) -> T:
+    """`fn()`, an S3 request about `url`: retried while it fails transiently, its final
+    failure translated by `s3_error` (`what` names the operation in messages)."""
     def attempt() -> T:
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001
-            translated = _s3_error(exc, url, what)
+            translated = s3_error(exc, url, what)
             if translated is exc:
                 raise
             raise translated from None
 
     return retry(attempt, what=f"{what} {url}")
+
+
+# ----------------------------------------------------------------------------- S3 listing
+
+
+def s3_keys(url: str, delimiter: Optional[str]) -> tuple[list[str], list[str]]:
+    """(object keys, common prefixes) under ``url`` treated as a directory."""
+    bucket, key = split_s3(url)
+    prefix = key.rstrip("/") + "/" if key else ""
+    keys: list[str] = []
+    prefixes: list[str] = []
+
+    def list_all() -> None:
+        keys.clear()
+        prefixes.clear()
+        kwargs = {"Bucket": bucket, "Prefix": prefix}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        for page in s3_client().get_paginator("list_objects_v2").paginate(**kwargs):
+            keys.extend(o["Key"] for o in page.get("Contents", ()))
+            prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", ()))
+
+    s3_call(url, "list", list_all)
+    return keys, prefixes
+
+
+def s3_listing(url: str) -> dict[str, int]:
+    """{key relative to ``url``: size} of every object under it ("folder" placeholders left out)."""
+    bucket, key = split_s3(url)
+    base = key.rstrip("/") + "/" if key else ""
+    listing: dict[str, int] = {}
+
+    def list_all() -> None:
+        listing.clear()
+        for page in s3_client().get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=base):
+            for item in page.get("Contents", ()):
+                if not item["Key"].endswith("/"):  # a "folder" placeholder object
+                    listing[item["Key"][len(base):]] = int(item["Size"])
+
+    s3_call(url, "list", list_all)
+    return listing

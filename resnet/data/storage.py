@@ -23,12 +23,12 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
-from typing import Optional
 
 from resnet.data import iostats
 from resnet.data.remote import (  # noqa: F401  (re-exported: part of the storage API)
-    Backoff, StorageError, _s3_call, _s3_error, is_s3, is_transient, reset_clients, retry,
-    s3_client, set_io_timeout_s, split_s3)
+    Backoff, StorageError, is_s3, is_transient, reset_clients, retry, s3_client,
+    set_io_timeout_s, split_s3)
+from resnet.data.remote import is_range_past_end, s3_call, s3_error, s3_keys, s3_listing
 
 REMOTE_SCHEMES = ("s3://", "http://", "https://")
 
@@ -66,8 +66,8 @@ def _open_remote_once(url: str, offset: int):
         try:
             return s3_client().get_object(Bucket=bucket, Key=key, **kwargs)["Body"]
         except Exception as exc:  # noqa: BLE001
-            translated = _s3_error(exc, url, "read")
-            if _is_range_past_end(exc):
+            translated = s3_error(exc, url, "read")
+            if is_range_past_end(exc):
                 return io.BytesIO(b"")
             if translated is exc:
                 raise
@@ -87,14 +87,6 @@ def _open_remote_once(url: str, offset: int):
         response.close()
         raise StorageError(f"cannot read {url} from byte {offset}: the server ignores Range")
     return response
-
-
-def _is_range_past_end(exc: Exception) -> bool:
-    import botocore.exceptions as bce
-
-    return isinstance(exc, bce.ClientError) and exc.response.get("Error", {}).get("Code") in (
-        "InvalidRange", "416"
-    )
 
 
 class _ResumingReader(io.RawIOBase):
@@ -185,7 +177,7 @@ def write_bytes(url: str, data: bytes) -> None:
     _require_not_http(url, "write")
     if is_s3(url):
         bucket, key = split_s3(url)
-        _s3_call(url, "write", lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data))
+        s3_call(url, "write", lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data))
         return
     tmp = _local_tmp(url)
     try:
@@ -205,7 +197,7 @@ def upload_file(local_path: str, url: str) -> None:
         raise FileNotFoundError(f"no such file to upload: {local_path}")
     if is_s3(url):
         bucket, key = split_s3(url)
-        _s3_call(url, "upload to", lambda: s3_client().upload_file(str(local_path), bucket, key))
+        s3_call(url, "upload to", lambda: s3_client().upload_file(str(local_path), bucket, key))
         return
     tmp = _local_tmp(url)
     try:
@@ -233,7 +225,7 @@ def size(url: str) -> int:
         return os.path.getsize(url)
     if is_s3(url):
         bucket, key = split_s3(url)
-        head = _s3_call(url, "stat", lambda: s3_client().head_object(Bucket=bucket, Key=key))
+        head = s3_call(url, "stat", lambda: s3_client().head_object(Bucket=bucket, Key=key))
         return int(head["ContentLength"])
     request = urllib.request.Request(url, method="HEAD")
     try:
@@ -245,27 +237,6 @@ def size(url: str) -> int:
         raise
 
 
-def _s3_keys(url: str, delimiter: Optional[str]) -> tuple[list[str], list[str]]:
-    """(object keys, common prefixes) under ``url`` treated as a directory."""
-    bucket, key = split_s3(url)
-    prefix = key.rstrip("/") + "/" if key else ""
-    keys: list[str] = []
-    prefixes: list[str] = []
-
-    def list_all() -> None:
-        keys.clear()
-        prefixes.clear()
-        kwargs = {"Bucket": bucket, "Prefix": prefix}
-        if delimiter:
-            kwargs["Delimiter"] = delimiter
-        for page in s3_client().get_paginator("list_objects_v2").paginate(**kwargs):
-            keys.extend(o["Key"] for o in page.get("Contents", ()))
-            prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", ()))
-
-    _s3_call(url, "list", list_all)
-    return keys, prefixes
-
-
 def exists(url: str) -> bool:
     """True if ``url`` is an object/file or a non-empty prefix/directory."""
     url = str(url)
@@ -274,11 +245,11 @@ def exists(url: str) -> bool:
     if is_s3(url):
         bucket, key = split_s3(url)
         if not key:
-            keys, prefixes = _s3_keys(url, "/")
+            keys, prefixes = s3_keys(url, "/")
             return bool(keys or prefixes)
         # LIST rather than HEAD: a HEAD's 404 cannot tell a missing key from a missing bucket.
         for prefix in (key, key.rstrip("/") + "/"):
-            page = _s3_call(url, "check", lambda p=prefix: s3_client().list_objects_v2(
+            page = s3_call(url, "check", lambda p=prefix: s3_client().list_objects_v2(
                 Bucket=bucket, Prefix=p, MaxKeys=1))
             first = [o["Key"] for o in page.get("Contents", ())]
             if first and (first[0] == key or first[0].startswith(key.rstrip("/") + "/")):
@@ -302,7 +273,7 @@ def listdir(url: str) -> list[str]:
         return sorted(os.listdir(url))
     _, key = split_s3(url)
     base = key.rstrip("/") + "/" if key else ""
-    keys, prefixes = _s3_keys(url, "/")
+    keys, prefixes = s3_keys(url, "/")
     names = {k[len(base):] for k in keys} | {p[len(base):].rstrip("/") for p in prefixes}
     names.discard("")
     return sorted(names)
@@ -316,12 +287,12 @@ def remove(url: str, missing_ok: bool = True) -> None:
         bucket, key = split_s3(url)
         if not missing_ok and not exists(url):
             raise FileNotFoundError(f"no such object: {url}")
-        keys, _ = _s3_keys(url, None)
+        keys, _ = s3_keys(url, None)
         # Deleting a key that does not exist is a no-op in S3, so the object itself is included.
         targets = keys + ([key] if key else [])
         for i in range(0, len(targets), 1000):  # delete_objects takes at most 1000 keys
             batch = [{"Key": k} for k in targets[i:i + 1000]]
-            response = _s3_call(url, "remove", lambda b=batch: s3_client().delete_objects(
+            response = s3_call(url, "remove", lambda b=batch: s3_client().delete_objects(
                 Bucket=bucket, Delete={"Objects": b, "Quiet": True}))
             # A 200 response can still have failed keys (AccessDenied, ...), listed per key.
             errors = response.get("Errors") or []
@@ -388,30 +359,13 @@ def _local_listing(url: str) -> dict[str, int]:
     return listing
 
 
-def _s3_listing(url: str) -> dict[str, int]:
-    bucket, key = split_s3(url)
-    base = key.rstrip("/") + "/" if key else ""
-    listing: dict[str, int] = {}
-
-    def list_all() -> None:
-        listing.clear()
-        for page in s3_client().get_paginator("list_objects_v2").paginate(
-                Bucket=bucket, Prefix=base):
-            for item in page.get("Contents", ()):
-                if not item["Key"].endswith("/"):  # a "folder" placeholder object
-                    listing[item["Key"][len(base):]] = int(item["Size"])
-
-    _s3_call(url, "list", list_all)
-    return listing
-
-
 def download_dir(url: str, local_dir: str) -> dict[str, int]:
     """Copy everything under ``url`` into ``local_dir`` (created if needed). Every key is
     checked before anything is written (`checked_key`), and every file is checked afterwards
     to have the size the listing gave. Returns {relative key: size}."""
     url = str(url)
     _require_not_http(url, "download a directory from")
-    listing = _s3_listing(url) if is_s3(url) else _local_listing(url)
+    listing = s3_listing(url) if is_s3(url) else _local_listing(url)
     if not listing:
         raise FileNotFoundError(f"nothing under {url}")
     parts = {rel: checked_key(rel, url) for rel in listing}
@@ -422,7 +376,7 @@ def download_dir(url: str, local_dir: str) -> dict[str, int]:
         try:
             if is_s3(url):
                 bucket, key = split_s3(source)
-                _s3_call(source, "download",
+                s3_call(source, "download",
                          lambda b=bucket, k=key, t=tmp: s3_client().download_file(b, k, t))
             else:
                 shutil.copyfile(source, tmp, follow_symlinks=False)

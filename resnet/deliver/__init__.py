@@ -8,6 +8,6 @@
     app.py      the Gradio app itself; standalone (gradio, torch, timm) so a Space runs it as is
     demo.py     `resnet demo`: app.py around a Trained model
 
-Imports run one way: this package uses resnet.model, resnet.data and resnet.train; nothing
-there imports it.
+Imports run one way: this package uses the ground floor (resnet.model, resnet.data,
+resnet.runfolder, resnet.weights) and no training code; nothing there imports it.
 """

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from resnet.deliver.source import Trained
+from resnet.runfolder import WEIGHTS_FILE
 
 CARD_FILE = "README.md"
 # The Hub's data set ids for the layouts `resnet pack` knows; other data sets go by folder name.
@@ -104,7 +105,7 @@ torchvision (the same state dict, key for key):
 import torchvision, safetensors.torch
 from huggingface_hub import hf_hub_download
 model = torchvision.models.{arch}(num_classes={n})
-model.load_state_dict(safetensors.torch.load_file(hf_hub_download("{name}", "model.safetensors")))
+model.load_state_dict(safetensors.torch.load_file(hf_hub_download("{name}", "{WEIGHTS_FILE}")))
 ```
 
 This repository's own tools: `resnet predict hf-hub:{name} image.jpg`, `resnet demo hf-hub:{name}`.

@@ -13,7 +13,7 @@ import torch
 from resnet.data.format import ClassInfo, Manifest
 from resnet.deliver import card, hub
 from resnet.deliver.source import Trained
-from resnet.train.evaluate import export_final
+from resnet.weights import export_final
 
 FORMATS = ("hf", "torchvision", "onnx")
 ONNX_FILE = "model.onnx"

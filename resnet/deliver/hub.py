@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 
 from resnet.data.augment import AugmentParams
+from resnet.data.device import MEAN, STD
 from resnet.deliver import app as app_module
 from resnet.deliver.source import HUB_CONFIG, Trained, data_on_this_machine
-from resnet.train.evaluate import MEAN, STD
 
 EXAMPLES = "examples"
 SPACE = "space"

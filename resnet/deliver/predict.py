@@ -1,7 +1,7 @@
 """`resnet predict`: image files -> top-k class names with probabilities.
 
 Images are prepared exactly as the run's evaluation prepared them (resnet.data.augment's decode
-and cpu_eval, resnet.train.evaluate's normalize), in batches.
+and cpu_eval, resnet.data.device's normalize), in batches.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from resnet.data.augment import DecodeError, cpu_eval, eval_image
+from resnet.data.device import normalize
 from resnet.deliver.source import Trained
-from resnet.train.evaluate import normalize
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

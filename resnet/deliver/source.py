@@ -16,9 +16,10 @@ import torch
 from resnet.data import storage
 from resnet.data.augment import AugmentParams
 from resnet.model import ARCHS, ResNet, build_model
-from resnet.runfolder import METRICS_FILE, find_latest, read_state
-from resnet.train.evaluate import (CLASSES_FILE, WEIGHTS_FILE, load_weights, run_config,
-                                   run_dir_of)
+from resnet.runfolder import (CLASSES_FILE, CONFIG_FILE, FINAL_DIR, METRICS_FILE, STATE_FILE,
+                              WEIGHTS_FILE, latest_checkpoint, newest_weights, read_state,
+                              run_dir_of)
+from resnet.weights import load_weights, run_config
 
 HUB_PREFIX = "hf-hub:"
 HUB_CONFIG = "config.json"
@@ -54,10 +55,10 @@ class Trained:
     def trainer_state(self) -> dict:
         """The checkpoint's trainer_state.json (step, epoch, ...) when the weights are one."""
         folder = self.weights if self.weights.is_dir() else self.weights.parent
-        if not (folder / "trainer_state.json").is_file() and self.run_dir is not None:
+        if not (folder / STATE_FILE).is_file() and self.run_dir is not None:
             # final/ has none: the run's newest checkpoint holds the state it was written from
-            folder = find_latest(self.run_dir / "checkpoints") or folder
-        return read_state(folder) if (folder / "trainer_state.json").is_file() else {}
+            folder = latest_checkpoint(self.run_dir) or folder
+        return read_state(folder) if (folder / STATE_FILE).is_file() else {}
 
 
 def infer_arch(state: dict[str, torch.Tensor]) -> str:
@@ -100,17 +101,6 @@ def data_on_this_machine(location: str) -> str:
     return "" if storage.is_remote(location) else location
 
 
-def _from_run_dir(path: Path) -> Path:
-    """A run directory's final/ weights, else its newest complete checkpoint."""
-    if (path / "final" / WEIGHTS_FILE).is_file():
-        return path / "final"
-    newest = find_latest(path / "checkpoints") if (path / "checkpoints").is_dir() else None
-    if newest is None:
-        raise FileNotFoundError(f"{path}: a run directory with neither final/{WEIGHTS_FILE} "
-                                f"nor a complete checkpoint")
-    return newest
-
-
 def _classes_of_run(weights: Path, run_dir: Path | None, cfg) -> tuple[list[dict], str]:
     """[{index, id, name}] and the layout: classes.json beside the weights or in the run's final/,
     else the packed data set's manifest (a checkpoint mid-run has no classes.json yet)."""
@@ -118,7 +108,7 @@ def _classes_of_run(weights: Path, run_dir: Path | None, cfg) -> tuple[list[dict
 
     folder = weights if weights.is_dir() else weights.parent
     layout = ""
-    candidates = [folder / CLASSES_FILE] + ([run_dir / "final" / CLASSES_FILE] if run_dir else [])
+    candidates = [folder / CLASSES_FILE] + ([run_dir / FINAL_DIR / CLASSES_FILE] if run_dir else [])
     classes = next((json.loads(p.read_text()) for p in candidates if p.is_file()), None)
     if cfg is not None and data_on_this_machine(cfg.data.train):
         try:
@@ -176,6 +166,6 @@ def resolve(weights: str) -> Trained:
         config = json.loads((path / HUB_CONFIG).read_text())
         if "pretrained_cfg" in config:
             return _from_hub_folder(path, config)
-    if path.is_dir() and (path / "config.yaml").is_file() and not (path / WEIGHTS_FILE).exists():
-        path = _from_run_dir(path)
+    if path.is_dir() and (path / CONFIG_FILE).is_file() and not (path / WEIGHTS_FILE).exists():
+        path = newest_weights(path)
     return _from_run(path)

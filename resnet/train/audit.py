@@ -21,7 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-AUDIT_DIR = "audit"
+from resnet.config import load_config
+from resnet.data.format import load_manifest
+from resnet.runfolder import AUDIT_DIR, CONFIG_FILE, FINAL_DIR, latest_checkpoint, read_state
+
 _FILE = re.compile(r"(?P<start>.+)-rank(?P<rank>\d+)\.jsonl$")
 _COUNTED = re.compile(r"(?P<n>\d{6})-\d{8}T")
 
@@ -161,23 +164,19 @@ def check_run(*run_dirs: Path) -> tuple[list[str], bool]:
     """`resnet audit`: a line per epoch, and whether every epoch used each sample at most once
     and (when finished) left out fewer than one global batch. Several run.dirs are one run's
     node-local folders: config, checkpoints and final/ are read where they are."""
-    from resnet.config import load_config
-    from resnet.data.format import load_manifest
-    from resnet.runfolder import find_latest, read_state
-
     run_dirs = tuple(Path(d) for d in run_dirs)
     usage = list(stream_usage(*run_dirs))  # a few numbers per epoch; keys one epoch at a time
     if not usage:
         raise FileNotFoundError(f"no audit records under {run_dirs[0] / AUDIT_DIR} (train with "
                                 f"audit.sample_keys=true)")
-    configs = [d / "config.yaml" for d in run_dirs if (d / "config.yaml").is_file()]
+    configs = [d / CONFIG_FILE for d in run_dirs if (d / CONFIG_FILE).is_file()]
     if not configs:
-        raise FileNotFoundError(f"no config.yaml in {', '.join(map(str, run_dirs))}")
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {', '.join(map(str, run_dirs))}")
     cfg = load_config([configs[0]])
     total = load_manifest(cfg.data.train).split("train").samples
-    latest = next(filter(None, (find_latest(d / "checkpoints") for d in run_dirs)), None)
+    latest = next(filter(None, (latest_checkpoint(d) for d in run_dirs)), None)
     global_batch = read_state(latest)["progress"]["global_batch"] if latest else 1
-    finished = any((d / "final").is_dir() for d in run_dirs)
+    finished = any((d / FINAL_DIR).is_dir() for d in run_dirs)
     lines, ok = [], True
     for use in usage:
         left_out = total - use.unique

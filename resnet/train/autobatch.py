@@ -21,9 +21,9 @@ import torch
 from torch.nn import functional as F
 
 from resnet.config import Config
+from resnet.data.device import normalize
 from resnet.model import build_model
 from resnet.train.engine import Engine, SetupError, deepspeed_config, micro_layout
-from resnet.train.evaluate import normalize
 from resnet.train.preflight import RunPlan
 
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",

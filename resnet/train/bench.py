@@ -125,7 +125,7 @@ def build_step(args, name: str, num_classes: int, run_dir: str):
 
     from resnet.config import load_config
     from resnet.model import build_model
-    from resnet.train.evaluate import normalize
+    from resnet.data.device import normalize
     from resnet.train.optim import build_optimizer
 
     torch.manual_seed(args.seed)
@@ -202,7 +202,7 @@ def _shard_batches(args, name: str, device):
     """(images, labels) on the device from the real loader and the trainer's DeviceFeed,
     epoch after epoch."""
     from resnet.data.stream import AugmentParams, ShardLoader
-    from resnet.train.prefetch import DeviceFeed
+    from resnet.data.device import DeviceFeed
 
     augment = AugmentParams(image_size=args.image_size)
     loader = ShardLoader(args.data, "train", rank=0, world_size=1, batch_size=args.batch_size,

@@ -20,23 +20,25 @@ from resnet.checkpoint.manager import CheckpointManager
 from resnet.checkpoint.resume import PROGRESS, RunIdentity, resume
 from resnet.config import Config, save_config, to_dict
 from resnet.data.cache import ShardCache
+from resnet.data.device import DeviceFeed, normalize
 from resnet.data.iostats import IOCounts
 from resnet.data.storage import set_io_timeout_s
 from resnet.data.stream import AugmentParams, ShardLoader
 from resnet.logs import RateLimitedLogger
 from resnet.model import build_model
 from resnet.progress import ProgressBar
+from resnet.runfolder import CONFIG_FILE, FINAL_DIR
 from resnet.train import autobatch
 from resnet.train.agreement import Agreement
 from resnet.train.audit import AuditLog, new_start_id
 from resnet.train.engine import Engine, create_engine, describe_running, settle
-from resnet.train.evaluate import evaluate, export_final, normalize
+from resnet.train.evaluate import evaluate
 from resnet.train.finite import NonFiniteWatch
 from resnet.train.metrics import RunLogger, restart_count, system_metrics
 from resnet.train.optim import Schedule, build_optimizer, peak_lr, set_lr
 from resnet.train.preflight import RunPlan, preflight
-from resnet.train.prefetch import DeviceFeed
 from resnet.train.window import LogWindow
+from resnet.weights import export_final
 
 
 class TrainingError(RuntimeError):
@@ -173,7 +175,7 @@ class Trainer:
         self.resume()
         if self.engine.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.run_dir / "config.yaml")
+            save_config(self.cfg, self.run_dir / CONFIG_FILE)
         self.logger.start(to_dict(self.cfg))
         self.bar = ProgressBar(self.total_steps, self.progress.step, enabled=self.engine.is_main,
                                every=self.cfg.train.log_every_steps)
@@ -328,7 +330,7 @@ class Trainer:
         self.save()
         self.run_eval()  # unless already done at this step: the last epoch ends on the budget
         self.checkpoints.close()
-        final = self.run_dir / "final"
+        final = self.run_dir / FINAL_DIR
         self.engine.fence("writing final/")
         if self.engine.is_main:
             export_final(self.engine.accelerator.unwrap_model(self.model),

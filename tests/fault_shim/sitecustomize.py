@@ -342,7 +342,7 @@ if (AFTER_STEP is not None and not IN_CHECKPOINT) or GATES or SAVE_AFTER_RESUME 
         INF_GRAD_AT is not None:
     _patches["resnet.train.trainer"] = _patch_trainer
 if GATES:
-    _patches["resnet.train.prefetch"] = _patch_feed
+    _patches["resnet.data.device"] = _patch_feed
 if (AFTER_STEP is not None and IN_CHECKPOINT) or ENOSPC_AT is not None:
     _patches["accelerate.accelerator"] = _patch_save_state
 if STOP_AT_FENCE:

@@ -1,9 +1,17 @@
-"""Batches on the device without a host-device sync: on CUDA a background thread pulls the
-next batches (reads them from the loader, and with data.decode=device decodes and crops them:
-nvJPEG's batched call blocks its host thread) and copies them on a side CUDA stream of its own
-while the training thread launches the current step. On a CPU it is a plain iterator.
+"""The device side of a batch: what happens to a batch once it leaves the loader, the same for
+training, evaluation, benchmarks and `resnet predict`.
 
-The loader's state moves when a batch leaves it, and this feed takes batches before the
+- `normalize`: uint8 images on the device -> normalised float (mean and std copied to each
+  device once per process, never per batch).
+- `batch_images`: a batch's images on the device, copied (data.decode=cpu) or decoded there
+  from the JPEG bytes and crop boxes the workers handed over (data.decode=device).
+- `DeviceFeed`: batches on the device without a host-device sync. On CUDA a background thread
+  pulls the next batches (reads them from the loader, and with data.decode=device decodes and
+  crops them: nvJPEG's batched call blocks its host thread) and copies them on a side CUDA
+  stream of its own while the training thread launches the current step. On a CPU it is a
+  plain iterator.
+
+The loader's state moves when a batch leaves it, and the feed takes batches before the
 trainer uses them (up to two ahead on CUDA; the trainer itself fetches step k+1's
 micro-batches before it acts on step k's agreed stop/save, unless it has a stop signal). A
 checkpoint must record the batches the *trained* steps used, so the feed stands in for the
@@ -20,8 +28,39 @@ from typing import Iterator, Optional
 
 import torch
 
+from resnet.data.augment import decode_on_device
 from resnet.data.nvjpeg import check_deterministic
-from resnet.train.evaluate import batch_images
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]) * 255
+STD = torch.tensor([0.229, 0.224, 0.225]) * 255
+
+_ON_DEVICE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD as [1,3,1,1] on `device`, copied there once per process (not per batch)."""
+    if device not in _ON_DEVICE:
+        _ON_DEVICE[device] = (MEAN.to(device).view(1, 3, 1, 1), STD.to(device).view(1, 3, 1, 1))
+    return _ON_DEVICE[device]
+
+
+def normalize(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 [N,3,H,W] on the device -> normalised float; done on the device, not in workers.
+    One float tensor, in the wanted memory format, normalised in place."""
+    mean, std = _mean_std(images.device)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = images.to(dtype=torch.float32, memory_format=layout, copy=True)  # never the input
+    return x.sub_(mean).div_(std)
+
+
+def batch_images(batch, device: torch.device, params) -> tuple[torch.Tensor, list[int] | None]:
+    """The batch's uint8 images on the device: copied (data.decode=cpu: workers decoded them)
+    or decoded there from the JPEG bytes and crop boxes the workers handed over (=device);
+    and the indices of the samples they are (None: all)."""
+    if batch.images is not None:
+        return batch.images.to(device, non_blocking=True), None
+    images, kept = decode_on_device(batch, device, params)
+    return images, (None if len(kept) == len(batch) else kept)
 
 
 class DeviceFeed:
