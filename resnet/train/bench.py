@@ -135,10 +135,10 @@ def build_step(args, name: str, num_classes: int, run_dir: str):
         engine_name = args.e2e_engine
     if engine_name:
         from resnet.data.plan import MicroLayout
-        from resnet.train.engine import create_engine
+        from resnet.train.engine import create_engine, settle
 
         cfg = _engine_config(args, engine_name, run_dir, compile_)
-        engine = create_engine(cfg, MicroLayout(cfg.train.batch_size, 1, 1))
+        engine = create_engine(settle(cfg), MicroLayout(cfg.train.batch_size, 1, 1))
         device, acc = engine.device, engine.accelerator
         model = build_model(cfg.model.arch, num_classes,
                             zero_init_residual=cfg.model.zero_init_residual)
