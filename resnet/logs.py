@@ -6,6 +6,7 @@
   any other part of the package).
 - `configure`: the `resnet.*` loggers of the standard `logging` module print in the same
   format; the verbosity comes from ``RESNET_LOG_LEVEL``.
+- `write_unlocked`: the same line format from a signal handler or a watchdog thread.
 - `is_product_line`: recognises those lines and tqdm bars in captured output, which is how
   `resnet quickstart` shows what the product says and sends the rest to a log file.
 """
@@ -46,6 +47,14 @@ def verbose() -> bool:
 
 def format_line(rank: int, levelname: str, message: str) -> str:
     return f"{time.strftime('%H:%M:%S')} [rank {rank}] {levelname}: {message}"
+
+
+def write_unlocked(rank: int, levelname: str, message: str) -> None:
+    """One product line written straight to file descriptor 2, taking no lock: for a signal
+    handler and a watchdog thread. `logging`, `tqdm.write` and sys.stderr's buffer each take a
+    lock; a handler that interrupted its own thread inside one of them, or a watchdog whose
+    stuck main thread holds one, would wait on it for ever."""
+    os.write(2, (format_line(rank, levelname, message) + "\n").encode())
 
 
 def is_product_line(line: str) -> bool:

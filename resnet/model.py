@@ -2,7 +2,8 @@
 helpers the product needs around them.
 
 `build_model` checks the name and the class count and calls torchvision's builder without
-pretrained weights; the model knows nothing of devices, optimizers or configs.
+pretrained weights; the model knows nothing of devices or optimizers, and of the config only
+the arch names that model.arch may take.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor
 from torchvision.models import ResNet, get_model
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+from resnet.config import ARCHS  # the names model.arch may take
 
 
 def build_model(name: str, num_classes: int = 1000, *, zero_init_residual: bool = False) -> ResNet:

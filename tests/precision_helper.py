@@ -15,7 +15,7 @@ from torch import nn
 from resnet.config import load_config
 from resnet.data.plan import MicroLayout
 from resnet.model import build_model
-from resnet.train.engine import SetupError, create_engine
+from resnet.train.engine import SetupError, create_engine, settle
 from resnet.train.optim import build_optimizer
 
 
@@ -25,7 +25,7 @@ def main(engine_name: str, precision: str, steps: str, run_dir: str) -> None:
         "train.batch_size=4", "deepspeed.zero_stage=0", "wandb.mode=disabled",
         f"run.dir={run_dir}"])
     try:
-        engine = create_engine(cfg, MicroLayout(4, 1, 1))
+        engine = create_engine(settle(cfg), MicroLayout(4, 1, 1))
     except SetupError as exc:
         print("PRECISION " + json.dumps({"setup_error": str(exc)}), flush=True)
         return

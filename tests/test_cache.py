@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from resnet.config import load_config
+from resnet.config import ConfigError, load_config
 from resnet.data import format as fmt
 from resnet.data import iostats
 from resnet.data.cache import GB, ShardCache
@@ -190,7 +190,7 @@ def test_bad_cache_settings_are_config_errors(tmp_path, dataset):
     with pytest.raises(SetupError, match=rf"data\.cache_limit_gb=.*{largest:,} bytes"):
         preflight(_config(tmp_path, dataset, f"data.cache_dir={tmp_path / 'c'}",
                           f"data.cache_limit_gb={largest / 2 / GB}"), world_size=1)
-    with pytest.raises(SetupError, match=r"data\.cache_limit_gb=-1 is negative"):
+    with pytest.raises(ConfigError, match=r"data\.cache_limit_gb=-1 is negative"):
         preflight(_config(tmp_path, dataset, f"data.cache_dir={tmp_path / 'c'}",
                           "data.cache_limit_gb=-1"), world_size=1)
     preflight(_config(tmp_path, dataset, f"data.cache_dir={tmp_path / 'c'}",

@@ -1,6 +1,6 @@
 import pytest
 
-from resnet.config import Config, ConfigError, load_config, save_config, to_yaml
+from resnet.config import Config, ConfigError, load_config, save_config, to_yaml, validate
 
 
 def test_defaults_then_yaml_then_command_line(tmp_path):
@@ -70,3 +70,64 @@ def test_unknown_key_lists_the_group_keys():
 
 def test_empty_value_clears_a_text_setting():
     assert load_config([], ["data.val=s3://b/x", "data.val="]).data.val == ""
+
+
+@pytest.mark.parametrize("override, message", [
+    # the two that failed late: a division by zero in the loop, a bare ValueError after the
+    # engine existed
+    ("train.log_every_steps=0", "train.log_every_steps=0: must be at least 1"),
+    ("checkpoint.keep=0", "checkpoint.keep=0: must be at least 1"),
+    ("model.arch=resnet51", "model.arch='resnet51' is not one of"),
+    ("train.epochs=0", "train.epochs=0: must be at least 1"),
+    ("train.batch_size=0", "train.batch_size=0: must be at least 1"),
+    ("train.global_batch_size=-1", "train.global_batch_size=-1: must be at least 0"),
+    ("train.max_steps=-1", "train.max_steps=-1: must be at least 0"),
+    ("train.eval_every_steps=-1", "train.eval_every_steps=-1: must be at least 0"),
+    ("train.grad_clip=-1", "train.grad_clip=-1.0: must be at least 0"),
+    ("train.label_smoothing=1.5", "train.label_smoothing=1.5: must be between 0 and 1"),
+    ("train.compile_backend=", "train.compile_backend=: must be a torch.compile backend"),
+    ("model.num_classes=-1", "model.num_classes=-1: must be at least 0"),
+    ("data.scale_min=0", "data.scale_min=0.0, data.scale_max=1.0: must satisfy 0 <"),
+    ("data.scale_max=1.5", "data.scale_min=0.08, data.scale_max=1.5: must satisfy"),
+    ("data.ratio_min=2", "data.ratio_min=2.0, data.ratio_max=1.33.*: must satisfy 0 <"),
+    ("data.eval_crop_ratio=0", "data.eval_crop_ratio=0.0: must be in \\(0, 1\\]"),
+    ("data.image_size=0", "data.image_size=0: must be at least 1"),
+    ("data.eval_image_size=-1", "data.eval_image_size=-1: must be at least 0"),
+    ("data.min_image_size=16", "progressive resizing needs 32 <= data.min_image_size"),
+    ("data.resize_start_epoch=-1", "data.resize_start_epoch=-1: must be at least 0"),
+    ("data.resize_end_epoch=-1", "data.resize_end_epoch=-1: must be at least 0"),
+    ("data.hflip=2", "data.hflip=2.0: must be between 0 and 1"),
+    ("data.workers=-1", "data.workers=-1: must be at least 0"),
+    ("data.prefetch_factor=0", "data.prefetch_factor=0: must be at least 1"),
+    ("data.io_timeout_s=0", "data.io_timeout_s=0.0: must be more than 0"),
+    ("data.worker_timeout_s=-1", "data.worker_timeout_s=-1.0: must be at least 0"),
+    ("data.cache_limit_gb=-1", "data.cache_limit_gb=-1 is negative"),
+    ("optim.lr=-0.1", "optim.lr=-0.1: must be at least 0"),
+    ("optim.weight_decay=-1", "optim.weight_decay=-1.0: must be at least 0"),
+    ("optim.warmup_epochs=-1", "optim.warmup_epochs=-1.0: must be at least 0"),
+    ("optim.momentum=1.5", "optim.momentum=1.5: must be between 0 and 1"),
+    ("optim.final_lr_ratio=2", "optim.final_lr_ratio=2.0: must be between 0 and 1"),
+    ("optim.onecycle_pct_start=2", "optim.onecycle_pct_start=2.0: must be between 0 and 1"),
+    ("optim.onecycle_div_factor=0", "optim.onecycle_div_factor=0.0: must be more than 0"),
+    ("optim.onecycle_final_div_factor=0",
+     "optim.onecycle_final_div_factor=0.0: must be more than 0"),
+    ("checkpoint.every_steps=-1", "checkpoint.every_steps=-1: must be at least 0"),
+    ("checkpoint.every_minutes=-1", "checkpoint.every_minutes=-1.0: must be at least 0"),
+    ("checkpoint.mirror_wait_s=-1", "checkpoint.mirror_wait_s=-1.0: must be at least 0"),
+    ("wandb.val_table_rows=-1", "wandb.val_table_rows=-1: must be at least 0"),
+    ("run.dir=", "run.dir=: must be a directory"),
+    ("dist.heartbeat_period_s=0", "dist.heartbeat_period_s=0.0: must be more than 0 seconds"),
+    ("dist.heartbeat_timeout_s=8", "dist.heartbeat_timeout_s=8.0 is shorter than 5 heartbeat"),
+    ("dist.collective_timeout_s=0", "dist.collective_timeout_s=0.0: must be more than 0"),
+])
+def test_validate_names_each_key_out_of_range(override, message):
+    with pytest.raises(ConfigError, match=message):  # (a choice is refused while loading)
+        validate(load_config([], [override]))
+
+
+def test_validate_passes_the_defaults_and_the_shipped_configs():
+    from pathlib import Path
+
+    validate(Config())
+    for path in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")):
+        validate(load_config([path]))

@@ -9,13 +9,13 @@ import pytest
 
 from resnet.config import load_config
 from resnet.data.plan import MicroLayout
-from resnet.train.engine import deepspeed_config
+from resnet.train.engine import deepspeed_config, settle
 
 LAYOUT = MicroLayout(16, 1, 2)
 
 
 def _ds(*overrides: str) -> dict:
-    return deepspeed_config(load_config([], list(overrides)), LAYOUT)
+    return deepspeed_config(settle(load_config([], list(overrides))), LAYOUT)
 
 
 def test_throughput_timer_and_wall_clock_breakdown_are_off():

@@ -25,7 +25,7 @@ def test_accumulation_keeps_the_global_batch():
 def test_deepspeed_config_from_our_keys():
     cfg = load_config([], ["train.batch_size=32", "train.grad_clip=1.0", "deepspeed.zero_stage=1",
                            "train.precision=bf16"])
-    ds = deepspeed_config(cfg, _layout(32, 4, 2))
+    ds = deepspeed_config(settle(cfg), _layout(32, 4, 2))
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"],
             ds["train_batch_size"]) == (32, 2, 256)
     assert ds["zero_optimization"]["stage"] == 1 and ds["gradient_clipping"] == 1.0
@@ -40,7 +40,7 @@ def test_a_user_deepspeed_json_is_the_base_and_its_autos_are_filled(tmp_path):
                                 "wall_clock_breakdown": True}))
     cfg = load_config([], [f"deepspeed.config_file={path}", "train.precision=fp32",
                            "train.batch_size=8", "train.grad_clip=2.0"])
-    ds = deepspeed_config(cfg, _layout(8, 2))
+    ds = deepspeed_config(settle(cfg), _layout(8, 2))
     assert ds["train_batch_size"] == 16 and ds["wall_clock_breakdown"] is True
     assert ds["gradient_clipping"] == 2.0  # "auto": ours
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}  # only the file's
@@ -59,7 +59,7 @@ def test_shipped_deepspeed_jsons_load():
         assert shipped["zero_optimization"]["stage"] == stage
         cfg = load_config([], [f"deepspeed.config_file={path}", f"deepspeed.zero_stage={stage}",
                                "train.precision=bf16", "train.batch_size=8"])
-        ds = deepspeed_config(cfg, _layout(8, 3, 2))
+        ds = deepspeed_config(settle(cfg), _layout(8, 3, 2))
         assert autos(shipped) and not autos(ds)
         assert ds["train_batch_size"] == 48
         for key, value in shipped.items():
@@ -72,15 +72,15 @@ def test_a_key_only_in_the_json_is_what_runs(tmp_path):
     path.write_text(json.dumps({"zero_optimization": {"stage": 1}, "gradient_clipping": 1.5,
                                 "bf16": {"enabled": True}}))
     cfg = load_config([], [f"deepspeed.config_file={path}"])
-    settled = settle(cfg)
+    settled = settle(cfg).cfg
     assert (settled.deepspeed.zero_stage, settled.train.precision, settled.train.grad_clip) == \
         (1, "bf16", 1.5)
-    ds = deepspeed_config(cfg, _layout(1, 1))
+    ds = deepspeed_config(settle(cfg), _layout(1, 1))
     assert ds["zero_optimization"]["stage"] == 1 and ds["gradient_clipping"] == 1.5
     # Its bf16 module cast breaks BatchNorm (docs/gpu.md): the same precision by torch_autocast.
     assert "bf16" not in ds and ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     # Set nowhere: the defaults.
-    plain = settle(load_config([], []))
+    plain = settle(load_config([], [])).cfg
     assert (plain.deepspeed.zero_stage, plain.train.precision, plain.train.grad_clip) == \
         (0, "bf16", 0.0)
 
@@ -98,11 +98,11 @@ def test_a_key_set_differently_in_both_places_is_an_error_naming_both(tmp_path, 
                                 "torch_autocast": {"enabled": True, "dtype": "bfloat16"}}))
     cfg = load_config([], [f"deepspeed.config_file={path}", override])
     with pytest.raises(SetupError, match=message):
-        deepspeed_config(cfg, _layout(1, 1))
+        deepspeed_config(settle(cfg), _layout(1, 1))
     # The same value in both places is fine.
     same = load_config([], [f"deepspeed.config_file={path}", "train.precision=bf16",
                             "deepspeed.zero_stage=1", "train.grad_clip=1"])
-    assert settle(same).deepspeed.zero_stage == 1
+    assert settle(same).cfg.deepspeed.zero_stage == 1
 
 
 def test_a_json_batch_size_that_the_run_cannot_use_is_an_error(tmp_path):
@@ -111,7 +111,7 @@ def test_a_json_batch_size_that_the_run_cannot_use_is_an_error(tmp_path):
     cfg = load_config([], [f"deepspeed.config_file={path}", "train.batch_size=8"])
     with pytest.raises(SetupError, match="sets train_micro_batch_size_per_gpu=32, but this run "
                                          "needs 8"):
-        deepspeed_config(cfg, _layout(8, 2))
+        deepspeed_config(settle(cfg), _layout(8, 2))
 
 
 @pytest.mark.slow
@@ -139,7 +139,7 @@ def test_shipped_deepspeed_jsons_run_as_written(name, stage, tmp_path, tmp_path_
 
 def test_fp16_needs_zero0_and_a_missing_json_is_named(tmp_path):
     with pytest.raises(SetupError, match="fp16 under DeepSpeed needs deepspeed.zero_stage=0"):
-        deepspeed_config(load_config([], ["train.precision=fp16", "deepspeed.zero_stage=1"]),
-                         _layout(1, 1))
+        deepspeed_config(settle(load_config([], ["train.precision=fp16",
+                                                 "deepspeed.zero_stage=1"])), _layout(1, 1))
     with pytest.raises(SetupError, match="config_file not found"):
-        deepspeed_config(load_config([], [f"deepspeed.config_file={tmp_path}/x.json"]), _layout(1, 1))
+        settle(load_config([], [f"deepspeed.config_file={tmp_path}/x.json"]))

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from resnet.config import DistConfig, load_config
-from resnet.train.engine import SetupError
-from resnet.train.liveness import DONE, STORE, PeerWatch, Silence, check_config
+from resnet.config import Config, ConfigError, DistConfig, load_config, validate
+from resnet.train.liveness import DONE, STORE, PeerWatch, Silence
 from resnet.train.preflight import preflight
 
 
@@ -67,14 +66,14 @@ def test_a_peer_that_never_beats_is_silent_from_the_start():
 ])
 def test_a_timeout_that_cannot_work_is_an_error_naming_the_key(override, key, tmp_path):
     cfg = load_config([], [override, f"run.dir={tmp_path / 'run'}"])
-    with pytest.raises(SetupError) as err:
+    with pytest.raises(ConfigError) as err:
         preflight(cfg, world_size=2)
     assert key in str(err.value)
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_the_defaults_are_valid():
-    check_config(DistConfig())
+    validate(Config())
     assert DistConfig().heartbeat_timeout_s >= 5 * DistConfig().heartbeat_period_s
 
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torchvision
 
-from resnet.model import ARCHS, build_model, forward_features, forward_head
+from resnet.config import ARCHS
+from resnet.model import build_model, forward_features, forward_head
 
 
 def test_resnet50_parameter_count():

@@ -167,7 +167,8 @@ def test_cli_pack_and_verify(tiny_imagenet_tree, tmp_path, capsys):
     assert main(["verify", dest, "--quiet"]) == 0
     assert main(["pack", str(tiny_imagenet_tree.root), dest, "--layout", "imagenet",
                  "--strict", "--quiet", "--workers", "1"]) == 1
-    assert main(["pack", str(tmp_path), dest, "--layout", "tinyimagenet", "--quiet"]) == 1
+    # a source tree not of the layout is bad input (README.md, "Exit status")
+    assert main(["pack", str(tmp_path), dest, "--layout", "tinyimagenet", "--quiet"]) == 2
     assert "wnids.txt" in capsys.readouterr().err
 
 

@@ -96,3 +96,13 @@ def test_product_loggers_print_product_lines(monkeypatch, capsys):
     assert not logs.verbose()
     monkeypatch.setenv("RESNET_LOG_LEVEL", "debug")
     assert logs.verbose()
+
+
+def test_lock_free_lines_are_product_lines_too(capfd):
+    """The stop-signal handler's and the liveness watchdog's lines take no lock, and still
+    read as product lines: the console filter shows them."""
+    from resnet import logs
+
+    logs.write_unlocked(3, "WARNING", "signal 15: checkpointing at the end of this step")
+    err = capfd.readouterr().err
+    assert logs.is_product_line(err) and "[rank 3] WARNING: signal 15: checkpointing" in err

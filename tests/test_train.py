@@ -82,7 +82,7 @@ def test_preflight_errors(data, unlabelled_val, tmp_path):
         preflight(_cfg(data, run_dir, f"data.val={unlabelled_val}"), world_size=1)
     with pytest.raises(SetupError, match="global batch 2 has fewer samples than the 3 processes"):
         preflight(_cfg(data, run_dir, "train.global_batch_size=2"), world_size=3)
-    with pytest.raises(SetupError, match="scale must satisfy 0 < min <= max <= 1"):
+    with pytest.raises(ConfigError, match="0 < data.scale_min <= data.scale_max <= 1"):
         preflight(_cfg(data, run_dir, "data.scale_min=0"), world_size=1)
 
 

@@ -103,7 +103,7 @@ def test_png_member_is_refused(packed):
 
 
 def test_no_manifest_is_a_clear_error(tmp_path, capsys):
-    assert main(["verify", str(tmp_path), "--quiet"]) == 1
+    assert main(["verify", str(tmp_path), "--quiet"]) == 2  # bad input: not a data set
     assert "no manifest.json" in capsys.readouterr().err
 
 

@@ -23,8 +23,8 @@ from torch.nn import functional as F
 from resnet.config import Config
 from resnet.data.device import normalize
 from resnet.model import build_model
-from resnet.train.engine import Engine, SetupError, deepspeed_config, micro_layout
-from resnet.train.preflight import RunPlan
+from resnet.train.engine import Engine, SetupError, Settled, deepspeed_config, micro_layout
+from resnet.train.preflight import RunSetup
 
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
               "train_batch_size")
@@ -48,7 +48,7 @@ def largest_that_runs(try_size, start: int) -> int:
         size //= 2
 
 
-def _probe(cfg: Config, plan: RunPlan, engine: Engine):
+def _probe(cfg: Config, plan: RunSetup, engine: Engine):
     """try_size(n): one forward + backward of the run's model at n images of the largest size."""
     device, size = engine.device, cfg.data.image_size
     model = build_model(cfg.model.arch, plan.num_classes,
@@ -68,9 +68,10 @@ def _probe(cfg: Config, plan: RunPlan, engine: Engine):
     return try_size
 
 
-def fit(cfg: Config, plan: RunPlan, engine: Engine, log) -> tuple[Config, RunPlan]:
-    """(cfg, plan) with train.batch_size and the layout at the micro-batch every rank fits;
-    Accelerate's accumulation and DeepSpeed's batch keys follow."""
+def fit(settled: Settled, plan: RunSetup, engine: Engine, log) -> tuple[Settled, RunSetup]:
+    """(settled, plan) with train.batch_size and the layout at the micro-batch every rank
+    fits; Accelerate's accumulation and DeepSpeed's batch keys follow."""
+    cfg = settled.cfg
     local = largest_that_runs(_probe(cfg, plan, engine), cfg.train.batch_size)
     found = min(engine.gather(local))
     gc.collect()
@@ -78,14 +79,15 @@ def fit(cfg: Config, plan: RunPlan, engine: Engine, log) -> tuple[Config, RunPla
         torch.cuda.empty_cache()  # the probe's memory goes back before training allocates
     cfg = copy.deepcopy(cfg)
     cfg.train.batch_size = found
+    settled = dataclasses.replace(settled, cfg=cfg)
     layout = micro_layout(plan.global_batch, found, engine.world_size)
     plan = dataclasses.replace(plan, layout=layout)
     engine.accelerator.gradient_accumulation_steps = layout.accumulation
     if engine.uses_deepspeed:
-        ds = deepspeed_config(cfg, layout)
+        ds = deepspeed_config(settled, layout)
         engine.accelerator.state.deepspeed_plugin.deepspeed_config.update(
             {key: ds[key] for key in BATCH_KEYS})
     log.info(f"train.auto_batch_size: micro-batch {found} fits at {cfg.data.image_size} px "
              f"(this rank: {local}, the smallest over ranks taken); global batch "
              f"{layout.describe()}")
-    return cfg, plan
+    return settled, plan

@@ -28,7 +28,6 @@ run; the exit status is then 1.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -135,10 +134,10 @@ def build_step(args, name: str, num_classes: int, run_dir: str):
         engine_name = args.e2e_engine
     if engine_name:
         from resnet.data.plan import MicroLayout
-        from resnet.train.engine import create_engine
+        from resnet.train.engine import create_engine, settle
 
         cfg = _engine_config(args, engine_name, run_dir, compile_)
-        engine = create_engine(cfg, MicroLayout(cfg.train.batch_size, 1, 1))
+        engine = create_engine(settle(cfg), MicroLayout(cfg.train.batch_size, 1, 1))
         device, acc = engine.device, engine.accelerator
         model = build_model(cfg.model.arch, num_classes,
                             zero_init_residual=cfg.model.zero_init_residual)
@@ -334,36 +333,9 @@ def _row(r: dict) -> str:
             f"{r['p99_ms']:.1f} | {wait} | {r['peak_gib']:.2f} | {r['warmup_s']:.1f} |")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", metavar="SHARDS", help="a packed data set: adds the end-to-end "
-                   "rows (--e2e)")
-    p.add_argument("--arch", default="resnet50")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--num-classes", type=int, default=1000, help="synthetic labels (with "
-                   "--data: the data set's classes)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps first")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
-                   help=f"comma-separated synthetic ones, of: "
-                        f"{', '.join(c for c in CONFIGS if not c.startswith('e2e_'))}")
-    p.add_argument("--compile", action="store_true", help=f"add {', '.join(COMPILED)}")
-    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend "
-                   "(eager: a quick check that the compiled configurations build)")
-    p.add_argument("--e2e", default="cpu,device", help="with --data: the data.decode modes "
-                   "to run end to end (empty: none)")
-    p.add_argument("--e2e-engine", default="deepspeed", choices=sorted(set(ENGINES.values())),
-                   help="the engine of the end-to-end rows (resnet train's default: deepspeed)")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 3) - 2),
-                   help="loader workers end to end")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    p.add_argument("--child", metavar="CONFIG", help=argparse.SUPPRESS)
-
-
-def check_arguments(p: argparse.ArgumentParser, args) -> None:
+def chosen_configs(args) -> list[str]:
+    """The configurations `args` asks for, in order; ValueError naming what is unknown or
+    out of range."""
     names = [c for c in args.configs.split(",") if c]
     if args.compile:
         names += [c for c in COMPILED if c not in names]
@@ -371,26 +343,29 @@ def check_arguments(p: argparse.ArgumentParser, args) -> None:
     modes = [m for m in args.e2e.split(",") if m]
     unknown += [f"e2e {m}" for m in modes if m not in ("cpu", "device")]
     if unknown:
-        p.error(f"unknown configuration(s) {unknown}; choose from "
-                f"{[c for c in CONFIGS if not c.startswith('e2e_')]} and --e2e cpu,device")
+        raise ValueError(f"unknown configuration(s) {unknown}; choose from "
+                         f"{[c for c in CONFIGS if not c.startswith('e2e_')]} and --e2e "
+                         f"cpu,device")
     if min(args.steps, args.repeats, args.batch_size) < 1 or args.warmup < 0:
-        p.error("--steps, --repeats and --batch-size must be at least 1, --warmup at least 0")
+        raise ValueError("--steps, --repeats and --batch-size must be at least 1, --warmup at "
+                         "least 0")
     if args.steps * args.repeats < 2:
-        p.error("--steps x --repeats must be at least 2 (step-time percentiles)")
-    args.names = names + ([f"e2e_{m}" for m in modes] if args.data else [])
+        raise ValueError("--steps x --repeats must be at least 2 (step-time percentiles)")
+    return names + ([f"e2e_{m}" for m in modes] if args.data else [])
 
 
 def run(args) -> int:
+    names = chosen_configs(args)
     if args.child:
         print(RESULT_TAG + json.dumps(run_one(args, args.child)), flush=True)
         return 0
     lines = header(args)  # (asks nvidia-smi: once)
     print("\n".join(lines), flush=True)
-    for name in args.names:
+    for name in names:
         print(f"#   {name}: {CONFIGS[name]}", flush=True)
     print(TABLE, flush=True)
     results = []
-    for name in args.names:
+    for name in names:
         result = run_child(args, name)
         results.append(result)
         print(_row(result), flush=True)

@@ -20,6 +20,7 @@ import torch
 
 from resnet.config import Config
 from resnet.data.plan import MicroLayout
+from resnet.logs import RateLimitedLogger
 from resnet.train import liveness
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -101,10 +102,20 @@ def _json_settings(ds: dict, path: str) -> dict:
             "train.grad_clip": (None if clip == "auto" else clip, "gradient_clipping")}
 
 
-def settle(cfg: Config) -> Config:
-    """A copy of cfg with train.precision, train.grad_clip and deepspeed.zero_stage set to what
-    will run: a key set in the DeepSpeed JSON only comes from it, one set in both places must
-    agree (else SetupError naming both), one set nowhere takes UNSET_DEFAULTS."""
+@dataclass(frozen=True)
+class Settled:
+    """The config with train.precision, train.grad_clip and deepspeed.zero_stage set to what
+    will run, and the DeepSpeed JSON file they were settled against (read once; {} without
+    one). `train()` settles once and hands this on to the engine and the batch search."""
+
+    cfg: Config
+    user_json: dict
+
+
+def settle(cfg: Config) -> Settled:
+    """Read the DeepSpeed JSON (deepspeed.config_file) and decide the keys both can set: a key
+    set in the JSON only comes from it, one set in both places must agree (else SetupError
+    naming both), one set nowhere takes UNSET_DEFAULTS."""
     ds, path = _user_json(cfg), cfg.deepspeed.config_file
     out = copy.deepcopy(cfg)
     for dotted, (theirs, json_key) in _json_settings(ds, path).items():
@@ -118,14 +129,13 @@ def settle(cfg: Config) -> Config:
     if out.deepspeed.zero_stage not in (0, 1, 2):
         raise SetupError(f"{path}: zero_optimization.stage={out.deepspeed.zero_stage}; this "
                          f"trainer supports 0, 1 and 2")
-    return out
+    return Settled(out, ds)
 
 
-def deepspeed_config(cfg: Config, layout: MicroLayout) -> dict:
+def deepspeed_config(settled: Settled, layout: MicroLayout) -> dict:
     """The DeepSpeed JSON that runs: a user file (deepspeed.config_file) is the base, and
-    `settle` decides the keys both can set; the batch bookkeeping is ours."""
-    cfg = settle(cfg)
-    ds = _user_json(cfg)
+    `settle` decided the keys both can set; the batch bookkeeping is ours."""
+    cfg, ds = settled.cfg, copy.deepcopy(settled.user_json)
     # DeepSpeed wants micro x accumulation x world == train batch. Ranks may take one sample
     # fewer than the largest micro-batch (the trainer weights each rank's loss so the gradient
     # is the mean over exactly the global batch); these numbers only size its bookkeeping.
@@ -273,15 +283,15 @@ def make_accelerator(*, use_deepspeed: bool = False, collective_timeout_s: float
     return accelerator
 
 
-def create_engine(cfg: Config, layout: MicroLayout, load_universal: bool = False) -> Engine:
+def create_engine(settled: Settled, layout: MicroLayout, load_universal: bool = False) -> Engine:
     from accelerate.utils import DeepSpeedPlugin
 
-    cfg = settle(cfg)
+    cfg = settled.cfg
     use_ds = cfg.deepspeed.engine == "deepspeed"
     plugin = None
     mixed = "no"
     if use_ds:
-        ds = deepspeed_config(cfg, layout)
+        ds = deepspeed_config(settled, layout)
         if load_universal:  # ZeRO shards of another world size (resnet/checkpoint/universal.py)
             ds.setdefault("checkpoint", {})["load_universal"] = True
         plugin = DeepSpeedPlugin(hf_ds_config=ds)
@@ -353,9 +363,10 @@ def _init_elastic_process_group(backend: str, timeout: timedelta) -> None:
             os.environ.get("RANK") == "0":
         # Several agents: a node joining later makes every agent exit in its own rendezvous
         # (torch 2.14; docs/operations.md), and each agent counts restarts on its own.
-        print("[resnet] warning: a multi-node torchrun job without "
-              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in every agent's environment cannot "
-              "admit a node that joins later; launch/elastic.sh sets it", flush=True)
+        RateLimitedLogger(0).warning("a multi-node torchrun job without "
+                                     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in every agent's "
+                                     "environment cannot admit a node that joins later; "
+                                     "launch/elastic.sh sets it")
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                           is_master=False, timeout=timeout)
     from resnet.train.metrics import restart_count

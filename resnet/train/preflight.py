@@ -1,4 +1,5 @@
-"""Everything that can be checked before a process group starts, checked there.
+"""Everything that can be checked before a process group starts, checked there: the config
+alone (resnet/config/validate.py), then what needs the data set and the run folder.
 
 A mistyped key, a missing data set, an unlabelled val split or a batch the world size does
 not divide must fail in seconds with one clear line, not after DeepSpeed has started.
@@ -10,18 +11,17 @@ from pathlib import Path
 
 from resnet.checkpoint.errors import ResumeError
 from resnet.checkpoint.resume import LocalResume, local_resume_point
-from resnet.config import Config
-from resnet.data.augment import AugmentParams
+from resnet.config import Config, validate
 from resnet.data.cache import CacheSettingError, check_settings
 from resnet.data.format import Manifest, ManifestError, load_manifest
 from resnet.data.plan import MicroLayout
-from resnet.model import ARCHS
-from resnet.train import liveness
 from resnet.train.engine import SetupError, launched_world_size, micro_layout
 
 
 @dataclass(frozen=True)
-class RunPlan:
+class RunSetup:
+    """What preflight found: the data sets, the world and the batch layout the run starts with."""
+
     train_manifest: Manifest
     val_manifest: Manifest | None
     num_classes: int
@@ -73,27 +73,10 @@ def _local_resume(cfg: Config, fingerprint: str, global_batch: int,
         raise SetupError(str(exc)) from None
 
 
-def preflight(cfg: Config, world_size: int | None = None) -> RunPlan:
+def preflight(cfg: Config, world_size: int | None = None) -> RunSetup:
+    validate(cfg)  # every key's range: the config alone, before anything else
     world_size = world_size or launched_world_size()
-    if cfg.model.arch not in ARCHS:
-        raise SetupError(f"model.arch={cfg.model.arch!r} is not one of {sorted(ARCHS)}")
-    try:
-        liveness.check_config(cfg.dist)
-    except liveness.LivenessConfigError as exc:
-        raise SetupError(str(exc)) from None
-    if cfg.train.batch_size < 1 or cfg.train.epochs < 1:
-        raise SetupError("train.batch_size and train.epochs must be at least 1")
-    try:
-        AugmentParams.from_config(cfg.data)
-    except ValueError as exc:
-        raise SetupError(f"data.scale_min/max, ratio_min/max or eval_crop_ratio: {exc}") from None
     d = cfg.data
-    if d.min_image_size and not (32 <= d.min_image_size <= d.image_size
-                                 and 0 <= d.resize_start_epoch <= d.resize_end_epoch):
-        raise SetupError(f"progressive resizing needs 32 <= data.min_image_size <= "
-                         f"data.image_size and 0 <= data.resize_start_epoch <= "
-                         f"data.resize_end_epoch (got {d.min_image_size}, {d.image_size}, "
-                         f"{d.resize_start_epoch}, {d.resize_end_epoch})")
     train_manifest = _manifest(cfg.data.train, "train", "data.train")
     val_manifest = _manifest(cfg.data.val, "val", "data.val") if cfg.data.val else None
     if d.cache_dir:
@@ -114,5 +97,5 @@ def preflight(cfg: Config, world_size: int | None = None) -> RunPlan:
     if global_batch > train_manifest.split("train").samples:
         raise SetupError(f"the global batch {global_batch} is larger than the training set "
                          f"({train_manifest.split('train').samples} samples)")
-    return RunPlan(train_manifest, val_manifest, num_classes, world_size, global_batch, layout,
-                   load_universal)
+    return RunSetup(train_manifest, val_manifest, num_classes, world_size, global_batch, layout,
+                    load_universal)

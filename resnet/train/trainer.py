@@ -7,7 +7,6 @@ restart (torchrun elastic, SLURM requeue, spot replacement) continues exactly.
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from resnet.data.device import DeviceFeed, normalize
 from resnet.data.iostats import IOCounts
 from resnet.data.storage import set_io_timeout_s
 from resnet.data.stream import AugmentParams, ShardLoader
-from resnet.logs import RateLimitedLogger
+from resnet.logs import RateLimitedLogger, rank_from_env, write_unlocked
 from resnet.model import build_model
 from resnet.progress import ProgressBar
 from resnet.runfolder import CONFIG_FILE, FINAL_DIR
@@ -36,7 +35,7 @@ from resnet.train.evaluate import evaluate
 from resnet.train.finite import NonFiniteWatch
 from resnet.train.metrics import RunLogger, restart_count, system_metrics
 from resnet.train.optim import Schedule, build_optimizer, peak_lr, set_lr
-from resnet.train.preflight import RunPlan, preflight
+from resnet.train.preflight import RunSetup, preflight
 from resnet.train.window import LogWindow
 from resnet.weights import export_final
 
@@ -77,14 +76,16 @@ class StopFlag:
     def _handle(self, signum, frame) -> None:
         if not self.signum:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            print(f"[resnet] signal {signum}: checkpointing at the end of this step, then "
-                  f"exiting; Ctrl-C again exits at once, without that checkpoint",
-                  file=sys.stderr, flush=True)
+            # Lock-free: a logging call here could wait for ever on a lock that the
+            # interrupted code (this same thread) holds.
+            write_unlocked(rank_from_env(), "WARNING", f"signal {signum}: checkpointing at "
+                           f"the end of this step, then exiting; Ctrl-C again exits at once, "
+                           f"without that checkpoint")
         self.signum = signum
 
 
 class Trainer:
-    def __init__(self, cfg: Config, plan: RunPlan, engine: Engine) -> None:
+    def __init__(self, cfg: Config, plan: RunSetup, engine: Engine) -> None:
         self.cfg, self.plan, self.engine = cfg, plan, engine
         self.run_dir = Path(cfg.run.dir)
         self.log = RateLimitedLogger(engine.rank)
@@ -394,10 +395,11 @@ class Trainer:
 
 
 def train(cfg: Config) -> Path:
-    cfg = settle(cfg)  # precision, stage, clipping: what runs, from the config and the JSON
     set_io_timeout_s(cfg.data.io_timeout_s)  # every read's retry deadline, workers included
-    plan = preflight(cfg)  # bad input fails here, before any process group
-    engine = create_engine(cfg, plan.layout, plan.load_universal)
+    setup = preflight(cfg)  # bad input fails here, before any process group
+    # precision, stage, clipping: what runs, from the config and the DeepSpeed JSON (read once)
+    settled = settle(cfg)
+    engine = create_engine(settled, setup.layout, setup.load_universal)
     if cfg.train.auto_batch_size:  # (needs the process group; before the engine wraps)
-        cfg, plan = autobatch.fit(cfg, plan, engine, RateLimitedLogger(engine.rank))
-    return Trainer(cfg, plan, engine).fit()
+        settled, setup = autobatch.fit(settled, setup, engine, RateLimitedLogger(engine.rank))
+    return Trainer(settled.cfg, setup, engine).fit()
