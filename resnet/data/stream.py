@@ -41,6 +41,7 @@ from resnet.data import plan as P
 from resnet.data import storage
 from resnet.data.augment import AugmentParams
 from resnet.data.cache import ShardCache
+from resnet.data.intervals import length
 from resnet.data.shardio import ShardError, read_samples
 from resnet.logs import RateLimitedLogger, rank_from_env
 
@@ -85,8 +86,7 @@ class _Job:
     root: str
     shards: tuple[fmt.ShardInfo, ...]
     order: P.EpochOrder
-    schedule: tuple[tuple[tuple[P.Interval, ...], tuple[int, ...]], ...]  # per physical
-    # worker: its positions and the sizes of the batches it cuts them into
+    schedule: tuple[P.WorkerShare, ...]  # per physical worker: its runs, picks and batches
     train: bool
     labelled: bool
     num_classes: int
@@ -130,30 +130,45 @@ def _prepare(key: str, files: dict[str, bytes], job: _Job):
         raise CorruptSample(str(exc)) from None
 
 
-def _samples(job: _Job, positions, log_: RateLimitedLogger) -> Iterator[tuple[str, object]]:
-    """(key, (payload, label) or None for a corrupt/missing sample), in position order."""
-    for shard, indices in job.order.reads(positions):
-        info = job.shards[shard]
-        url = storage.join(job.root, info.name)
-        wanted = [int(i) for i in indices]
-        pending: dict[int, tuple[str, dict]] = {}
-        nxt = 0
-        opener = job.cache.opener(info) if job.cache else storage.open_read
-        for index, key, files in read_samples(url, set(wanted), opener=opener,
-                                              shard_bytes=info.bytes):
-            pending[index] = (key, files)
-            # Emit in the shuffled order as soon as the next one is in: at most one shard's
-            # needed samples are ever held, as raw bytes.
-            while nxt < len(wanted) and wanted[nxt] in pending:
-                yield _one(url, wanted[nxt], *pending.pop(wanted[nxt]), job, log_)
-                nxt += 1
-        for index in wanted[nxt:]:
-            if index in pending:  # read, but held behind a missing one in the shuffled order
-                yield _one(url, index, *pending.pop(index), job, log_)
-                continue
-            log_.warning(f"shard {url}: sample {index} is missing (the shard is shorter than "
-                         f"its manifest says); skipped", key="sample")
-            yield f"{info.name}#{index}", None
+def _samples(job: _Job, share: P.WorkerShare,
+             log_: RateLimitedLogger) -> Iterator[tuple[str, object]]:
+    """(key, (payload, label) or None for a corrupt/missing sample), in the share's emission
+    order: each pick takes the next sample of its run, from one open reader per run."""
+    left = [b - a for a, b in share.runs]
+    open_runs: dict[int, Iterator] = {}
+    for k in share.picks.tolist():
+        if k not in open_runs:
+            open_runs[k] = _run_samples(job, *job.order.locate(share.runs[k]), log_)
+        yield next(open_runs[k])
+        left[k] -= 1
+        if not left[k]:  # its stream closes now, not when the worker's last run ends
+            open_runs.pop(k).close()
+
+
+def _run_samples(job: _Job, shard: int, lo: int, hi: int,
+                 log_: RateLimitedLogger) -> Iterator[tuple[str, object]]:
+    """Samples lo..hi-1 of a shard, in tar order; a sample the tar lacks (it is shorter than
+    its manifest says) is yielded as missing, so every position still yields one item."""
+    info = job.shards[shard]
+    url = storage.join(job.root, info.name)
+    opener = job.cache.opener(info) if job.cache else storage.open_read
+    expected = lo
+    for index, key, files in read_samples(url, set(range(lo, hi)), opener=opener,
+                                          shard_bytes=info.bytes):
+        while expected < index:
+            yield _missing(info, url, expected, log_)
+            expected += 1
+        yield _one(url, index, key, files, job, log_)
+        expected += 1
+    while expected < hi:
+        yield _missing(info, url, expected, log_)
+        expected += 1
+
+
+def _missing(info: fmt.ShardInfo, url: str, index: int, log_: RateLimitedLogger):
+    log_.warning(f"shard {url}: sample {index} is missing (the shard is shorter than "
+                 f"its manifest says); skipped", key="sample")
+    return f"{info.name}#{index}", None
 
 
 def _one(url, index, key, files, job, log_):
@@ -192,16 +207,16 @@ class _EpochStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
-        positions, sizes = self.job.schedule[info.id if info else 0]
-        yield from _batches(self.job, positions, sizes)
+        yield from _batches(self.job, self.job.schedule[info.id if info else 0])
 
 
-def _batches(job: _Job, positions, sizes: tuple[int, ...]) -> Iterator[Batch]:
+def _batches(job: _Job, share: P.WorkerShare) -> Iterator[Batch]:
     log_ = RateLimitedLogger(rank_from_env(), every_s=10.0)  # one key: at most 1 line / 10 s
     items: list = []
     produced = 0
     counted = iostats.snapshot()
-    for item in _samples(job, positions, log_):
+    sizes = share.sizes
+    for item in _samples(job, share, log_):
         items.append(item)
         if produced < len(sizes) and len(items) == sizes[produced]:
             batch = _collate(items, job)
@@ -396,13 +411,12 @@ class ShardLoader:
     def samples_consumed(self) -> int:
         """Positions of the current epoch consumed by all ranks together."""
         return P.usable(self._plan.order.total, self.global_batch, self.train) \
-            - sum(s.dropped for s in self._plan.segments) - P.length(self._plan.remaining())
+            - sum(s.dropped for s in self._plan.segments) - length(self._plan.remaining())
 
     # ------------------------------------------------------------------ iteration
     def _job(self) -> _Job:
-        schedule = tuple((tuple(pos), tuple(sizes)) for pos, sizes in
-                         self._plan.schedule(self.rank))
-        return _Job(self.source, self._split.shards, self._plan.order, schedule,
+        return _Job(self.source, self._split.shards, self._plan.order,
+                    tuple(self._plan.schedule(self.rank)),
                     self.train, self._split.labelled,
                     self.manifest.num_classes, self.decode, self.augment, self.cache)
 
@@ -411,7 +425,7 @@ class ShardLoader:
         if expected:
             job = self._job()
             if self.workers == 0:
-                batches = _batches(job, *job.schedule[0])
+                batches = _batches(job, job.schedule[0])
             else:
                 batches = _named_timeouts(iter(DataLoader(
                     _EpochStream(job), batch_size=None, num_workers=self.workers,
