@@ -299,3 +299,19 @@ def test_workers_read_whole_stretches_of_tar_in_an_epoch_and_after_a_resplit(see
         ep = ep.advance(steps // 3 * ep.current.accumulation).resume(segment(world, 3, 6, g))
     samples, count, pairs = stretches(ep)
     assert samples and count <= 2 * pairs
+
+
+@SETTINGS
+@given(setups(), topologies, st.data())
+def test_consumed_count_is_what_the_ranks_handed_out(setup, topo, data):
+    sizes, w, k, b, g, seed, epoch = setup
+    assume(topo[0] <= g)
+    ep = fresh(*setup)
+    c, used = _steps_then_switch(ep, data)
+    ep = ep.advance(c).resume(segment(*topo, g))
+    c2 = data.draw(st.integers(0, ep.batches_total()))
+    used += [p for seq in run(ep).values() for batch in seq[:c2] for p in batch]
+    ep = ep.advance(c2)
+    assert ep.consumed_count() == len(used)
+    kept = P.usable(ep.order.total, g, True) - sum(s.dropped for s in ep.segments)
+    assert I.length(ep.remaining()) == kept - len(used)

@@ -338,14 +338,30 @@ def consumed_by_worker(batches_done: int, worker: int, workers: int, count: int)
 
 def consumed(order: EpochOrder, base: Sequence[Interval], seg: Segment, index: int,
              train: bool, global_batch: int) -> list[Interval]:
-    """All positions the ranks of segment number `index` consumed, in position order."""
+    """All positions the ranks of segment number `index` consumed, in position order. Only a
+    worker stopped inside its range needs its interleaving drawn (a prefix of each run)."""
     out: list[Interval] = []
-    for rank in range(seg.world_size):
-        for w, share in enumerate(worker_shares(order, base, seg, index, rank, train,
-                                                global_batch)):
-            done = consumed_by_worker(seg.batches, w, seg.workers, len(share.sizes))
-            out.extend(share.taken(sum(share.sizes[:done])))
+    for rank, piece in enumerate(rank_pieces(base, seg, train, global_batch)):
+        for w, (positions, sizes) in enumerate(worker_ranges(piece, seg, rank, train,
+                                                             global_batch)):
+            done = consumed_by_worker(seg.batches, w, seg.workers, len(sizes))
+            if done == len(sizes):
+                out.extend(positions)
+            elif done:
+                runs = order.runs(positions)
+                picks = merge([b - a for a, b in runs], order.shuffle,
+                              order.seed, order.epoch, index, rank, w)
+                out.extend(WorkerShare(tuple(runs), picks, tuple(sizes)).taken(sum(sizes[:done])))
     return normalise(out)
+
+
+def consumed_count(seg: Segment, total: int, train: bool, global_batch: int) -> int:
+    """How many positions of `total` the ranks of `seg` consumed (arithmetic only)."""
+    count = 0
+    for rank, n in enumerate(rank_counts(total, seg, train, global_batch)):
+        for w, sizes in enumerate(worker_batches(n, seg, rank, train, global_batch)):
+            count += sum(sizes[:consumed_by_worker(seg.batches, w, seg.workers, len(sizes))])
+    return count
 
 
 # ----------------------------------------------------------------------------- epoch plan
@@ -363,26 +379,34 @@ class EpochPlan:
     @cached_property
     def bases(self) -> tuple[list[Interval], ...]:
         """Positions each segment splits (after its drop), in position order."""
-        return self._walk[0]
-
-    @cached_property
-    def _walk(self) -> tuple[tuple[list[Interval], ...], list[Interval]]:
-        """(each segment's base, the positions none consumed): one pass over the segments."""
         remaining = [(0, usable(self.order.total, self.global_batch, self.train))]
         remaining = [iv for iv in remaining if iv[1] > iv[0]]
         out = []
         for index, seg in enumerate(self.segments):
-            base = take(remaining, 0, length(remaining) - seg.dropped)
-            out.append(base)
-            remaining = subtract(base, consumed(self.order, base, seg, index, self.train,
-                                                self.global_batch))
-        return tuple(out), remaining
+            if index:
+                remaining = self._left_after(index - 1, out[-1])
+            out.append(take(remaining, 0, length(remaining) - seg.dropped))
+        return tuple(out)
+
+    def _left_after(self, index: int, base: list[Interval]) -> list[Interval]:
+        return subtract(base, consumed(self.order, base, self.segments[index], index,
+                                       self.train, self.global_batch))
 
     def remaining(self) -> list[Interval]:
         """Positions no segment has consumed yet (after the last segment's drop)."""
         if not self.segments:
             return [(0, usable(self.order.total, self.global_batch, self.train))]
-        return self._walk[1]
+        return self._left_after(len(self.segments) - 1, self.bases[-1])
+
+    def consumed_count(self) -> int:
+        """Positions all segments consumed: what the ranks handed out, counted without drawing
+        any interleaving (the loader's state asks after every batch)."""
+        left = usable(self.order.total, self.global_batch, self.train)
+        count = 0
+        for seg in self.segments:
+            done = consumed_count(seg, left - seg.dropped, self.train, self.global_batch)
+            count, left = count + done, left - seg.dropped - done
+        return count
 
     def resume(self, topology: Segment) -> "EpochPlan":
         """The plan continued under `topology`: the same segment if it matches, else a new one.
@@ -419,7 +443,10 @@ class EpochPlan:
 
     def advance(self, batches: int) -> "EpochPlan":
         seg = replace(self.current, batches=self.current.batches + batches)
-        return replace(self, segments=self.segments[:-1] + (seg,))
+        out = replace(self, segments=self.segments[:-1] + (seg,))
+        if "bases" in self.__dict__:  # they do not depend on the last segment's progress
+            out.__dict__["bases"] = self.bases
+        return out
 
     def schedule(self, rank: int) -> list[WorkerShare]:
         """For each physical worker p: the rest of the share it produces, in order.

@@ -41,7 +41,6 @@ from resnet.data import plan as P
 from resnet.data import storage
 from resnet.data.augment import AugmentParams
 from resnet.data.cache import ShardCache
-from resnet.data.intervals import length
 from resnet.data.shardio import ShardError, read_samples
 from resnet.logs import RateLimitedLogger, rank_from_env
 
@@ -410,8 +409,7 @@ class ShardLoader:
     @property
     def samples_consumed(self) -> int:
         """Positions of the current epoch consumed by all ranks together."""
-        return P.usable(self._plan.order.total, self.global_batch, self.train) \
-            - sum(s.dropped for s in self._plan.segments) - length(self._plan.remaining())
+        return self._plan.consumed_count()
 
     # ------------------------------------------------------------------ iteration
     def _job(self) -> _Job:
