@@ -23,7 +23,6 @@ import statistics
 import time
 import tracemalloc
 
-import numpy as np
 
 from resnet.data import intervals as I
 from resnet.data import plan as P

@@ -538,7 +538,7 @@ def test_a_stuck_worker_is_named_within_the_timeout(shards, tmp_path):
     import time
 
     from resnet.data import plan as P
-    from resnet.data.stream import WorkerStuck
+    from resnet.data.workers import WorkerStuck
 
     root = make_shards(tmp_path / "stuck", [4, 4])
     os.unlink(root / "train-000001.tar")
