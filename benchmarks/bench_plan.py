@@ -9,10 +9,10 @@ the same after a resume at 50% of the epoch; and after an elastic re-split 64 ->
 third of the epoch on each, then the rest). Then, over ALL ranks, it checks arithmetically that
 every position of the epoch is used exactly once, and counts the bytes the workers read for
 what is left of the epoch (mean JPEG 110 KB). Each worker reads each of its runs (a stretch of
-one tar, resnet/data/plan.py) as one stream: a reader that can start at the run's first sample
-(local disk, the node's shard cache) reads exactly the run; today's remote reader
-(resnet/data/shardio.py) finds a sample only by walking the tar's headers from byte 0, so
-from S3 without the cache it reads every shard from its start to the run's end.
+one tar, resnet/data/plan.py) as one stream, from S3 without the node's cache starting at the
+manifest's nearest indexed sample (every INDEX_STRIDE-th, resnet/data/format.py). For
+comparison: a reader that starts at the run's first sample (local disk, the cache), and one
+that walks the tar's headers from byte 0 (a manifest packed before the offsets came).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import tracemalloc
 
 from resnet.data import intervals as I
 from resnet.data import plan as P
+from resnet.data.format import INDEX_STRIDE
 from resnet.envinfo import cpu_model
 
 IMAGENET_TRAIN, SHARD = 1_281_167, 1_000
@@ -100,18 +101,18 @@ def check_exactly_once(ep: P.EpochPlan) -> tuple[int, int]:
 
 
 def run_bytes(ep: P.EpochPlan) -> tuple[int, int, int, int]:
-    """(bytes needed, read starting at each run's first sample, read from each shard's byte 0
-    to the run's end, runs opened) over all workers, for what is left of the epoch."""
-    needed = from_zero = runs = 0
+    """(bytes needed, read from the nearest indexed sample, read from each shard's byte 0, runs
+    opened) over all workers, for what is left of the epoch."""
+    needed = indexed = from_zero = runs = 0
     for rank in range(ep.current.world_size):
         for share in ep.schedule(rank):
             for run in share.runs:
                 _, lo, hi = ep.order.locate(run)
                 needed += hi - lo
+                indexed += hi - lo // INDEX_STRIDE * INDEX_STRIDE
                 from_zero += hi
                 runs += 1
-    return needed * MEAN_SAMPLE_BYTES, needed * MEAN_SAMPLE_BYTES, \
-        from_zero * MEAN_SAMPLE_BYTES, runs
+    return tuple(n * MEAN_SAMPLE_BYTES for n in (needed, indexed, from_zero)) + (runs,)
 
 
 def order_cost(order: P.EpochOrder, repeat: int) -> float:
@@ -138,17 +139,17 @@ def main() -> None:
           f"{args.global_batch}, {args.workers} workers per rank; {cpu_model()}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}, median of {args.repeat}")
     print("| layout | state | rank 0's plan | peak memory | exactly once (all ranks) | "
-          "needed | read from a run's first sample | read from byte 0 (S3, no cache) | runs |")
+          "needed | read from S3, indexed | read from byte 0 (no index) | runs |")
     print("|---|---|---|---|---|---|---|---|---|")
     for world in args.ranks:
         layout = P.MicroLayout.choose(args.global_batch, world, args.max_micro).describe()
         for name, build in scenarios(order, args, world).items():
             seconds, peak, ep = measured(build, args.repeat)
             total, kept = check_exactly_once(ep)
-            needed, direct, from_zero, runs = run_bytes(ep)
+            needed, indexed, from_zero, runs = run_bytes(ep)
             gib = lambda n: f"{n / 2**30:.1f} GiB ({n / needed:.3f}x)"  # noqa: E731
             print(f"| {layout} | {name} | {seconds * 1e3:.1f} ms | {peak:.0f} KiB | "
-                  f"yes ({total:,} of {kept:,}) | {needed / 2**30:.1f} GiB | {gib(direct)} | "
+                  f"yes ({total:,} of {kept:,}) | {needed / 2**30:.1f} GiB | {gib(indexed)} | "
                   f"{gib(from_zero)} | {runs:,} |")
     seconds = order_cost(order, args.repeat)
     print(f"\nOrders: the shard order and 512 workers' interleavings of 2,500 samples: "

@@ -609,3 +609,41 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_run_starts_reading_at_the_manifests_nearest_offset(tmp_path, monkeypatch):
+    """With the manifest's offsets, a worker whose run begins inside a shard opens the shard
+    there (from S3: no bytes before it); the batches are the same as without them."""
+    from resnet.data import storage, synthetic
+    from resnet.data.format import MANIFEST_NAME
+    from resnet.data.pack import PackOptions, pack
+
+    synthetic.write_imagefolder(tmp_path / "src", 3, {"train": 10}, size=(16, 16))
+    indexed, plain = tmp_path / "indexed", tmp_path / "plain"
+    pack(str(tmp_path / "src"), str(indexed), "imagefolder",
+         PackOptions(samples_per_shard=20, workers=1), progress=False)
+    doc = json.loads((indexed / MANIFEST_NAME).read_text())
+    for shard in doc["splits"]["train"]["shards"]:
+        del shard["offsets"]  # as packed before offsets came: the same data set
+    plain.mkdir()
+    for f in indexed.iterdir():
+        if f.suffix == ".tar":
+            os.symlink(f, plain / f.name)
+    (plain / MANIFEST_NAME).write_text(json.dumps(doc))
+    real, opened = storage.open_read, []
+
+    def recording(url, offset=0):
+        opened.append(offset)
+        return real(url, offset)
+
+    monkeypatch.setattr(storage, "open_read", recording)
+    keys = {}
+    for root in (plain, indexed):
+        opened.clear()
+        keys[root] = [[tuple(b.keys) for b in loader(str(root), rank=r, world=3, b=2, k=0,
+                                                     train=True, seed=1)] for r in range(3)]
+        if root == plain:
+            assert set(opened) == {0}
+        else:
+            assert max(opened) > 0  # 3 ranks of 10 over shards of 20 and 10
+    assert keys[plain] == keys[indexed]

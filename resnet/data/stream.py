@@ -143,14 +143,15 @@ def _samples(job: _Job, share: P.WorkerShare,
 
 def _run_samples(job: _Job, shard: int, lo: int, hi: int,
                  log_: RateLimitedLogger) -> Iterator[tuple[str, object]]:
-    """Samples lo..hi-1 of a shard, in tar order; a sample the tar lacks (it is shorter than
-    its manifest says) is yielded as missing, so every position still yields one item."""
+    """Samples lo..hi-1 of a shard, in tar order, read from the manifest's nearest offset at or
+    before lo; a sample the tar lacks (it is shorter than its manifest says) is yielded as
+    missing, so every position still yields one item."""
     info = job.shards[shard]
     url = storage.join(job.root, info.name)
     opener = job.cache.opener(info) if job.cache else storage.open_read
     expected = lo
     for index, key, files in read_samples(url, set(range(lo, hi)), opener=opener,
-                                          shard_bytes=info.bytes):
+                                          shard_bytes=info.bytes, start=info.start(lo)):
         while expected < index:
             yield _missing(info, url, expected, log_)
             expected += 1
