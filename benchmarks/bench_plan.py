@@ -7,9 +7,12 @@ shards. For each layout (64 ranks: 32 samples each; 48 ranks: 42/43, unequal) it
 of --repeat runs, with tracemalloc's peak: building one rank's schedule at the epoch start;
 the same after a resume at 50% of the epoch; and after an elastic re-split 64 -> 56 -> 64 (a
 third of the epoch on each, then the rest). Then, over ALL ranks, it checks arithmetically that
-every position of the epoch is used exactly once, and counts the bytes read at shard edges:
-a worker that needs only part of a shard reads its members in tar order, seeking over the
-others locally but reading through remote gaps up to 1 MiB (resnet/data/shardio.py).
+every position of the epoch is used exactly once, and counts the bytes the workers read for
+what is left of the epoch (mean JPEG 110 KB). Each worker reads each of its runs (a stretch of
+one tar, resnet/data/plan.py) as one stream, from S3 without the node's cache starting at the
+manifest's nearest indexed sample (every INDEX_STRIDE-th, resnet/data/format.py). For
+comparison: a reader that starts at the run's first sample (local disk, the cache), and one
+that walks the tar's headers from byte 0 (a manifest packed before the offsets came).
 """
 from __future__ import annotations
 
@@ -20,10 +23,10 @@ import statistics
 import time
 import tracemalloc
 
-import numpy as np
 
+from resnet.data import intervals as I
 from resnet.data import plan as P
-from resnet.data.shardio import REOPEN_GAP
+from resnet.data.format import INDEX_STRIDE
 from resnet.envinfo import cpu_model
 
 IMAGENET_TRAIN, SHARD = 1_281_167, 1_000
@@ -83,14 +86,13 @@ def scenarios(order, args, world):
 def check_exactly_once(ep: P.EpochPlan) -> tuple[int, int]:
     """(positions consumed or scheduled, positions the epoch keeps); raises on any overlap."""
     pieces = []
-    for base, seg in zip(ep.bases[:-1], ep.segments[:-1]):
-        pieces += P.consumed(base, seg, True, ep.global_batch)
-    pieces += P.consumed(ep.bases[-1], ep.current, True, ep.global_batch)
+    for index, (base, seg) in enumerate(zip(ep.bases, ep.segments)):
+        pieces += P.consumed(ep.order, base, seg, index, True, ep.global_batch)
     for rank in range(ep.current.world_size):
-        for positions, _ in ep.schedule(rank):
-            pieces += positions
-    total = P.length(pieces)
-    if P.length(P.normalise(pieces)) != total:
+        for share in ep.schedule(rank):
+            pieces += share.runs
+    total = I.length(pieces)
+    if I.length(I.normalise(pieces)) != total:
         raise AssertionError("a position is planned twice")
     kept = P.usable(ep.order.total, ep.global_batch, True) - sum(s.dropped for s in ep.segments)
     if total != kept:
@@ -98,29 +100,28 @@ def check_exactly_once(ep: P.EpochPlan) -> tuple[int, int]:
     return total, kept
 
 
-def edge_bytes(ep: P.EpochPlan) -> tuple[int, int, int]:
-    """(bytes needed, extra bytes read through remote gaps, shard openings) over all workers."""
-    needed = extra = openings = 0
-    gap_samples = REOPEN_GAP // MEAN_SAMPLE_BYTES
+def run_bytes(ep: P.EpochPlan) -> tuple[int, int, int, int]:
+    """(bytes needed, read from the nearest indexed sample, read from each shard's byte 0, runs
+    opened) over all workers, for what is left of the epoch."""
+    needed = indexed = from_zero = runs = 0
     for rank in range(ep.current.world_size):
-        for positions, _ in ep.schedule(rank):
-            for _, indices in ep.order.reads(positions):
-                openings += 1
-                wanted = np.sort(indices)
-                needed += len(wanted) * MEAN_SAMPLE_BYTES
-                gaps = np.diff(wanted) - 1
-                extra += int(gaps[(gaps > 0) & (gaps <= gap_samples)].sum()) * MEAN_SAMPLE_BYTES
-    return needed, extra, openings
+        for share in ep.schedule(rank):
+            for run in share.runs:
+                _, lo, hi = ep.order.locate(run)
+                needed += hi - lo
+                indexed += hi - lo // INDEX_STRIDE * INDEX_STRIDE
+                from_zero += hi
+                runs += 1
+    return tuple(n * MEAN_SAMPLE_BYTES for n in (needed, indexed, from_zero)) + (runs,)
 
 
 def order_cost(order: P.EpochOrder, repeat: int) -> float:
-    """Median seconds to draw an epoch's shard order and every shard's within-shard order
-    (what all workers of all ranks together compute once per epoch)."""
+    """Median seconds to draw an epoch's shard order and the interleaving of each of 512
+    workers' runs (2,500 samples in 4 runs: what all workers at 64 x 8 draw per epoch)."""
     def draw():
-        fresh = P.EpochOrder(order.sizes, order.seed, order.epoch)
-        fresh.shard_order
-        for shard in range(len(order.sizes)):
-            fresh.shard_permutation(shard)
+        P.EpochOrder(order.sizes, order.seed, order.epoch).shard_order
+        for worker in range(512):
+            P.merge([700, 1000, 500, 300], True, order.seed, order.epoch, 0, worker)
     return measured(draw, repeat)[0]
 
 
@@ -138,20 +139,21 @@ def main() -> None:
           f"{args.global_batch}, {args.workers} workers per rank; {cpu_model()}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}, median of {args.repeat}")
     print("| layout | state | rank 0's plan | peak memory | exactly once (all ranks) | "
-          "edge bytes read / needed | shard openings |")
-    print("|---|---|---|---|---|---|---|")
+          "needed | read from S3, indexed | read from byte 0 (no index) | runs |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for world in args.ranks:
         layout = P.MicroLayout.choose(args.global_batch, world, args.max_micro).describe()
         for name, build in scenarios(order, args, world).items():
             seconds, peak, ep = measured(build, args.repeat)
             total, kept = check_exactly_once(ep)
-            needed, extra, openings = edge_bytes(ep)
+            needed, indexed, from_zero, runs = run_bytes(ep)
+            gib = lambda n: f"{n / 2**30:.1f} GiB ({n / needed:.3f}x)"  # noqa: E731
             print(f"| {layout} | {name} | {seconds * 1e3:.1f} ms | {peak:.0f} KiB | "
-                  f"yes ({total:,} of {kept:,}) | {extra / 2**30:.2f} / {needed / 2**30:.1f} "
-                  f"GiB ({extra / max(needed, 1):.2%}) | {openings:,} |")
+                  f"yes ({total:,} of {kept:,}) | {needed / 2**30:.1f} GiB | {gib(indexed)} | "
+                  f"{gib(from_zero)} | {runs:,} |")
     seconds = order_cost(order, args.repeat)
-    print(f"\nOrders: the shard order and all {len(sizes):,} within-shard orders: "
-          f"{seconds * 1e3:.1f} ms ({seconds / len(sizes) * 1e6:.1f} us per shard of {SHARD:,})")
+    print(f"\nOrders: the shard order and 512 workers' interleavings of 2,500 samples: "
+          f"{seconds * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

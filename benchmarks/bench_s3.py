@@ -35,7 +35,8 @@ from resnet.data import format as fmt
 from resnet.data import storage
 from resnet.data.cache import ShardCache
 from resnet.data.iostats import IOCounts
-from resnet.data.stream import AugmentParams, ShardLoader, _worker_context
+from resnet.data.stream import AugmentParams, ShardLoader
+from resnet.data.workers import worker_context
 from resnet.envinfo import cpu_model
 
 BUCKET = "bench"
@@ -91,7 +92,7 @@ def rank_epochs(source: str, rank: int, opts, cache_dir: str, barrier, results) 
 def start_forkserver() -> None:
     """Start the loader's worker server (it imports torch once per rank) before the timing:
     epoch 1 then shows what reading costs, not that start-up."""
-    process = _worker_context().Process(target=os.getpid)
+    process = worker_context().Process(target=os.getpid)
     process.start()
     process.join()
 

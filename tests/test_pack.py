@@ -72,6 +72,39 @@ def test_same_seed_same_shards_and_classes_mix(tmp_path):
     assert len({int(first[k]["cls"]) for k in keys}) >= 3
 
 
+def test_shards_index_every_stride_th_sample_and_reading_can_start_there(tmp_path):
+    """The manifest's offsets point at the first header of samples 0, 8, 16, ...: a reader
+    started at one gets exactly what a walk from byte 0 gets, reading only from there on."""
+    from resnet.data.format import INDEX_STRIDE
+    from resnet.data.shardio import read_samples
+
+    synthetic.write_imagefolder(tmp_path / "src", 3, {"train": 20}, size=(16, 16))
+    dest = str(tmp_path / "out")
+    shard = pack(str(tmp_path / "src"), dest, "imagefolder",
+                 PackOptions(samples_per_shard=20, workers=1), progress=False
+                 ).manifest.split("train").shards[0]
+    assert INDEX_STRIDE == 8 and len(shard.offsets) == 3 and shard.offsets[0] == 0
+    assert load_manifest(dest).split("train").shards[0] == shard  # kept through the JSON
+    assert verify(dest, progress=False).ok  # which checks them against the tar's headers
+    url = storage.join(dest, shard.name)
+    whole = list(read_samples(url, set(range(20))))
+    assert [i for i, _, _ in whole] == list(range(20))
+    opened = []
+
+    def opener(path, offset=0):
+        opened.append(offset)
+        return storage.open_read(path, offset)
+
+    for lo in (0, 7, 8, 13, 19):
+        start = shard.start(lo)
+        assert start == (shard.offsets[lo // 8], lo // 8 * 8)
+        got = list(read_samples(url, set(range(lo, 20)), start=start, opener=opener))
+        assert got == whole[lo:]
+        assert opened[-1] == start[0]
+    with pytest.raises(ValueError, match="sample 3 lies before the start, sample 8"):
+        list(read_samples(url, {3}, start=shard.start(9)))
+
+
 def test_max_side_resizes(tmp_path):
     synthetic.write_imagefolder(tmp_path / "src", 2, {"train": 2}, size=(120, 80))
     dest = str(tmp_path / "out")

@@ -155,3 +155,17 @@ def test_upper_case_extension_is_reported(packed):
     jpg = synthetic.encode_jpeg(synthetic.class_image(0, 3, (16, 16)))
     _replace_shard(packed, "val", 0, [{"__key__": "u", "JPG": jpg, "cls": b"0"}])
     assert any("sample 'u' has no .jpg" in p for p in verify(packed, progress=False).problems)
+
+
+def test_wrong_sample_offsets_are_named(packed):
+    manifest = load_manifest(packed)
+    shards = list(manifest.split("train").shards)
+    assert shards[0].offsets == (0,)  # 5 samples: only sample 0 is indexed (every 8th)
+    shards[0] = replace(shards[0], offsets=(1024,))
+    splits = dict(manifest.splits)
+    splits["train"] = replace(manifest.split("train"), shards=tuple(shards))
+    storage.write_bytes(storage.join(packed, MANIFEST_NAME),
+                        replace(manifest, splits=splits).to_json().encode())
+    problems = verify(packed, progress=False).problems
+    assert problems == [f"{shards[0].name}: the manifest's sample offsets do not match the "
+                        f"tar's (a reader would start at a wrong byte): re-pack it"]

@@ -16,13 +16,20 @@ Manifest (format version 1)::
       "splits": {
         "train": {"samples": 1281167, "bytes": ..., "labelled": true,
                   "shards": [{"name": "train-000000.tar", "samples": 1000,
-                              "bytes": 112345678, "sha256": "..."}, ...]},
+                              "bytes": 112345678, "sha256": "...",
+                              "offsets": [0, 881152, ...]}, ...]},
         "val": {...}
       },
       "options": {"samples_per_shard": 1000, "seed": 0, "max_side": 0, "quality": 95},
       "skipped": [{"split": "train", "path": "...", "reason": "..."}],
       "fingerprint": "<sha256 of classes and shard contents>"
     }
+
+A shard's `offsets` (optional: packs before it, and shards an earlier pack run kept, lack it)
+are the byte offsets of the first tar header of samples 0, INDEX_STRIDE, 2 x INDEX_STRIDE, ...:
+a reader that needs samples from i on starts at offsets[i // INDEX_STRIDE] instead of walking
+the tar's headers from byte 0 (from S3, that walk reads every byte before i). They follow from
+the shard's bytes, so the fingerprint leaves them out.
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ MANIFEST_NAME = "manifest.json"
 IMAGE_EXT = "jpg"
 LABEL_EXT = "cls"
 META_EXT = "json"
+INDEX_STRIDE = 8  # samples between indexed offsets: at most 7 samples read ahead of a start
 
 
 class ManifestError(ValueError):
@@ -66,6 +74,16 @@ class ShardInfo:
     samples: int
     bytes: int
     sha256: str
+    offsets: tuple[int, ...] = ()  # byte offset of every INDEX_STRIDE-th sample; () unknown
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "ShardInfo":
+        return cls(**{**doc, "offsets": tuple(doc.get("offsets", ()))})
+
+    def start(self, sample: int) -> tuple[int, int]:
+        """(byte offset, sample index) of the nearest indexed sample at or before `sample`."""
+        slot = min(sample // INDEX_STRIDE, len(self.offsets) - 1)
+        return (self.offsets[slot], slot * INDEX_STRIDE) if slot >= 0 else (0, 0)
 
 
 @dataclass(frozen=True)
@@ -162,7 +180,7 @@ class Manifest:
                 classes=tuple(ClassInfo(**c) for c in doc["classes"]),
                 splits={
                     name: SplitInfo(
-                        shards=tuple(ShardInfo(**s) for s in info["shards"]),
+                        shards=tuple(ShardInfo.from_dict(s) for s in info["shards"]),
                         labelled=info.get("labelled", True),
                     )
                     for name, info in doc["splits"].items()

@@ -53,8 +53,8 @@ from PIL import Image
 
 from resnet.data import storage
 from resnet.data.format import (
-    FORMAT_VERSION, IMAGE_EXT, LABEL_EXT, MANIFEST_NAME, META_EXT, SHARD_RE, Manifest,
-    ManifestError, ShardInfo, SplitInfo, shard_name)
+    FORMAT_VERSION, IMAGE_EXT, INDEX_STRIDE, LABEL_EXT, MANIFEST_NAME, META_EXT, SHARD_RE,
+    Manifest, ManifestError, ShardInfo, SplitInfo, shard_name)
 from resnet.data.layouts import Listing, Sample, list_source
 from resnet.progress import ProgressBar
 
@@ -231,13 +231,17 @@ def write_shard(plan: ShardPlan, root: str, dest: str, staging: str, opts: PackO
     final = storage.join(dest, plan.name)
     tmp = os.path.join(staging, f".{plan.name}.partial")
     result = ShardResult(ShardInfo(plan.name, 0, 0, ""), plan_id=plan.plan_id)
-    written = 0
+    written, offsets = 0, []
     with open(tmp, "wb") as f:
         tar = _TarWriter(f)
         for sample in plan.samples:
-            written += _add_sample(tar, sample, root, plan.split, opts, result)
+            start = tar.size
+            if _add_sample(tar, sample, root, plan.split, opts, result):
+                if written % INDEX_STRIDE == 0:
+                    offsets.append(start)
+                written += 1
         tar.close()
-    result.info = ShardInfo(plan.name, written, tar.size, tar.sha.hexdigest())
+    result.info = ShardInfo(plan.name, written, tar.size, tar.sha.hexdigest(), tuple(offsets))
     if storage.is_remote(dest):
         storage.upload_file(tmp, final)
         os.remove(tmp)
@@ -300,7 +304,7 @@ def _kept_results(dest: str, plans: list[ShardPlan]) -> dict[str, ShardResult]:
     def check(plan: ShardPlan) -> ShardResult | None:
         try:
             rec = json.loads(storage.read_bytes(storage.join(state, plan.name + ".json")))
-            info = ShardInfo(**rec["shard"])
+            info = ShardInfo.from_dict(rec["shard"])
             if rec["plan_id"] != plan.plan_id or storage.size(
                     storage.join(dest, plan.name)) != info.bytes:
                 return None

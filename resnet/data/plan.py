@@ -6,21 +6,38 @@ of the run it continues.
 
 Vocabulary
 - *position*: an index 0..N-1 into one epoch's global sample order.
-- *order*: shards in a permutation of (seed, epoch); inside each shard its samples in a
-  permutation of (seed, epoch, shard). Evaluation keeps the stored order.
+- *order*: shards in a permutation of (seed, epoch), each shard's samples in TAR order: the
+  positions of a shard are its samples 0, 1, ... as stored. Evaluation keeps the shard order too.
 - *usable*: training keeps floor(N / global_batch) * global_batch positions; the dropped tail
-  is the end of a shuffled order, so different samples are left out each epoch.
+  is the end of the last shards of a shuffled shard order, so it differs each epoch.
 - *segment*: the part of an epoch run under one topology (world size, workers per rank,
   micro-batch layout). It splits the positions still unconsumed when it started into W
   contiguous rank pieces, and each rank piece into contiguous per-worker ranges of whole
-  batches. Contiguous ranges keep each worker reading whole shards sequentially.
+  batches.
+- *run*: a worker range cut at shard edges; each run is a contiguous stretch of one shard's tar
+  (3-4 per worker at ImageNet's 64 x 8), so a worker reads exactly its bytes of each shard.
+- *share*: what a logical worker emits: its runs, each in tar order, interleaved by `merge`, a
+  uniformly random interleaving keyed by (seed, epoch, segment number, rank, worker). After any
+  number of batches a worker has consumed a PREFIX of each run, so what is left at a re-split
+  is contiguous tails of runs, which the next segment again reads byte for byte.
 - *micro layout* (training): each optimizer step's global batch G is split into W x A
   micro-batches that differ by at most one sample (`MicroLayout`), so any world size keeps G.
 - torch's DataLoader takes batches from its workers round-robin, so rank batch k comes from
   logical worker k % K. After c batches, physical worker p plays logical worker (p + c) % K, so
   a resumed loader continues the sequence exactly.
 
-Intervals are lists of half-open (start, stop) position ranges, kept in position order.
+Randomness, the price of reading each byte once: per epoch the shard order, and with it where
+every worker's ranges and runs begin, and the interleaving of a worker's runs are new. Not
+shuffled: the order of samples inside a shard (pack shuffles the whole data set across shards
+once, with a seeded RNG, so every shard mixes classes, but a batch of b samples takes about
+b / runs consecutive tar samples from each run of its worker, 9 at 64 x 8 with b = 32, so tar
+neighbours meet in a batch again in later epochs, with new partners from the other runs).
+WebDataset's usual recipe (shard shuffle, then a 1,000-sample shuffle buffer per worker) mixes more inside a
+worker, at the cost of memory; MosaicML Streaming's block shuffles (py1b/py1e) permute samples
+within blocks of shards held by a node and download whole shards. Both also read each shard
+whole; neither re-splits an epoch's remainder over another world size mid-epoch.
+
+Intervals (intervals.py) are lists of half-open (start, stop) position ranges, in order.
 """
 from __future__ import annotations
 
@@ -33,11 +50,11 @@ from typing import Sequence
 
 import numpy as np
 
-Interval = tuple[int, int]
+from resnet.data.intervals import Interval, length, normalise, subtract, take
 
 
 # How orders are drawn; saved with the loader state, since a resume mid-epoch needs the same.
-ORDER = "philox-raw-argsort-1"
+ORDER = "philox-shards-tar-runs-merged-1"
 
 
 def permutation(n: int, *words: object) -> np.ndarray:
@@ -53,72 +70,13 @@ def permutation(n: int, *words: object) -> np.ndarray:
     return np.argsort(raw, kind="stable")
 
 
-# ----------------------------------------------------------------------------- intervals
-
-
-def length(iv: Sequence[Interval]) -> int:
-    return sum(b - a for a, b in iv)
-
-
-def take(iv: Sequence[Interval], start: int, count: int) -> list[Interval]:
-    """Positions start..start+count-1 of the concatenation of `iv`."""
-    out: list[Interval] = []
-    skip, need = start, count
-    for a, b in iv:
-        if need <= 0:
-            break
-        n = b - a
-        if skip >= n:
-            skip -= n
-            continue
-        lo = a + skip
-        hi = min(b, lo + need)
-        out.append((lo, hi))
-        need -= hi - lo
-        skip = 0
-    if need > 0:
-        raise ValueError(f"take({start}, {count}) beyond {length(iv)} positions")
-    return out
-
-
-def normalise(iv: Sequence[Interval]) -> list[Interval]:
-    """Sorted, merged, empty ranges removed."""
-    out: list[Interval] = []
-    for a, b in sorted(x for x in iv if x[1] > x[0]):
-        if out and a <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
-
-
-def subtract(iv: Sequence[Interval], removed: Sequence[Interval]) -> list[Interval]:
-    """Positions of `iv` not in `removed` (both sorted and disjoint), in order."""
-    out: list[Interval] = []
-    removed = normalise(removed)
-    j = 0
-    for a, b in iv:
-        lo = a
-        while j < len(removed) and removed[j][1] <= lo:
-            j += 1
-        k = j
-        while k < len(removed) and removed[k][0] < b:
-            ra, rb = removed[k]
-            if ra > lo:
-                out.append((lo, ra))
-            lo = max(lo, rb)
-            k += 1
-        if lo < b:
-            out.append((lo, b))
-    return out
-
-
 # ----------------------------------------------------------------------------- order
 
 
 @dataclass(frozen=True)
 class EpochOrder:
-    """The global sample order of one epoch over shards of the given sizes."""
+    """The global sample order of one epoch over shards of the given sizes: the shards in a
+    permutation of (seed, epoch), each shard's samples in tar order."""
 
     sizes: tuple[int, ...]  # samples per shard, in manifest order
     seed: int
@@ -142,32 +100,24 @@ class EpochOrder:
     def total(self) -> int:
         return self.starts[-1]
 
-    def shard_permutation(self, shard: int) -> np.ndarray:
-        """The within-shard order: sample indices (order of appearance in the tar)."""
-        n = self.sizes[shard]
-        if not self.shuffle:
-            return np.arange(n)
-        return permutation(n, "samples", self.seed, self.epoch, shard)
-
-    def reads(self, iv: Sequence[Interval]) -> list[tuple[int, np.ndarray]]:
-        """(shard, sample indices in emission order) covering `iv`, in position order.
-
-        Consecutive pieces of the same shard are merged, so a worker opens each shard once.
-        """
-        out: list[tuple[int, list[np.ndarray]]] = []
+    def runs(self, iv: Sequence[Interval]) -> list[Interval]:
+        """`iv` cut at shard edges: each run lies in one shard, a contiguous stretch of its tar."""
+        out: list[Interval] = []
         for a, b in iv:
             j = bisect.bisect_right(self.starts, a) - 1
             while a < b:
-                shard = self.shard_order[j]
-                lo, hi = a - self.starts[j], min(b, self.starts[j + 1]) - self.starts[j]
-                piece = self.shard_permutation(shard)[lo:hi]
-                if out and out[-1][0] == shard:
-                    out[-1][1].append(piece)
-                else:
-                    out.append((shard, [piece]))
-                a = self.starts[j] + hi
-                j += 1
-        return [(shard, np.concatenate(pieces)) for shard, pieces in out]
+                hi = min(b, self.starts[j + 1])
+                out.append((a, hi))
+                a, j = hi, j + 1
+        return out
+
+    def locate(self, run: Interval) -> tuple[int, int, int]:
+        """(shard, first sample, stop sample) of a run: the tar indices it covers."""
+        a, b = run
+        j = bisect.bisect_right(self.starts, a) - 1
+        if b > self.starts[j + 1]:
+            raise ValueError(f"run {run} crosses the edge of shard {self.shard_order[j]}")
+        return self.shard_order[j], a - self.starts[j], b - self.starts[j]
 
 
 def usable(total: int, global_batch: int, train: bool) -> int:
@@ -324,20 +274,94 @@ def worker_ranges(piece: Sequence[Interval], seg: Segment, rank: int, train: boo
     return out
 
 
+@dataclass(frozen=True)
+class WorkerShare:
+    """What one logical worker emits in a segment: `picks[k]` says from which run its k-th
+    sample comes (the next one of that run, in tar order); `sizes` cut them into batches."""
+
+    runs: tuple[Interval, ...]  # each inside one shard, in position order
+    picks: np.ndarray  # int32, one run index per sample, in emission order
+    sizes: tuple[int, ...]
+
+    def taken(self, samples: int) -> list[Interval]:
+        """The positions its first `samples` emissions used: a prefix of each run."""
+        counts = np.bincount(self.picks[:samples], minlength=len(self.runs)).tolist()
+        return [(a, a + n) for (a, _), n in zip(self.runs, counts) if n]
+
+    def rest(self, batches: int) -> "WorkerShare":
+        """The share after its first `batches` batches: the runs' non-empty tails, the picks
+        left (renumbered to them)."""
+        done = sum(self.sizes[:batches])
+        counts = np.bincount(self.picks[:done], minlength=len(self.runs)).tolist()
+        tails = [(a + n, b) for (a, b), n in zip(self.runs, counts)]
+        left = [i for i, (a, b) in enumerate(tails) if b > a]
+        renumber = np.zeros(len(tails), dtype=np.int32)
+        renumber[left] = np.arange(len(left), dtype=np.int32)
+        return WorkerShare(tuple(tails[i] for i in left), renumber[self.picks[done:]],
+                           self.sizes[batches:])
+
+    def positions(self) -> list[int]:
+        """Its positions in emission order (for checks; a worker reads runs, not lists)."""
+        nxt = [a for a, _ in self.runs]
+        out = []
+        for k in self.picks.tolist():
+            out.append(nxt[k])
+            nxt[k] += 1
+        return out
+
+
+def merge(lengths: Sequence[int], shuffle: bool, *key: object) -> np.ndarray:
+    """Which run each emission takes: a uniformly random interleaving of runs of `lengths`
+    (a permutation of the multiset of run labels), or the runs one after the other."""
+    picks = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
+    return picks[permutation(len(picks), "merge", *key)] if shuffle else picks
+
+
+def worker_shares(order: EpochOrder, base: Sequence[Interval], seg: Segment, index: int,
+                  rank: int, train: bool, global_batch: int) -> list[WorkerShare]:
+    """Each logical worker's share of `rank` in segment number `index` (its merge key)."""
+    piece = rank_piece(base, seg, rank, train, global_batch)
+    out = []
+    for w, (positions, sizes) in enumerate(worker_ranges(piece, seg, rank, train,
+                                                         global_batch)):
+        runs = order.runs(positions)
+        picks = merge([b - a for a, b in runs], order.shuffle,
+                      order.seed, order.epoch, index, rank, w)
+        out.append(WorkerShare(tuple(runs), picks, tuple(sizes)))
+    return out
+
+
 def consumed_by_worker(batches_done: int, worker: int, workers: int, count: int) -> int:
     """Batches logical `worker` produced when its rank has handed out `batches_done`."""
     return min(count, max(0, (batches_done - worker + workers - 1) // workers))
 
 
-def consumed(base: Sequence[Interval], seg: Segment, train: bool,
-             global_batch: int) -> list[Interval]:
-    """All positions the ranks of `seg` consumed, in position order."""
+def consumed(order: EpochOrder, base: Sequence[Interval], seg: Segment, index: int,
+             train: bool, global_batch: int) -> list[Interval]:
+    """All positions the ranks of segment number `index` consumed, in position order. Only a
+    worker stopped inside its range needs its interleaving drawn (a prefix of each run)."""
     out: list[Interval] = []
     for rank, piece in enumerate(rank_pieces(base, seg, train, global_batch)):
-        for w, (pos, sizes) in enumerate(worker_ranges(piece, seg, rank, train, global_batch)):
+        for w, (positions, sizes) in enumerate(worker_ranges(piece, seg, rank, train,
+                                                             global_batch)):
             done = consumed_by_worker(seg.batches, w, seg.workers, len(sizes))
-            out.extend(take(pos, 0, sum(sizes[:done])))
+            if done == len(sizes):
+                out.extend(positions)
+            elif done:
+                runs = order.runs(positions)
+                picks = merge([b - a for a, b in runs], order.shuffle,
+                              order.seed, order.epoch, index, rank, w)
+                out.extend(WorkerShare(tuple(runs), picks, tuple(sizes)).taken(sum(sizes[:done])))
     return normalise(out)
+
+
+def consumed_count(seg: Segment, total: int, train: bool, global_batch: int) -> int:
+    """How many positions of `total` the ranks of `seg` consumed (arithmetic only)."""
+    count = 0
+    for rank, n in enumerate(rank_counts(total, seg, train, global_batch)):
+        for w, sizes in enumerate(worker_batches(n, seg, rank, train, global_batch)):
+            count += sum(sizes[:consumed_by_worker(seg.batches, w, seg.workers, len(sizes))])
+    return count
 
 
 # ----------------------------------------------------------------------------- epoch plan
@@ -355,25 +379,34 @@ class EpochPlan:
     @cached_property
     def bases(self) -> tuple[list[Interval], ...]:
         """Positions each segment splits (after its drop), in position order."""
-        return self._walk[0]
-
-    @cached_property
-    def _walk(self) -> tuple[tuple[list[Interval], ...], list[Interval]]:
-        """(each segment's base, the positions none consumed): one pass over the segments."""
         remaining = [(0, usable(self.order.total, self.global_batch, self.train))]
         remaining = [iv for iv in remaining if iv[1] > iv[0]]
         out = []
-        for seg in self.segments:
-            base = take(remaining, 0, length(remaining) - seg.dropped)
-            out.append(base)
-            remaining = subtract(base, consumed(base, seg, self.train, self.global_batch))
-        return tuple(out), remaining
+        for index, seg in enumerate(self.segments):
+            if index:
+                remaining = self._left_after(index - 1, out[-1])
+            out.append(take(remaining, 0, length(remaining) - seg.dropped))
+        return tuple(out)
+
+    def _left_after(self, index: int, base: list[Interval]) -> list[Interval]:
+        return subtract(base, consumed(self.order, base, self.segments[index], index,
+                                       self.train, self.global_batch))
 
     def remaining(self) -> list[Interval]:
         """Positions no segment has consumed yet (after the last segment's drop)."""
         if not self.segments:
             return [(0, usable(self.order.total, self.global_batch, self.train))]
-        return self._walk[1]
+        return self._left_after(len(self.segments) - 1, self.bases[-1])
+
+    def consumed_count(self) -> int:
+        """Positions all segments consumed: what the ranks handed out, counted without drawing
+        any interleaving (the loader's state asks after every batch)."""
+        left = usable(self.order.total, self.global_batch, self.train)
+        count = 0
+        for seg in self.segments:
+            done = consumed_count(seg, left - seg.dropped, self.train, self.global_batch)
+            count, left = count + done, left - seg.dropped - done
+        return count
 
     def resume(self, topology: Segment) -> "EpochPlan":
         """The plan continued under `topology`: the same segment if it matches, else a new one.
@@ -399,32 +432,34 @@ class EpochPlan:
 
     def batches_total(self, rank: int = 0) -> int:
         """Batches per rank of the current segment (equal on all ranks when training)."""
-        return sum(len(sizes) for _, sizes in self._worker_ranges(rank))
+        return sum(len(share.sizes) for share in self._shares(rank))
 
-    def _worker_ranges(self, rank: int) -> list[tuple[list[Interval], list[int]]]:
-        piece = rank_piece(self.bases[-1], self.current, rank, self.train, self.global_batch)
-        return worker_ranges(piece, self.current, rank, self.train, self.global_batch)
+    def _shares(self, rank: int) -> list[WorkerShare]:
+        return worker_shares(self.order, self.bases[-1], self.current, len(self.segments) - 1,
+                             rank, self.train, self.global_batch)
 
     def batches_remaining(self, rank: int = 0) -> int:
         return self.batches_total(rank) - self.current.batches
 
     def advance(self, batches: int) -> "EpochPlan":
         seg = replace(self.current, batches=self.current.batches + batches)
-        return replace(self, segments=self.segments[:-1] + (seg,))
+        out = replace(self, segments=self.segments[:-1] + (seg,))
+        if "bases" in self.__dict__:  # they do not depend on the last segment's progress
+            out.__dict__["bases"] = self.bases
+        return out
 
-    def schedule(self, rank: int) -> list[tuple[list[Interval], list[int]]]:
-        """For each physical worker p: (positions, batch sizes) still to produce, in order.
+    def schedule(self, rank: int) -> list[WorkerShare]:
+        """For each physical worker p: the rest of the share it produces, in order.
 
         Physical p plays logical worker (p + c) % K, where c batches were handed out already, so
         the round-robin over physical workers continues the rank's batch sequence exactly.
         """
         seg = self.current
-        ranges = self._worker_ranges(rank)
+        shares = self._shares(rank)
         out = []
         for p in range(seg.workers):
             w = (p + seg.batches) % seg.workers
-            pos, sizes = ranges[w]
-            done = consumed_by_worker(seg.batches, w, seg.workers, len(sizes))
-            skip = sum(sizes[:done])
-            out.append((take(pos, skip, length(pos) - skip), sizes[done:]))
+            share = shares[w]
+            out.append(share.rest(consumed_by_worker(seg.batches, w, seg.workers,
+                                                     len(share.sizes))))
         return out

@@ -2,6 +2,7 @@
 
 The reader walks the tar's 512-byte headers itself (no tarfile stream state to corrupt), so it
 always knows the byte offset of the member it is reading:
+- reading starts at byte 0, or at a sample whose offset the manifest gives (format.py);
 - members of samples that are not needed are skipped without being read (local files: seek;
   remote: read-and-drop for small gaps, a new Range request for large ones), and reading
   stops after the last needed sample, so resuming never fetches consumed parts of a shard;
@@ -137,17 +138,23 @@ def _wait(backoff: Backoff, exc: BaseException, url: str, offset: int) -> None:
 
 
 def read_samples(url: str, needed: set[int], *, opener: Callable = storage.open_read,
-                 deadline_s: float | None = None, shard_bytes: int | None = None
+                 deadline_s: float | None = None, shard_bytes: int | None = None,
+                 start: tuple[int, int] = (0, 0)
                  ) -> Iterator[tuple[int, str, dict[str, bytes]]]:
     """Yield (sample index, key, {ext: bytes}) for each needed sample, in tar order.
     `shard_bytes` (the manifest's size of the shard) bounds every member: a size field that
-    reaches past it is corrupt, not an allocation of what it claims."""
+    reaches past it is corrupt, not an allocation of what it claims. `start` is (byte offset,
+    index) of a sample's first header (the manifest's offsets): reading begins there."""
+    offset, first = start
     if not needed:
         return
+    if min(needed) < first:
+        raise ValueError(f"shard {url}: sample {min(needed)} lies before the start, sample "
+                         f"{first} at byte {offset}")
     last = max(needed)
-    state = {"index": -1, "key": None, "files": {}, "end": shard_bytes}
+    state = {"index": first - 1, "key": None, "files": {}, "end": shard_bytes}
     backoff = Backoff(deadline_s)
-    cursor = _open(url, 0, opener, backoff)
+    cursor = _open(url, offset, opener, backoff)
     try:
         while True:
             try:

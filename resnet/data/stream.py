@@ -21,13 +21,9 @@ decoded or augmented.
 """
 from __future__ import annotations
 
-import atexit
 import functools
 import logging
-import multiprocessing
 import os
-import signal
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Optional
 
@@ -42,6 +38,7 @@ from resnet.data import storage
 from resnet.data.augment import AugmentParams
 from resnet.data.cache import ShardCache
 from resnet.data.shardio import ShardError, read_samples
+from resnet.data.workers import init_worker, named_timeouts, worker_context
 from resnet.logs import RateLimitedLogger, rank_from_env
 
 log = logging.getLogger(__name__)
@@ -85,8 +82,7 @@ class _Job:
     root: str
     shards: tuple[fmt.ShardInfo, ...]
     order: P.EpochOrder
-    schedule: tuple[tuple[tuple[P.Interval, ...], tuple[int, ...]], ...]  # per physical
-    # worker: its positions and the sizes of the batches it cuts them into
+    schedule: tuple[P.WorkerShare, ...]  # per physical worker: its runs, picks and batches
     train: bool
     labelled: bool
     num_classes: int
@@ -130,30 +126,46 @@ def _prepare(key: str, files: dict[str, bytes], job: _Job):
         raise CorruptSample(str(exc)) from None
 
 
-def _samples(job: _Job, positions, log_: RateLimitedLogger) -> Iterator[tuple[str, object]]:
-    """(key, (payload, label) or None for a corrupt/missing sample), in position order."""
-    for shard, indices in job.order.reads(positions):
-        info = job.shards[shard]
-        url = storage.join(job.root, info.name)
-        wanted = [int(i) for i in indices]
-        pending: dict[int, tuple[str, dict]] = {}
-        nxt = 0
-        opener = job.cache.opener(info) if job.cache else storage.open_read
-        for index, key, files in read_samples(url, set(wanted), opener=opener,
-                                              shard_bytes=info.bytes):
-            pending[index] = (key, files)
-            # Emit in the shuffled order as soon as the next one is in: at most one shard's
-            # needed samples are ever held, as raw bytes.
-            while nxt < len(wanted) and wanted[nxt] in pending:
-                yield _one(url, wanted[nxt], *pending.pop(wanted[nxt]), job, log_)
-                nxt += 1
-        for index in wanted[nxt:]:
-            if index in pending:  # read, but held behind a missing one in the shuffled order
-                yield _one(url, index, *pending.pop(index), job, log_)
-                continue
-            log_.warning(f"shard {url}: sample {index} is missing (the shard is shorter than "
-                         f"its manifest says); skipped", key="sample")
-            yield f"{info.name}#{index}", None
+def _samples(job: _Job, share: P.WorkerShare,
+             log_: RateLimitedLogger) -> Iterator[tuple[str, object]]:
+    """(key, (payload, label) or None for a corrupt/missing sample), in the share's emission
+    order: each pick takes the next sample of its run, from one open reader per run."""
+    left = [b - a for a, b in share.runs]
+    open_runs: dict[int, Iterator] = {}
+    for k in share.picks.tolist():
+        if k not in open_runs:
+            open_runs[k] = _run_samples(job, *job.order.locate(share.runs[k]), log_)
+        yield next(open_runs[k])
+        left[k] -= 1
+        if not left[k]:  # its stream closes now, not when the worker's last run ends
+            open_runs.pop(k).close()
+
+
+def _run_samples(job: _Job, shard: int, lo: int, hi: int,
+                 log_: RateLimitedLogger) -> Iterator[tuple[str, object]]:
+    """Samples lo..hi-1 of a shard, in tar order, read from the manifest's nearest offset at or
+    before lo; a sample the tar lacks (it is shorter than its manifest says) is yielded as
+    missing, so every position still yields one item."""
+    info = job.shards[shard]
+    url = storage.join(job.root, info.name)
+    opener = job.cache.opener(info) if job.cache else storage.open_read
+    expected = lo
+    for index, key, files in read_samples(url, set(range(lo, hi)), opener=opener,
+                                          shard_bytes=info.bytes, start=info.start(lo)):
+        while expected < index:
+            yield _missing(info, url, expected, log_)
+            expected += 1
+        yield _one(url, index, key, files, job, log_)
+        expected += 1
+    while expected < hi:
+        yield _missing(info, url, expected, log_)
+        expected += 1
+
+
+def _missing(info: fmt.ShardInfo, url: str, index: int, log_: RateLimitedLogger):
+    log_.warning(f"shard {url}: sample {index} is missing (the shard is shorter than "
+                 f"its manifest says); skipped", key="sample")
+    return f"{info.name}#{index}", None
 
 
 def _one(url, index, key, files, job, log_):
@@ -192,16 +204,16 @@ class _EpochStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
-        positions, sizes = self.job.schedule[info.id if info else 0]
-        yield from _batches(self.job, positions, sizes)
+        yield from _batches(self.job, self.job.schedule[info.id if info else 0])
 
 
-def _batches(job: _Job, positions, sizes: tuple[int, ...]) -> Iterator[Batch]:
+def _batches(job: _Job, share: P.WorkerShare) -> Iterator[Batch]:
     log_ = RateLimitedLogger(rank_from_env(), every_s=10.0)  # one key: at most 1 line / 10 s
     items: list = []
     produced = 0
     counted = iostats.snapshot()
-    for item in _samples(job, positions, log_):
+    sizes = share.sizes
+    for item in _samples(job, share, log_):
         items.append(item)
         if produced < len(sizes) and len(items) == sizes[produced]:
             batch = _collate(items, job)
@@ -212,130 +224,6 @@ def _batches(job: _Job, positions, sizes: tuple[int, ...]) -> Iterator[Batch]:
     if items or produced != len(sizes):  # the plan and the reader disagree: never hand out
         raise RuntimeError(f"worker produced {produced} batches (and {len(items)} samples "
                            f"over), the plan says {len(sizes)}")  # a wrong epoch
-
-
-# Workers start from a clean server process, not forked from the trainer, which has threads
-# (checkpoint mirror, W&B, progress bar, gloo): a fork copies locks those threads may hold.
-# The server imports this module (torch, torchvision, PIL) once, so each epoch's workers
-# start by a cheap fork of it instead of importing everything again (loader_server.py).
-WORKER_START = "forkserver"
-SERVER_PRELOAD = ["resnet.data.loader_server"]
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def ignore_stop_signals() -> None:
-    """Loader processes (the fork server and each worker) outlive a stop signal, so they keep
-    feeding their trainer until it has saved the step it reached.
-
-    The stop signal reaches every process of the trainer's process group, and the loader's
-    are in it: torchrun SIGTERMs each worker's process group (when a node joins, and when
-    torchrun itself is stopped), a terminal's Ctrl-C and `kill -TERM -PGID` signal the group,
-    srun/slurmstepd every process of the job step. With the default action the workers died
-    at once and the trainer's next batch failed (`DataLoader worker ... exited unexpectedly`;
-    even a batch already queued, whose tensors come through the dead worker's socket): no
-    checkpoint. The server must live on too: when it dies, the trainer reads its workers as
-    exited. A process group of their own would not do: slurmstepd and systemd
-    (KillMode=control-group) signal every process of the step or cgroup.
-
-    Ignoring is safe because they end with their trainer anyway: the DataLoader stops the
-    workers when an epoch or the run ends, each watches the trainer's pid (_exit_with), the
-    server ends when the trainer's end of its lifeline pipe closes, and SIGKILL (torchrun's,
-    30 s after its SIGTERM; systemd's after TimeoutStopSec) ends them all.
-    """
-    for stop in STOP_SIGNALS:
-        signal.signal(stop, signal.SIG_IGN)
-
-
-def _worker_context():
-    context = multiprocessing.get_context(WORKER_START)
-    if WORKER_START == "forkserver":
-        context.set_forkserver_preload(SERVER_PRELOAD)
-    return context
-
-
-def _kill_loader_workers() -> None:
-    """At exit, SIGKILL this process's daemon children: its DataLoader workers, still running
-    when an exception ends the process with an epoch's iterator alive (a lost peer's collective
-    error). multiprocessing's own exit handler terminates daemon children with SIGTERM and then
-    joins them, which waits forever for workers that ignore SIGTERM (ignore_stop_signals)."""
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
-
-
-# Runs before multiprocessing's exit handler: atexit runs the last registered first, and
-# multiprocessing.util registered its handler when torch was imported.
-atexit.register(_kill_loader_workers)
-
-
-class WorkerStuck(RuntimeError):
-    """A DataLoader worker produced no batch within data.worker_timeout_s."""
-
-
-def _named_timeouts(batches: Iterator, workers: int, timeout_s: float, where: str):
-    """The DataLoader's batches; its bare timeout becomes an error naming the stuck worker
-    (batch i comes from worker i % workers: the DataLoader takes them round-robin)."""
-    done = 0
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except RuntimeError as exc:
-            if "timed out" not in str(exc):
-                raise
-            raise WorkerStuck(f"DataLoader worker {done % workers} ({where}, its batch {done} "
-                              f"of this pass) produced nothing in {timeout_s:g} s "
-                              f"(data.worker_timeout_s): a stuck read or decode") from None
-        done += 1
-        yield batch
-
-
-def _init_worker(_: int, environ: dict | None = None, trainer_pid: int | None = None) -> None:
-    torch.set_num_threads(1)  # one decode per core; intra-op threads only oversubscribe
-    # Inherited from the server, but torch's worker start installs a SIGTERM handler of its
-    # own (it ends the worker); this runs after that.
-    ignore_stop_signals()
-    if environ is not None:  # the forkserver's environment is from when it started: use ours
-        os.environ.clear()
-        os.environ.update(environ)
-    if trainer_pid is not None:
-        _exit_with(trainer_pid)
-
-
-def _exit_with(pid: int) -> None:
-    """End this worker when the process that reads its batches ends.
-
-    torch's worker watchdog watches the worker's parent, which here is the fork server, not
-    the trainer: a SIGKILLed trainer (OOM, a lost node, a test's fault) would leave its workers
-    waiting forever, and with them the server (they hold its lifeline pipe).
-    """
-    import select
-    import threading
-
-    def watch() -> None:
-        try:
-            ended = os.pidfd_open(pid)  # readable once the process has ended (Linux 5.3+)
-        except ProcessLookupError:
-            os._exit(1)
-        except (AttributeError, OSError):
-            ended = None
-        if ended is not None:
-            select.select([ended], [], [])
-        else:
-            while _running(pid):
-                time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="trainer-watch", daemon=True).start()
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 class ShardLoader:
@@ -395,14 +283,12 @@ class ShardLoader:
     @property
     def samples_consumed(self) -> int:
         """Positions of the current epoch consumed by all ranks together."""
-        return P.usable(self._plan.order.total, self.global_batch, self.train) \
-            - sum(s.dropped for s in self._plan.segments) - P.length(self._plan.remaining())
+        return self._plan.consumed_count()
 
     # ------------------------------------------------------------------ iteration
     def _job(self) -> _Job:
-        schedule = tuple((tuple(pos), tuple(sizes)) for pos, sizes in
-                         self._plan.schedule(self.rank))
-        return _Job(self.source, self._split.shards, self._plan.order, schedule,
+        return _Job(self.source, self._split.shards, self._plan.order,
+                    tuple(self._plan.schedule(self.rank)),
                     self.train, self._split.labelled,
                     self.manifest.num_classes, self.decode, self.augment, self.cache)
 
@@ -411,15 +297,15 @@ class ShardLoader:
         if expected:
             job = self._job()
             if self.workers == 0:
-                batches = _batches(job, *job.schedule[0])
+                batches = _batches(job, job.schedule[0])
             else:
-                batches = _named_timeouts(iter(DataLoader(
+                batches = named_timeouts(iter(DataLoader(
                     _EpochStream(job), batch_size=None, num_workers=self.workers,
                     prefetch_factor=self.prefetch_factor,
-                    worker_init_fn=functools.partial(_init_worker, environ=dict(os.environ),
+                    worker_init_fn=functools.partial(init_worker, environ=dict(os.environ),
                                                      trainer_pid=os.getpid()),
                     pin_memory=self.pin_memory, persistent_workers=False,
-                    multiprocessing_context=_worker_context(),
+                    multiprocessing_context=worker_context(),
                     timeout=self.worker_timeout_s)),
                     self.workers, self.worker_timeout_s, f"rank {self.rank}, epoch {self.epoch}")
             try:

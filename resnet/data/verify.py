@@ -26,7 +26,8 @@ from PIL import Image
 
 from resnet.data import storage
 from resnet.data.format import (
-    IMAGE_EXT, LABEL_EXT, SHARD_RE, Manifest, ShardInfo, load_manifest, split_name)
+    IMAGE_EXT, INDEX_STRIDE, LABEL_EXT, SHARD_RE, Manifest, ShardInfo, load_manifest,
+    split_name)
 from resnet.progress import ProgressBar
 
 
@@ -128,11 +129,14 @@ def check_shard(url: str, info: ShardInfo, num_classes: int, labelled: bool, che
                 reference: bool = False) -> ShardReport:
     report = ShardReport(info.name)
     members: dict[str, set[str]] = {}
+    starts: list[int] = []
     try:
         with storage.open_read(url) as raw:
             reader = _HashingReader(raw)
             with tarfile.open(fileobj=reader, mode="r|") as tar:
                 for member in tar:
+                    if member.isfile() and split_name(member.name)[0] not in members:
+                        starts.append(member.offset)  # a new sample's first header
                     _check_member(tar, member, members, num_classes, labelled, check_image,
                                   report)
             reader.drain()  # tar padding after the end-of-archive blocks counts in the checksum
@@ -152,6 +156,9 @@ def check_shard(url: str, info: ShardInfo, num_classes: int, labelled: bool, che
     if reader.sha.hexdigest() != info.sha256:
         report.problems.append(f"{info.name}: sha256 {reader.sha.hexdigest()} does not match the "
                                f"manifest's {info.sha256}")
+    if info.offsets and tuple(starts[::INDEX_STRIDE]) != info.offsets:
+        report.problems.append(f"{info.name}: the manifest's sample offsets do not match the "
+                               f"tar's (a reader would start at a wrong byte): re-pack it")
     if len(members) != info.samples:
         report.problems.append(f"{info.name}: {len(members)} samples, manifest says "
                                f"{info.samples}")
