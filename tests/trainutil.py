@@ -6,6 +6,7 @@ carries a unique RESNET_TEST_TAG in its environment, so `kill_tagged` can end ex
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -278,19 +279,44 @@ BASELINE = ["train.epochs=2", "checkpoint.every_steps=4", LOADER_WORKERS]
 _SHARED: dict = {}
 
 
+def _session_folder(tmp_path_factory) -> Path:
+    """The folder all of this session's pytest-xdist workers share (each worker's own temp
+    folder is one of its children); without xdist, the session's temp folder."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def once_per_session(tmp_path_factory, name: str, make) -> dict:
+    """`make(folder) -> dict` (JSON) run once per test session, whichever xdist worker asks
+    first (the others wait on the lock and read its result): the data set and the baseline
+    run are made once for the whole suite, not once per worker."""
+    if name not in _SHARED:
+        folder = _session_folder(tmp_path_factory) / f"shared-{name}"
+        folder.mkdir(exist_ok=True)
+        with open(folder / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            done = folder / "result.json"
+            if not done.exists():
+                done.write_text(json.dumps(make(folder)))
+        _SHARED[name] = json.loads(done.read_text())
+    return _SHARED[name]
+
+
 def shared_data(tmp_path_factory) -> Path:
-    """Generated and packed once per test session (both test modules use it)."""
-    if "data" not in _SHARED:
-        _SHARED["data"] = make_data(tmp_path_factory.mktemp("traindata"))
-    return _SHARED["data"]
+    """Generated and packed once per test session (every multi-process module uses it)."""
+    made = once_per_session(tmp_path_factory, "traindata",
+                            lambda folder: {"data": str(make_data(folder))})
+    return Path(made["data"])
 
 
 def baseline_run(tmp_path_factory):
     """(data, run_dir, exit code, output) of the uninterrupted 2-process run, run once."""
-    if "baseline" not in _SHARED:
-        data = shared_data(tmp_path_factory)
-        root = tmp_path_factory.mktemp("baseline")
-        run_dir = root / "run"
-        code, out = run(torchrun_cmd(2, *overrides(data, run_dir, *BASELINE)), root / "log.txt")
-        _SHARED["baseline"] = (data, run_dir, code, out)
-    return _SHARED["baseline"]
+    data = shared_data(tmp_path_factory)
+
+    def make(folder: Path) -> dict:
+        run_dir = folder / "run"
+        code, out = run(torchrun_cmd(2, *overrides(data, run_dir, *BASELINE)), folder / "log.txt")
+        return {"run_dir": str(run_dir), "code": code, "out": out}
+
+    made = once_per_session(tmp_path_factory, "baseline", make)
+    return data, Path(made["run_dir"]), made["code"], made["out"]
