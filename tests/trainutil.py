@@ -312,11 +312,19 @@ def shared_data(tmp_path_factory) -> Path:
 def baseline_run(tmp_path_factory):
     """(data, run_dir, exit code, output) of the uninterrupted 2-process run, run once."""
     data = shared_data(tmp_path_factory)
+    run_dir, code, out = shared_run(
+        tmp_path_factory, "baseline",
+        lambda run_dir: torchrun_cmd(2, *overrides(data, run_dir, *BASELINE)))
+    return data, run_dir, code, out
 
+def shared_run(tmp_path_factory, name: str, cmd, timeout: float = RUN_TIMEOUT_S,
+               **extra_env: str):
+    """(run_dir, exit code, output) of `cmd(run_dir)`, run once per test session for the
+    several tests that check its artifacts."""
     def make(folder: Path) -> dict:
         run_dir = folder / "run"
-        code, out = run(torchrun_cmd(2, *overrides(data, run_dir, *BASELINE)), folder / "log.txt")
+        code, out = run(cmd(run_dir), folder / "log.txt", timeout, **extra_env)
         return {"run_dir": str(run_dir), "code": code, "out": out}
 
-    made = once_per_session(tmp_path_factory, "baseline", make)
-    return data, Path(made["run_dir"]), made["code"], made["out"]
+    made = once_per_session(tmp_path_factory, name, make)
+    return Path(made["run_dir"]), made["code"], made["out"]
