@@ -35,6 +35,7 @@ def _train(data, run_dir, *more: str) -> list[str]:
             *TINY, "train.max_steps=2", *more]
 
 
+@pytest.mark.slow
 def test_launch_config_file_and_flags_set_stage_precision_and_accumulation(data, tmp_path):
     """A file as `accelerate config` writes it (DEEPSPEED with a deepspeed_config section,
     which Accelerate itself refuses beside a DeepSpeed config dict unless we take its fields)

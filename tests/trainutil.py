@@ -24,7 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 40, 8
 TRAIN_SAMPLES = CLASSES * TRAIN_PER_CLASS  # 160: 10 steps of global batch 16
 BATCH = 8
-RUN_TIMEOUT_S = 240
+# A hang guard, not a speed bound: the suite runs on 4 xdist workers on 2 cores, and must pass
+# beside another copy of itself (a few minutes a run at worst).
+RUN_TIMEOUT_S = 480
 # Tiny and deterministic: resnet18 at 32 px on 40x32 images, fp32, no workers, no W&B.
 TINY = ["model.arch=resnet18", "model.channels_last=false", "data.image_size=32",
         "data.workers=0", f"train.batch_size={BATCH}", "train.precision=fp32",
