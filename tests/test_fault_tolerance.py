@@ -90,7 +90,7 @@ def test_sigterm_writes_a_checkpoint_and_the_next_start_resumes_from_it(baseline
     assert code == 0, out[-4000:]
     assert tu.resumed_from(out) == [name]
     _same_as_baseline(run_dir, reference, resumed_at=7)
-    tu.assert_each_sample_once(tmp_path, run_dir, epochs=2)
+    tu.assert_each_sample_once(run_dir, epochs=2)
 
 
 def test_kill_inside_a_checkpoint_write_keeps_the_previous_one(baseline, tmp_path):
@@ -172,7 +172,7 @@ def test_two_agents_one_killed_the_other_finishes_at_world_size_one(baseline, tm
     state = tu.trainer_state(run_dir / "checkpoints" / "step-000000010")["progress"]
     assert (state["world_size"], state["global_batch"]) == (1, 16)
     assert (run_dir / "final" / "model.safetensors").is_file()
-    tu.assert_each_sample_once(tmp_path, run_dir, epochs=1)
+    tu.assert_each_sample_once(run_dir, epochs=1)
 
 
 def _listening(port: int) -> bool:

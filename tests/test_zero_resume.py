@@ -124,7 +124,7 @@ def test_zero_checkpoint_resumes_on_another_world_size(data, tmp_path_factory, s
     progress = tu.trainer_state(run_dir / "checkpoints" / "step-000000010")["progress"]
     assert (progress["step"], progress["world_size"], progress["zero_stage"]) == (10, world, stage)
     assert (run_dir / "final" / "model.safetensors").is_file()
-    code, report = tu.run(tu.resnet_cmd("audit", str(run_dir)), root / "audit.txt", timeout=60)
+    code, report = tu.audit_command(run_dir)
     assert code == 0, report
     assert f"{tu.TRAIN_SAMPLES} distinct of {tu.TRAIN_SAMPLES}, 0 left out, 0 used twice" in report
 
