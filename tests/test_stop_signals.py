@@ -58,7 +58,7 @@ def test_a_stop_signal_to_torchruns_group_saves_the_step_reached_and_resumes_the
         tu.wait_for(lambda: len(list(gates.glob(paused))) == 2, tu.RUN_TIMEOUT_S,
                     f"both ranks held after step 3, {held}", [launch])
         launch.signal_group(sig)
-        launch.wait(120)
+        launch.wait()
     finally:
         launch.stop()
     out = launch.output()
