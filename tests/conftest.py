@@ -195,3 +195,10 @@ def _product_logger_restored():
     saved = (list(logger.handlers), logger.propagate, logger.level)
     yield
     logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
+
+
+def pytest_collection_modifyitems(config, items):
+    """The multi-process tests (marked slow) first, each module's in their order: under
+    pytest-xdist (pytest.ini's -n) the long runs then start at once on every worker and the
+    short tests fill the gaps, instead of one long test starting last and running alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

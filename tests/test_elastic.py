@@ -96,9 +96,8 @@ def data(tmp_path_factory) -> Path:
     return tu.shared_data(tmp_path_factory)
 
 
-def _audit_ok(tmp_path: Path, *run_dirs: Path) -> str:
-    code, report = tu.run(tu.resnet_cmd("audit", *map(str, run_dirs)), tmp_path / "audit.txt",
-                          timeout=60)
+def _audit_ok(*run_dirs: Path) -> str:
+    code, report = tu.audit_command(*run_dirs)
     assert code == 0, report
     return report
 
@@ -121,7 +120,7 @@ def test_any_world_size_trains_the_same_global_batch_exactly_once(world, data, t
         assert sum(len(r["keys"]) for r in records.values()) == 24, step
         assert sorted(records) == [(k, r) for k in range(layout.accumulation)
                                    for r in range(world)]
-    report = _audit_ok(tmp_path, run_dir)
+    report = _audit_ok(run_dir)
     assert report.count("0 used twice") == 2 and "AUDIT FAILED" not in report
 
 
@@ -239,7 +238,7 @@ def _check_history(tmp_path: Path, data: Path, run_dirs, joins: dict[str, float]
     assert [worlds[s] for s in (1, 2, 3, 13, 14, 23, 24, 30)] == [2, 2, 1, 1, 2, 2, 3, 3]
     for step in range(24, 31):  # 16 samples over 3 ranks: 6, 5, 5
         assert sorted(len(r["keys"]) for r in audit[step].values()) == [5, 5, 6], step
-    report = _audit_ok(tmp_path, *run_dirs)
+    report = _audit_ok(*run_dirs)
     assert report.count(f"{tu.TRAIN_SAMPLES} distinct of {tu.TRAIN_SAMPLES}, 0 left out, "
                         f"0 used twice") == 3, report
     for what, seconds in joins.items():  # bounded by the waits; benchmarks/elastic_join.py

@@ -74,7 +74,7 @@ def test_sigterm_writes_a_checkpoint_and_the_next_start_resumes_from_it(baseline
         tu.wait_for(lambda: len(list(gates.glob("paused-fetch-at-6-rank-*"))) == 2,
                     tu.RUN_TIMEOUT_S, "both ranks fetching step 7's batches", [launch])
         launch.signal_group(signal.SIGTERM)  # the agent passes it on to its workers
-        code = launch.wait(120)
+        code = launch.wait()
     finally:
         launch.stop()
     out = launch.output()
@@ -90,7 +90,7 @@ def test_sigterm_writes_a_checkpoint_and_the_next_start_resumes_from_it(baseline
     assert code == 0, out[-4000:]
     assert tu.resumed_from(out) == [name]
     _same_as_baseline(run_dir, reference, resumed_at=7)
-    tu.assert_each_sample_once(tmp_path, run_dir, epochs=2)
+    tu.assert_each_sample_once(run_dir, epochs=2)
 
 
 def test_kill_inside_a_checkpoint_write_keeps_the_previous_one(baseline, tmp_path):
@@ -172,7 +172,7 @@ def test_two_agents_one_killed_the_other_finishes_at_world_size_one(baseline, tm
     state = tu.trainer_state(run_dir / "checkpoints" / "step-000000010")["progress"]
     assert (state["world_size"], state["global_batch"]) == (1, 16)
     assert (run_dir / "final" / "model.safetensors").is_file()
-    tu.assert_each_sample_once(tmp_path, run_dir, epochs=1)
+    tu.assert_each_sample_once(run_dir, epochs=1)
 
 
 def _listening(port: int) -> bool:
@@ -209,11 +209,12 @@ def test_an_s3_mirror_outage_mid_run_never_stops_training(baseline, tmp_path, s3
             except FileNotFoundError:
                 return False
 
-        tu.wait_for(lambda: paused(4) and mirrored("step-000000004"), 120, "step 4 mirrored",
-                    [launch])
+        tu.wait_for(lambda: paused(4) and mirrored("step-000000004"), tu.RUN_TIMEOUT_S,
+                    "step 4 mirrored", [launch])
         s3_server.stop()
         (gates / "pause-at-4").unlink()
-        tu.wait_for(lambda: paused(12), 120, "step 12 trained without S3", [launch])
+        tu.wait_for(lambda: paused(12), tu.RUN_TIMEOUT_S, "step 12 trained without S3",
+                    [launch])
         assert "step-000000012" in tu.checkpoints(run_dir)
         tu.wait_for(lambda: "mirroring step-" in launch.output(), 60, "a failed upload said",
                     [launch])
@@ -247,7 +248,8 @@ def _gated_single_process(data, tmp_path, **extra_env):
         val=False)),
         tmp_path / "log.txt", RESNET_TEST_FAULT_GATES=str(gates), WANDB_MODE="offline",
         WANDB_SILENT="true", WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), **extra_env)
-    tu.wait_for(lambda: list(gates.glob("paused-at-3-*")), 120, "step 3 done", [launch])
+    tu.wait_for(lambda: list(gates.glob("paused-at-3-*")), tu.RUN_TIMEOUT_S, "step 3 done",
+                [launch])
     return launch
 
 
@@ -258,7 +260,7 @@ def test_sigterm_closes_the_audit_and_wandb_with_its_exit_code(tmp_path_factory,
     launch = _gated_single_process(data, tmp_path)
     try:
         launch.signal_group(signal.SIGTERM)
-        code = launch.wait(120)
+        code = launch.wait()
     finally:
         launch.stop()
     assert code == 143, launch.tail()
@@ -299,7 +301,7 @@ def test_a_full_disk_at_a_checkpoint_stops_every_rank_and_the_restart_fails_fast
     run_dir = tmp_path / "run"
     args = tu.overrides(data, run_dir, "train.max_steps=6", "checkpoint.every_steps=2",
                         tu.LOADER_WORKERS, val=False)
-    code, out = tu.run(tu.torchrun_cmd(2, *args), tmp_path / "log.txt", timeout=180,
+    code, out = tu.run(tu.torchrun_cmd(2, *args), tmp_path / "log.txt",
                        RESNET_TEST_FAULT_ENOSPC_AT_STEP=4, RESNET_TEST_FAULT_RANK=1)
     assert code != 0
     said = [line for line in out.splitlines() if "no space left writing checkpoint" in line]
@@ -310,8 +312,8 @@ def test_a_full_disk_at_a_checkpoint_stops_every_rank_and_the_restart_fails_fast
     assert tu.latest(run_dir) == "step-000000002"
     assert max(tu.read_audit(run_dir)) == 4  # steps 3 and 4 were trained, then it stopped
 
-    code, out = tu.run(tu.torchrun_cmd(2, *args, max_restarts=2), tmp_path / "log.txt",
-                       timeout=180, RESNET_TEST_FAULT_DISK_FREE=1000)
+    code, out = tu.run(tu.torchrun_cmd(2, *args, max_restarts=1), tmp_path / "log.txt",
+                       RESNET_TEST_FAULT_DISK_FREE=1000)
     assert code != 0
     assert out.count("not enough space for the next checkpoint") >= 2, out[-4000:]
     assert max(tu.read_audit(run_dir)) == 4  # no step trained again, restart after restart

@@ -110,8 +110,7 @@ def test_a_partitioned_node_is_left_behind_and_the_healed_one_harms_nothing(
     assert list(audit) == list(range(1, 21))
     worlds = {step: len({rank for _, rank in recs}) for step, recs in audit.items()}
     assert worlds[3] == worlds[6] == 1, worlds  # after the partition: A alone
-    code, report = tu.run(tu.resnet_cmd("audit", str(run_dir)), tmp_path / "audit.txt",
-                          timeout=60)
+    code, report = tu.audit_command(run_dir)
     assert code == 0 and report.count(f"{tu.TRAIN_SAMPLES} distinct of {tu.TRAIN_SAMPLES}, "
                                       f"0 left out, 0 used twice") == 2, report
     assert (run_dir / "final" / "model.safetensors").is_file()

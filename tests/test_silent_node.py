@@ -109,8 +109,7 @@ def test_frozen_first_node_is_left_fenced_rejoins_then_killed(data, tmp_path):
     assert list(audit) == list(range(1, 21))
     worlds = {step: len({rank for _, rank in recs}) for step, recs in audit.items()}
     assert worlds[1] == 2 and worlds[13] == worlds[20] == 1, worlds
-    code, report = tu.run(tu.resnet_cmd("audit", str(run_dir)), tmp_path / "audit.txt",
-                          timeout=60)
+    code, report = tu.audit_command(run_dir)
     assert code == 0 and report.count(f"{tu.TRAIN_SAMPLES} distinct of {tu.TRAIN_SAMPLES}, "
                                       f"0 left out, 0 used twice") == 2, report
     assert (run_dir / "final" / "model.safetensors").is_file()

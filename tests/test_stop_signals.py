@@ -58,7 +58,7 @@ def test_a_stop_signal_to_torchruns_group_saves_the_step_reached_and_resumes_the
         tu.wait_for(lambda: len(list(gates.glob(paused))) == 2, tu.RUN_TIMEOUT_S,
                     f"both ranks held after step 3, {held}", [launch])
         launch.signal_group(sig)
-        launch.wait(120)
+        launch.wait()
     finally:
         launch.stop()
     out = launch.output()
@@ -76,7 +76,7 @@ def test_a_stop_signal_to_torchruns_group_saves_the_step_reached_and_resumes_the
     assert _steps(first) == list(range(1, REACHED + 1))  # nothing trained after the save ...
     assert _steps(second)[0] == REACHED + 1  # ... and the resumed run starts right after it
     assert list(tu.read_audit(run_dir)) == list(range(1, 11))
-    tu.assert_each_sample_once(tmp_path, run_dir, epochs=1)
+    tu.assert_each_sample_once(run_dir, epochs=1)
 
 
 def _steps(rank_files: list) -> list[int]:

@@ -359,14 +359,22 @@ def test_a_replacement_node_with_an_empty_disk_resumes_from_the_s3_mirror(data, 
     assert tu.trainer_state(run_dir / "checkpoints" / "step-000000009")["progress"]["step"] == 9
 
 
+@pytest.fixture(scope="module")
+def decode_on_device_by_the_clock(data, tmp_path_factory):
+    """One single-process run that two tests check: data.decode=device (training and
+    evaluation), and checkpoints by wall clock alone (checkpoint.every_steps=0 and a tiny
+    every_minutes: one after every step)."""
+    return tu.shared_run(tmp_path_factory, "decode-device-by-the-clock", lambda run_dir:
+                         tu.resnet_cmd("train", *tu.overrides(
+                             data, run_dir, "data.decode=device", "checkpoint.every_steps=0",
+                             "checkpoint.every_minutes=0.00001", "checkpoint.keep=10",
+                             "train.max_steps=3", "audit.sample_keys=false")))
+
+
 @pytest.mark.slow
-def test_checkpoints_by_wall_clock(data, tmp_path):
+def test_checkpoints_by_wall_clock(decode_on_device_by_the_clock):
     """checkpoint.every_minutes alone (every_steps=0): a tiny interval saves after every step."""
-    run_dir = tmp_path / "run"
-    code, out = tu.run(tu.resnet_cmd("train", *tu.overrides(
-        data, run_dir, "checkpoint.every_steps=0", "checkpoint.every_minutes=0.00001",
-        "checkpoint.keep=10", "train.max_steps=3", "audit.sample_keys=false", val=False)),
-        tmp_path / "log.txt", timeout=240)
+    run_dir, code, out = decode_on_device_by_the_clock
     assert code == 0, out[-4000:]
     assert tu.checkpoints(run_dir) == [f"step-00000000{i}" for i in (1, 2, 3)]
 
@@ -397,13 +405,10 @@ def test_ddp_engine_on_two_processes_trains_resumes_and_evaluates(data, tmp_path
 
 
 @pytest.mark.slow
-def test_device_decode_trains_and_evaluates(data, tmp_path):
+def test_device_decode_trains_and_evaluates(decode_on_device_by_the_clock):
     """data.decode=device: workers hand over JPEG bytes and crop boxes; the trainer decodes
     them on its device (here the CPU; nvJPEG on a GPU) for training and evaluation."""
-    run_dir = tmp_path / "run"
-    code, out = tu.run(tu.resnet_cmd("train", *tu.overrides(
-        data, run_dir, "data.decode=device", "train.max_steps=3", "audit.sample_keys=false")),
-        tmp_path / "log.txt", timeout=240)
+    run_dir, code, out = decode_on_device_by_the_clock
     assert code == 0, out[-4000:]
     evals = [m for m in tu.metrics(run_dir) if "val_top1" in m]
     assert evals and evals[-1]["val_samples"] == tu.CLASSES * tu.VAL_PER_CLASS

@@ -25,7 +25,6 @@ pytestmark = pytest.mark.slow
 
 TRAIN = ("train.epochs=1", "checkpoint.every_steps=4")
 STOPPED_AT = "step-000000007"  # rank 0 gets SIGTERM while held after step 6
-_RUNS: dict = {}
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +37,9 @@ def _args(data: Path, run_dir: Path, stage: int, *more: str) -> list[str]:
 
 
 def _stopped_run(data: Path, tmp_path_factory, stage: int) -> Path:
-    """2 processes under ZeRO-`stage`, stopped by SIGTERM mid-epoch (once per stage)."""
-    if stage not in _RUNS:
-        root = tmp_path_factory.mktemp(f"zero{stage}")
+    """2 processes under ZeRO-`stage`, stopped by SIGTERM mid-epoch (once per stage and test
+    session, whichever xdist worker asks first)."""
+    def make(root: Path) -> dict:
         run_dir, hold = root / "run", root / "hold"
         launch = tu.Launch(tu.torchrun_cmd(2, *_args(data, run_dir, stage)), root / "log.txt",
                            RESNET_TEST_FAULT_AFTER_STEP=6, RESNET_TEST_FAULT_RANK=0,
@@ -57,8 +56,9 @@ def _stopped_run(data: Path, tmp_path_factory, stage: int) -> Path:
         assert tu.latest(run_dir) == STOPPED_AT
         shards = run_dir / "checkpoints" / STOPPED_AT / "pytorch_model"
         assert len(list(shards.glob("zero_pp_rank_*_optim_states.pt"))) == 2
-        _RUNS[stage] = run_dir
-    return _RUNS[stage]
+        return {"run_dir": str(run_dir)}
+
+    return Path(tu.once_per_session(tmp_path_factory, f"zero{stage}", make)["run_dir"])
 
 
 def _zero_state(model_dir: Path) -> dict:
@@ -124,7 +124,7 @@ def test_zero_checkpoint_resumes_on_another_world_size(data, tmp_path_factory, s
     progress = tu.trainer_state(run_dir / "checkpoints" / "step-000000010")["progress"]
     assert (progress["step"], progress["world_size"], progress["zero_stage"]) == (10, world, stage)
     assert (run_dir / "final" / "model.safetensors").is_file()
-    code, report = tu.run(tu.resnet_cmd("audit", str(run_dir)), root / "audit.txt", timeout=60)
+    code, report = tu.audit_command(run_dir)
     assert code == 0, report
     assert f"{tu.TRAIN_SAMPLES} distinct of {tu.TRAIN_SAMPLES}, 0 left out, 0 used twice" in report
 

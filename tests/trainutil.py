@@ -6,6 +6,9 @@ carries a unique RESNET_TEST_TAG in its environment, so `kill_tagged` can end ex
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import io
 import json
 import os
 import re
@@ -17,13 +20,16 @@ import time
 import uuid
 from pathlib import Path
 
+from resnet.cli import main as cli_main
 from resnet.train import audit
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 40, 8
 TRAIN_SAMPLES = CLASSES * TRAIN_PER_CLASS  # 160: 10 steps of global batch 16
 BATCH = 8
-RUN_TIMEOUT_S = 240
+# A hang guard, not a speed bound: the suite runs on 4 xdist workers on 2 cores, and must pass
+# beside another copy of itself (a few minutes a run at worst).
+RUN_TIMEOUT_S = 480
 # Tiny and deterministic: resnet18 at 32 px on 40x32 images, fp32, no workers, no W&B.
 TINY = ["model.arch=resnet18", "model.channels_last=false", "data.image_size=32",
         "data.workers=0", f"train.batch_size={BATCH}", "train.precision=fp32",
@@ -234,9 +240,18 @@ def metrics(run_dir: Path) -> list[dict]:
 read_audit = audit.read_audit
 
 
-def assert_each_sample_once(tmp_path: Path, run_dir: Path, epochs: int) -> None:
+def audit_command(*run_dirs: Path) -> tuple[int, str]:
+    """`resnet audit RUN_DIR...` through the CLI's entry point in this process (the command's
+    interpreter start is not what the training tests check): exit code and what it printed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        code = cli_main(["audit", *map(str, run_dirs)])
+    return code, printed.getvalue()
+
+
+def assert_each_sample_once(run_dir: Path, epochs: int) -> None:
     """What users run to prove it: `resnet audit` finds every sample once in every epoch."""
-    code, report = run(resnet_cmd("audit", str(run_dir)), tmp_path / "audit.txt", timeout=60)
+    code, report = audit_command(run_dir)
     assert code == 0, report
     assert report.count(f"{TRAIN_SAMPLES} distinct of {TRAIN_SAMPLES}, 0 left out, "
                         f"0 used twice") == epochs, report
@@ -278,19 +293,52 @@ BASELINE = ["train.epochs=2", "checkpoint.every_steps=4", LOADER_WORKERS]
 _SHARED: dict = {}
 
 
+def _session_folder(tmp_path_factory) -> Path:
+    """The folder all of this session's pytest-xdist workers share (each worker's own temp
+    folder is one of its children); without xdist, the session's temp folder."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def once_per_session(tmp_path_factory, name: str, make) -> dict:
+    """`make(folder) -> dict` (JSON) run once per test session, whichever xdist worker asks
+    first (the others wait on the lock and read its result): the data set and the baseline
+    run are made once for the whole suite, not once per worker."""
+    if name not in _SHARED:
+        folder = _session_folder(tmp_path_factory) / f"shared-{name}"
+        folder.mkdir(exist_ok=True)
+        with open(folder / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            done = folder / "result.json"
+            if not done.exists():
+                done.write_text(json.dumps(make(folder)))
+        _SHARED[name] = json.loads(done.read_text())
+    return _SHARED[name]
+
+
 def shared_data(tmp_path_factory) -> Path:
-    """Generated and packed once per test session (both test modules use it)."""
-    if "data" not in _SHARED:
-        _SHARED["data"] = make_data(tmp_path_factory.mktemp("traindata"))
-    return _SHARED["data"]
+    """Generated and packed once per test session (every multi-process module uses it)."""
+    made = once_per_session(tmp_path_factory, "traindata",
+                            lambda folder: {"data": str(make_data(folder))})
+    return Path(made["data"])
 
 
 def baseline_run(tmp_path_factory):
     """(data, run_dir, exit code, output) of the uninterrupted 2-process run, run once."""
-    if "baseline" not in _SHARED:
-        data = shared_data(tmp_path_factory)
-        root = tmp_path_factory.mktemp("baseline")
-        run_dir = root / "run"
-        code, out = run(torchrun_cmd(2, *overrides(data, run_dir, *BASELINE)), root / "log.txt")
-        _SHARED["baseline"] = (data, run_dir, code, out)
-    return _SHARED["baseline"]
+    data = shared_data(tmp_path_factory)
+    run_dir, code, out = shared_run(
+        tmp_path_factory, "baseline",
+        lambda run_dir: torchrun_cmd(2, *overrides(data, run_dir, *BASELINE)))
+    return data, run_dir, code, out
+
+def shared_run(tmp_path_factory, name: str, cmd, timeout: float = RUN_TIMEOUT_S,
+               **extra_env: str):
+    """(run_dir, exit code, output) of `cmd(run_dir)`, run once per test session for the
+    several tests that check its artifacts."""
+    def make(folder: Path) -> dict:
+        run_dir = folder / "run"
+        code, out = run(cmd(run_dir), folder / "log.txt", timeout, **extra_env)
+        return {"run_dir": str(run_dir), "code": code, "out": out}
+
+    made = once_per_session(tmp_path_factory, name, make)
+    return Path(made["run_dir"]), made["code"], made["out"]
