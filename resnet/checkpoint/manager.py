@@ -54,7 +54,7 @@ class CheckpointManager:
                  gather: Callable[[Any], list] = lambda item: [item],
                  mirror_wait_s: float = 60.0, resume: bool = True,
                  fence: Callable[[str], None] = lambda what: None) -> None:
-        if keep < 1:  # (validated with the config; a guard for other callers)
+        if keep < 1:  # checked here too: the manager is used without a config (tests, tools)
             raise CheckpointError(f"checkpoint.keep must be at least 1 (the newest checkpoint "
                                   f"is always kept), got {keep}")
         self.accelerator = accelerator
