@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from resnet.config import ARCHS
 from resnet.data import storage
 from resnet.data.augment import AugmentParams
-from resnet.config import ARCHS
 from resnet.model import ResNet, build_model
 from resnet.runfolder import (CLASSES_FILE, CONFIG_FILE, FINAL_DIR, METRICS_FILE, STATE_FILE,
                               WEIGHTS_FILE, latest_checkpoint, newest_weights, read_state,
