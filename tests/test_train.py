@@ -414,28 +414,43 @@ def test_device_decode_trains_and_evaluates(decode_on_device_by_the_clock):
     assert evals and evals[-1]["val_samples"] == tu.CLASSES * tu.VAL_PER_CLASS
 
 
+RAMP_TRAIN, RAMP_VAL = 12, 4  # per class: 3 steps of 16 an epoch, 16 val images
+
+
+@pytest.fixture(scope="module")
+def ramp_data(tmp_path_factory) -> Path:
+    """The tiny set at under a third of its size: the ramp's epochs at 64 and 96 px cost
+    (px / 32)^2 times an epoch at 32 px, and the test needs epochs, not many steps in them."""
+    made = tu.once_per_session(tmp_path_factory, "ramp-data", lambda folder: {
+        "data": str(tu.make_data(folder, RAMP_TRAIN, RAMP_VAL))})
+    return Path(made["data"])
+
+
 @pytest.mark.slow
-def test_progressive_resizing_resumes_exactly_after_a_kill(data, tmp_path):
-    """Train size 32 -> 64 -> 96 px over three epochs (eval at 64): a run SIGKILLed mid-epoch 1
-    and started again equals the uninterrupted run bit for bit, because the size is a function
-    of the epoch; the size is logged as `image_size`."""
-    ramp = ["train.epochs=3", "train.global_batch_size=16", "checkpoint.every_steps=4",
+def test_progressive_resizing_resumes_exactly_after_a_kill(ramp_data, tmp_path):
+    """Train size 32 -> 64 -> 96 px over three epochs of 3 steps (eval at 64): a run SIGKILLed
+    mid-epoch 1 (after step 5; checkpoint at 4) and started again equals the uninterrupted run
+    bit for bit, because the size is a function of the epoch; the size is logged as
+    `image_size`."""
+    data = ramp_data
+    ramp = ["train.epochs=3", "train.global_batch_size=16", "checkpoint.every_steps=2",
             "data.image_size=96", "data.min_image_size=32", "data.resize_start_epoch=0",
-            "data.resize_end_epoch=2", "data.eval_image_size=64"]
+            "data.resize_end_epoch=2", "data.eval_image_size=64",
+            "train.log_every_steps=1"]  # image_size is in the step records logged
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     code, out = tu.run(tu.resnet_cmd("train", *tu.overrides(data, whole, *ramp)),
                        tmp_path / "whole.txt")
     assert code == 0, out[-4000:]
     code, out = tu.run(tu.resnet_cmd("train", *tu.overrides(data, killed, *ramp)),
-                       tmp_path / "killed.txt", RESNET_TEST_FAULT_AFTER_STEP=14)
-    assert code != 0 and tu.checkpoints(killed)[-1] == "step-000000012", out[-4000:]
+                       tmp_path / "killed.txt", RESNET_TEST_FAULT_AFTER_STEP=5)
+    assert code != 0 and tu.checkpoints(killed)[-1] == "step-000000004", out[-4000:]
     code, out = tu.run(tu.resnet_cmd("train", *tu.overrides(data, killed, *ramp)),
                        tmp_path / "again.txt")
-    assert code == 0 and tu.resumed_from(out) == ["step-000000012"], out[-4000:]
+    assert code == 0 and tu.resumed_from(out) == ["step-000000004"], out[-4000:]
     sizes = {m["epoch"]: m["image_size"] for m in tu.metrics(whole) if "image_size" in m}
     assert sizes == {0: 32, 1: 64, 2: 96}
     resumed = {m["epoch"]: m["image_size"] for m in tu.metrics(killed) if "image_size" in m}
     assert resumed == sizes
     tu.assert_bit_identical(tu.final_weights(killed), tu.final_weights(whole))
     evals = [m for m in tu.metrics(whole) if "val_top1" in m]
-    assert evals and evals[-1]["val_samples"] == tu.CLASSES * tu.VAL_PER_CLASS
+    assert evals and evals[-1]["val_samples"] == tu.CLASSES * RAMP_VAL

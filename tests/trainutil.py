@@ -51,13 +51,14 @@ LAUNCHER_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
                  "GROUP_RANK", "ROLE_RANK", "ACCELERATE_USE_DEEPSPEED")
 
 
-def make_data(root: Path) -> Path:
+def make_data(root: Path, train_per_class: int = TRAIN_PER_CLASS,
+              val_per_class: int = VAL_PER_CLASS) -> Path:
     """Generate and pack the tiny labelled set once: 8 train shards of 20, 2 val shards."""
     from resnet.data import synthetic
     from resnet.data.pack import PackOptions, pack
 
     src, packed = root / "src", root / "data"
-    synthetic.write_imagefolder(src, CLASSES, {"train": TRAIN_PER_CLASS, "val": VAL_PER_CLASS},
+    synthetic.write_imagefolder(src, CLASSES, {"train": train_per_class, "val": val_per_class},
                                 size=(40, 32), seed=0)
     pack(str(src), str(packed), "imagefolder", PackOptions(samples_per_shard=20, workers=1),
          progress=False, log=lambda *a, **k: None)
