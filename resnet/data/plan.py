@@ -421,10 +421,13 @@ class EpochPlan:
         if segments and segments[-1].batches == 0:
             segments = segments[:-1]  # an unused segment leaves no trace
         prior = EpochPlan(self.order, self.global_batch, self.train, segments)
-        left = length(prior.remaining())
-        drop = left % self.global_batch if self.train else 0
-        return EpochPlan(self.order, self.global_batch, self.train,
-                         segments + (replace(topology, dropped=drop),))
+        left = prior.remaining()
+        drop = length(left) % self.global_batch if self.train else 0
+        out = EpochPlan(self.order, self.global_batch, self.train,
+                        segments + (replace(topology, dropped=drop),))
+        # What the earlier segments consumed is known now: drawn once, not again by `out`.
+        out.__dict__["bases"] = prior.bases + (take(left, 0, length(left) - drop),)
+        return out
 
     @property
     def current(self) -> Segment:
