@@ -9,7 +9,7 @@ the same after a resume at 50% of the epoch; and after an elastic re-split 64 ->
 third of the epoch on each, then the rest). Then, over ALL ranks, it checks arithmetically that
 every position of the epoch is used exactly once, and counts the bytes the workers read for
 what is left of the epoch (mean JPEG 110 KB). Each worker reads each of its runs (a stretch of
-one tar, resnet/data/plan.py) as one stream, from S3 without the node's cache starting at the
+one tar, resnet/data/order.py) as one stream, from S3 without the node's cache starting at the
 manifest's nearest indexed sample (every INDEX_STRIDE-th, resnet/data/format.py); from local
 disk or the node's cache, exactly the run (the "needed" column). For comparison: reading each
 run from its shard's byte 0 (a manifest packed before the offsets came). Both S3 columns count
@@ -26,6 +26,7 @@ import tracemalloc
 
 
 from resnet.data import intervals as I
+from resnet.data import order as O
 from resnet.data import plan as P
 from resnet.data.format import INDEX_STRIDE
 from resnet.envinfo import cpu_model
@@ -126,13 +127,13 @@ def run_bytes(ep: P.EpochPlan) -> tuple[int, int, int, int]:
     return needed, indexed, from_zero, runs
 
 
-def order_cost(order: P.EpochOrder, repeat: int) -> float:
+def order_cost(order: O.EpochOrder, repeat: int) -> float:
     """Median seconds to draw an epoch's shard order and the interleaving of each of 512
     workers' runs (2,500 samples in 4 runs: what all workers at 64 x 8 draw per epoch)."""
     def draw():
-        P.EpochOrder(order.sizes, order.seed, order.epoch).shard_order
+        O.EpochOrder(order.sizes, order.seed, order.epoch).shard_order
         for worker in range(512):
-            P.merge([700, 1000, 500, 300], True, order.seed, order.epoch, 0, worker)
+            O.merge([700, 1000, 500, 300], True, order.seed, order.epoch, 0, worker)
     return measured(draw, repeat)[0]
 
 
@@ -145,7 +146,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     sizes = tuple(P.split_counts(IMAGENET_TRAIN, -(-IMAGENET_TRAIN // SHARD)))
-    order = P.EpochOrder(sizes, seed=0, epoch=3)
+    order = O.EpochOrder(sizes, seed=0, epoch=3)
     print(f"# bench_plan: {IMAGENET_TRAIN:,} samples in {len(sizes):,} shards, global batch "
           f"{args.global_batch}, {args.workers} workers per rank; {cpu_model()}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}, median of {args.repeat}")
