@@ -9,10 +9,11 @@ the same after a resume at 50% of the epoch; and after an elastic re-split 64 ->
 third of the epoch on each, then the rest). Then, over ALL ranks, it checks arithmetically that
 every position of the epoch is used exactly once, and counts the bytes the workers read for
 what is left of the epoch (mean JPEG 110 KB). Each worker reads each of its runs (a stretch of
-one tar, resnet/data/plan.py) as one stream, from S3 without the node's cache starting at the
-manifest's nearest indexed sample (every INDEX_STRIDE-th, resnet/data/format.py). For
-comparison: a reader that starts at the run's first sample (local disk, the cache), and one
-that walks the tar's headers from byte 0 (a manifest packed before the offsets came).
+one tar, resnet/data/order.py) as one stream, from S3 without the node's cache starting at the
+manifest's nearest indexed sample (every INDEX_STRIDE-th, resnet/data/format.py); from local
+disk or the node's cache, exactly the run (the "needed" column). For comparison: reading each
+run from its shard's byte 0 (a manifest packed before the offsets came). Both S3 columns count
+the remote stream's read-ahead past a run's end (1 MiB blocks).
 """
 from __future__ import annotations
 
@@ -25,12 +26,14 @@ import tracemalloc
 
 
 from resnet.data import intervals as I
+from resnet.data import order as O
 from resnet.data import plan as P
 from resnet.data.format import INDEX_STRIDE
 from resnet.envinfo import cpu_model
 
 IMAGENET_TRAIN, SHARD = 1_281_167, 1_000
 MEAN_SAMPLE_BYTES = 110_000  # ImageNet's mean JPEG
+READ_AHEAD = 1 << 20  # storage.open_read's buffer for a remote stream
 
 
 def segment(world: int, workers: int, global_batch: int, max_micro: int) -> P.Segment:
@@ -100,28 +103,37 @@ def check_exactly_once(ep: P.EpochPlan) -> tuple[int, int]:
     return total, kept
 
 
+def remote_read(start: int, stop: int, size: int) -> int:
+    """Bytes a remote stream opened at sample `start` reads to get through sample stop - 1 of a
+    shard of `size` samples: whole read-ahead blocks, up to the shard's end."""
+    want = (stop - start) * MEAN_SAMPLE_BYTES
+    return min((size - start) * MEAN_SAMPLE_BYTES, -(-want // READ_AHEAD) * READ_AHEAD)
+
+
 def run_bytes(ep: P.EpochPlan) -> tuple[int, int, int, int]:
     """(bytes needed, read from the nearest indexed sample, read from each shard's byte 0, runs
-    opened) over all workers, for what is left of the epoch."""
+    opened) over all workers, for what is left of the epoch. A remote stream reads ahead in
+    blocks of READ_AHEAD, so a run that ends inside a shard reads up to that much past it."""
     needed = indexed = from_zero = runs = 0
     for rank in range(ep.current.world_size):
         for share in ep.schedule(rank):
             for run in share.runs:
-                _, lo, hi = ep.order.locate(run)
-                needed += hi - lo
-                indexed += hi - lo // INDEX_STRIDE * INDEX_STRIDE
-                from_zero += hi
+                shard, lo, hi = ep.order.locate(run)
+                size = ep.order.sizes[shard]
+                needed += (hi - lo) * MEAN_SAMPLE_BYTES
+                indexed += remote_read(lo // INDEX_STRIDE * INDEX_STRIDE, hi, size)
+                from_zero += remote_read(0, hi, size)
                 runs += 1
-    return tuple(n * MEAN_SAMPLE_BYTES for n in (needed, indexed, from_zero)) + (runs,)
+    return needed, indexed, from_zero, runs
 
 
-def order_cost(order: P.EpochOrder, repeat: int) -> float:
+def order_cost(order: O.EpochOrder, repeat: int) -> float:
     """Median seconds to draw an epoch's shard order and the interleaving of each of 512
     workers' runs (2,500 samples in 4 runs: what all workers at 64 x 8 draw per epoch)."""
     def draw():
-        P.EpochOrder(order.sizes, order.seed, order.epoch).shard_order
+        O.EpochOrder(order.sizes, order.seed, order.epoch).shard_order
         for worker in range(512):
-            P.merge([700, 1000, 500, 300], True, order.seed, order.epoch, 0, worker)
+            O.merge([700, 1000, 500, 300], True, order.seed, order.epoch, 0, worker)
     return measured(draw, repeat)[0]
 
 
@@ -134,7 +146,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     sizes = tuple(P.split_counts(IMAGENET_TRAIN, -(-IMAGENET_TRAIN // SHARD)))
-    order = P.EpochOrder(sizes, seed=0, epoch=3)
+    order = O.EpochOrder(sizes, seed=0, epoch=3)
     print(f"# bench_plan: {IMAGENET_TRAIN:,} samples in {len(sizes):,} shards, global batch "
           f"{args.global_batch}, {args.workers} workers per rank; {cpu_model()}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}, median of {args.repeat}")

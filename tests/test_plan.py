@@ -7,6 +7,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from resnet.data import intervals as I
+from resnet.data import order as O
 from resnet.data import plan as P
 
 SETTINGS = settings(max_examples=150, deadline=None)
@@ -57,7 +58,7 @@ def setups(draw):
 
 
 def fresh(sizes, w, k, b, g, seed, epoch, train=True):
-    order = P.EpochOrder(sizes, seed, epoch, shuffle=train)
+    order = O.EpochOrder(sizes, seed, epoch, shuffle=train)
     seg = segment(w, k, b, g) if train else P.Segment(w, k, b)
     return P.EpochPlan(order, g, train).resume(seg)
 
@@ -170,7 +171,7 @@ def test_eval_every_sample_once_in_stored_order(sizes, topo):
     assert ep.order.shard_order == tuple(range(len(sizes)))
 
 
-def tar_sample(order: P.EpochOrder, position: int) -> tuple[int, int]:
+def tar_sample(order: O.EpochOrder, position: int) -> tuple[int, int]:
     """(shard, sample index in its tar) at a position: what the plan's docstring defines."""
     j = max(i for i, s in enumerate(order.starts[:-1]) if s <= position)
     return order.shard_order[j], position - order.starts[j]
@@ -179,7 +180,7 @@ def tar_sample(order: P.EpochOrder, position: int) -> tuple[int, int]:
 @SETTINGS
 @given(st.lists(st.integers(1, 20), min_size=1, max_size=5), st.integers(0, 5), st.data())
 def test_runs_are_contiguous_stretches_of_one_tar(sizes, seed, data):
-    order = P.EpochOrder(tuple(sizes), seed, data.draw(st.integers(0, 4)))
+    order = O.EpochOrder(tuple(sizes), seed, data.draw(st.integers(0, 4)))
     n = order.total
     cut = sorted(data.draw(st.lists(st.integers(0, n), min_size=2, max_size=6)))
     iv = I.normalise(list(zip(cut[::2], cut[1::2])))
@@ -196,8 +197,8 @@ def test_runs_are_contiguous_stretches_of_one_tar(sizes, seed, data):
 
 def test_order_depends_on_seed_and_epoch_only():
     sizes = (10, 7, 12, 3)
-    assert P.EpochOrder(sizes, 1, 2).shard_order == P.EpochOrder(sizes, 1, 2).shard_order
-    assert len({P.EpochOrder(sizes, 1, e).shard_order for e in range(6)}) > 1
+    assert O.EpochOrder(sizes, 1, 2).shard_order == O.EpochOrder(sizes, 1, 2).shard_order
+    assert len({O.EpochOrder(sizes, 1, e).shard_order for e in range(6)}) > 1
     picks = [fresh((10, 7, 12, 3), 1, 2, 4, 4, 1, e).schedule(0)[0].picks.tolist()
              for e in (2, 2, 3)]
     assert picks[0] == picks[1] != picks[2]
@@ -221,13 +222,13 @@ def test_interval_helpers():
 def test_golden_order_for_a_fixed_seed():
     """The epoch order is a fixed function of (seed, epoch, shard sizes), whatever the numpy
     version: drawn from Philox's raw output (NEP 19 lets Generator.permutation change)."""
-    order = P.EpochOrder((10,) * 12, seed=0, epoch=3)
+    order = O.EpochOrder((10,) * 12, seed=0, epoch=3)
     assert order.shard_order == (7, 11, 3, 10, 4, 5, 0, 6, 2, 9, 1, 8)
-    big = P.permutation(1000, "samples", 7, 0, 0)
+    big = O.permutation(1000, "samples", 7, 0, 0)
     assert big[:12].tolist() == [700, 46, 625, 445, 986, 471, 191, 325, 313, 809, 99, 43]
     assert sorted(big.tolist()) == list(range(1000))
-    assert P.merge([3, 2, 4], True, 0, 3, 0, 0, 0).tolist() == GOLDEN_MERGE
-    assert P.merge([3, 2, 4], False).tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    assert O.merge([3, 2, 4], True, 0, 3, 0, 0, 0).tolist() == GOLDEN_MERGE
+    assert O.merge([3, 2, 4], False).tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2]
 
 
 GOLDEN_MERGE = [0, 2, 0, 2, 2, 2, 1, 1, 0]

@@ -537,14 +537,14 @@ def test_workers_are_not_forked_from_the_training_process(shards, monkeypatch):
 def test_a_stuck_worker_is_named_within_the_timeout(shards, tmp_path):
     import time
 
-    from resnet.data import plan as P
+    from resnet.data.order import EpochOrder
     from resnet.data.workers import WorkerStuck
 
     root = make_shards(tmp_path / "stuck", [4, 4])
     os.unlink(root / "train-000001.tar")
     os.mkfifo(root / "train-000001.tar")  # opening it blocks: no writer ever comes
     # Two workers, each a contiguous half of the epoch's order: one shard each.
-    stuck = P.EpochOrder((4, 4), 0, 0).shard_order.index(1)
+    stuck = EpochOrder((4, 4), 0, 0).shard_order.index(1)
     list(loader(shards, b=2, k=2))  # the worker server has started: only the read can stall
     ld = loader(str(root), b=2, k=2, worker_timeout_s=10)
     start = time.monotonic()

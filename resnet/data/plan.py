@@ -6,118 +6,35 @@ of the run it continues.
 
 Vocabulary
 - *position*: an index 0..N-1 into one epoch's global sample order.
-- *order*: shards in a permutation of (seed, epoch), each shard's samples in TAR order: the
-  positions of a shard are its samples 0, 1, ... as stored. Evaluation keeps the shard order too.
+- *order* (order.py): shards in a permutation of (seed, epoch), each shard's samples in tar
+  order; a worker's *runs* (its range cut at shard edges) are interleaved at random.
 - *usable*: training keeps floor(N / global_batch) * global_batch positions; the dropped tail
   is the end of the last shards of a shuffled shard order, so it differs each epoch.
 - *segment*: the part of an epoch run under one topology (world size, workers per rank,
   micro-batch layout). It splits the positions still unconsumed when it started into W
   contiguous rank pieces, and each rank piece into contiguous per-worker ranges of whole
   batches.
-- *run*: a worker range cut at shard edges; each run is a contiguous stretch of one shard's tar
-  (3-4 per worker at ImageNet's 64 x 8), so a worker reads exactly its bytes of each shard.
-- *share*: what a logical worker emits: its runs, each in tar order, interleaved by `merge`, a
-  uniformly random interleaving keyed by (seed, epoch, segment number, rank, worker). After any
-  number of batches a worker has consumed a PREFIX of each run, so what is left at a re-split
-  is contiguous tails of runs, which the next segment again reads byte for byte.
+- *share*: what a logical worker emits (order.py `WorkerShare`): after any number of batches it
+  has consumed a PREFIX of each of its runs, so what is left at a re-split is contiguous tails
+  of runs, which the next segment again reads byte for byte.
 - *micro layout* (training): each optimizer step's global batch G is split into W x A
   micro-batches that differ by at most one sample (`MicroLayout`), so any world size keeps G.
 - torch's DataLoader takes batches from its workers round-robin, so rank batch k comes from
   logical worker k % K. After c batches, physical worker p plays logical worker (p + c) % K, so
   a resumed loader continues the sequence exactly.
 
-Randomness, the price of reading each byte once: per epoch the shard order, and with it where
-every worker's ranges and runs begin, and the interleaving of a worker's runs are new. Not
-shuffled: the order of samples inside a shard (pack shuffles the whole data set across shards
-once, with a seeded RNG, so every shard mixes classes, but a batch of b samples takes about
-b / runs consecutive tar samples from each run of its worker, 9 at 64 x 8 with b = 32, so tar
-neighbours meet in a batch again in later epochs, with new partners from the other runs).
-WebDataset's usual recipe (shard shuffle, then a 1,000-sample shuffle buffer per worker) mixes more inside a
-worker, at the cost of memory; MosaicML Streaming's block shuffles (py1b/py1e) permute samples
-within blocks of shards held by a node and download whole shards. Both also read each shard
-whole; neither re-splits an epoch's remainder over another world size mid-epoch.
-
 Intervals (intervals.py) are lists of half-open (start, stop) position ranges, in order.
+What an epoch shuffles, and what it does not: order.py.
 """
 from __future__ import annotations
 
-import bisect
 import functools
-import hashlib
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Sequence
 
-import numpy as np
-
 from resnet.data.intervals import Interval, length, normalise, subtract, take
-
-
-# How orders are drawn; saved with the loader state, since a resume mid-epoch needs the same.
-ORDER = "philox-shards-tar-runs-merged-1"
-
-
-def permutation(n: int, *words: object) -> np.ndarray:
-    """A permutation of range(n), a pure function of `words`, the same on every numpy.
-
-    Philox keyed by a stable hash of `words` (Python's hash() differs per process); its raw
-    64-bit output is fixed by the Philox algorithm, while NEP 19 lets numpy change how
-    Generator methods such as `permutation` use it. Ranking the raw words with a stable sort
-    gives a uniform permutation (ties, about n^2 / 2^65 likely, keep index order).
-    """
-    digest = hashlib.blake2b(repr(words).encode(), digest_size=16).digest()
-    raw = np.random.Philox(key=int.from_bytes(digest, "little")).random_raw(n)
-    return np.argsort(raw, kind="stable")
-
-
-# ----------------------------------------------------------------------------- order
-
-
-@dataclass(frozen=True)
-class EpochOrder:
-    """The global sample order of one epoch over shards of the given sizes: the shards in a
-    permutation of (seed, epoch), each shard's samples in tar order."""
-
-    sizes: tuple[int, ...]  # samples per shard, in manifest order
-    seed: int
-    epoch: int
-    shuffle: bool = True
-
-    @cached_property
-    def shard_order(self) -> tuple[int, ...]:
-        n = len(self.sizes)
-        if not self.shuffle:
-            return tuple(range(n))
-        return tuple(permutation(n, "shards", self.seed, self.epoch).tolist())
-
-    @cached_property
-    def starts(self) -> tuple[int, ...]:
-        """starts[j]: first position of the j-th shard in epoch order; starts[-1] = N."""
-        return tuple(np.concatenate([[0], np.cumsum([self.sizes[s] for s in self.shard_order])])
-                     .astype(int).tolist())
-
-    @property
-    def total(self) -> int:
-        return self.starts[-1]
-
-    def runs(self, iv: Sequence[Interval]) -> list[Interval]:
-        """`iv` cut at shard edges: each run lies in one shard, a contiguous stretch of its tar."""
-        out: list[Interval] = []
-        for a, b in iv:
-            j = bisect.bisect_right(self.starts, a) - 1
-            while a < b:
-                hi = min(b, self.starts[j + 1])
-                out.append((a, hi))
-                a, j = hi, j + 1
-        return out
-
-    def locate(self, run: Interval) -> tuple[int, int, int]:
-        """(shard, first sample, stop sample) of a run: the tar indices it covers."""
-        a, b = run
-        j = bisect.bisect_right(self.starts, a) - 1
-        if b > self.starts[j + 1]:
-            raise ValueError(f"run {run} crosses the edge of shard {self.shard_order[j]}")
-        return self.shard_order[j], a - self.starts[j], b - self.starts[j]
+from resnet.data.order import EpochOrder, WorkerShare, merge
 
 
 def usable(total: int, global_batch: int, train: bool) -> int:
@@ -266,7 +183,7 @@ def worker_batches(n: int, seg: Segment, rank: int, train: bool,
 
 def worker_ranges(piece: Sequence[Interval], seg: Segment, rank: int, train: bool,
                   global_batch: int) -> list[tuple[list[Interval], list[int]]]:
-    """(positions, batch sizes) of each logical worker: a contiguous run of the rank piece."""
+    """(positions, batch sizes) of each logical worker: a contiguous part of the rank piece."""
     out, start = [], 0
     for sizes in worker_batches(length(piece), seg, rank, train, global_batch):
         out.append((take(piece, start, sum(sizes)), sizes))
@@ -274,61 +191,20 @@ def worker_ranges(piece: Sequence[Interval], seg: Segment, rank: int, train: boo
     return out
 
 
-@dataclass(frozen=True)
-class WorkerShare:
-    """What one logical worker emits in a segment: `picks[k]` says from which run its k-th
-    sample comes (the next one of that run, in tar order); `sizes` cut them into batches."""
-
-    runs: tuple[Interval, ...]  # each inside one shard, in position order
-    picks: np.ndarray  # int32, one run index per sample, in emission order
-    sizes: tuple[int, ...]
-
-    def taken(self, samples: int) -> list[Interval]:
-        """The positions its first `samples` emissions used: a prefix of each run."""
-        counts = np.bincount(self.picks[:samples], minlength=len(self.runs)).tolist()
-        return [(a, a + n) for (a, _), n in zip(self.runs, counts) if n]
-
-    def rest(self, batches: int) -> "WorkerShare":
-        """The share after its first `batches` batches: the runs' non-empty tails, the picks
-        left (renumbered to them)."""
-        done = sum(self.sizes[:batches])
-        counts = np.bincount(self.picks[:done], minlength=len(self.runs)).tolist()
-        tails = [(a + n, b) for (a, b), n in zip(self.runs, counts)]
-        left = [i for i, (a, b) in enumerate(tails) if b > a]
-        renumber = np.zeros(len(tails), dtype=np.int32)
-        renumber[left] = np.arange(len(left), dtype=np.int32)
-        return WorkerShare(tuple(tails[i] for i in left), renumber[self.picks[done:]],
-                           self.sizes[batches:])
-
-    def positions(self) -> list[int]:
-        """Its positions in emission order (for checks; a worker reads runs, not lists)."""
-        nxt = [a for a, _ in self.runs]
-        out = []
-        for k in self.picks.tolist():
-            out.append(nxt[k])
-            nxt[k] += 1
-        return out
-
-
-def merge(lengths: Sequence[int], shuffle: bool, *key: object) -> np.ndarray:
-    """Which run each emission takes: a uniformly random interleaving of runs of `lengths`
-    (a permutation of the multiset of run labels), or the runs one after the other."""
-    picks = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
-    return picks[permutation(len(picks), "merge", *key)] if shuffle else picks
-
-
 def worker_shares(order: EpochOrder, base: Sequence[Interval], seg: Segment, index: int,
                   rank: int, train: bool, global_batch: int) -> list[WorkerShare]:
     """Each logical worker's share of `rank` in segment number `index` (its merge key)."""
     piece = rank_piece(base, seg, rank, train, global_batch)
-    out = []
-    for w, (positions, sizes) in enumerate(worker_ranges(piece, seg, rank, train,
-                                                         global_batch)):
-        runs = order.runs(positions)
-        picks = merge([b - a for a, b in runs], order.shuffle,
-                      order.seed, order.epoch, index, rank, w)
-        out.append(WorkerShare(tuple(runs), picks, tuple(sizes)))
-    return out
+    return [_share(order, positions, sizes, (index, rank, w)) for w, (positions, sizes)
+            in enumerate(worker_ranges(piece, seg, rank, train, global_batch))]
+
+
+def _share(order: EpochOrder, positions: Sequence[Interval], sizes: Sequence[int],
+           worker: tuple[int, int, int]) -> WorkerShare:
+    """The share of a worker, named by (segment number, rank, logical worker), over `positions`."""
+    runs = order.runs(positions)
+    picks = merge([b - a for a, b in runs], order.shuffle, order.seed, order.epoch, *worker)
+    return WorkerShare(tuple(runs), picks, tuple(sizes))
 
 
 def consumed_by_worker(batches_done: int, worker: int, workers: int, count: int) -> int:
@@ -348,10 +224,8 @@ def consumed(order: EpochOrder, base: Sequence[Interval], seg: Segment, index: i
             if done == len(sizes):
                 out.extend(positions)
             elif done:
-                runs = order.runs(positions)
-                picks = merge([b - a for a, b in runs], order.shuffle,
-                              order.seed, order.epoch, index, rank, w)
-                out.extend(WorkerShare(tuple(runs), picks, tuple(sizes)).taken(sum(sizes[:done])))
+                share = _share(order, positions, sizes, (index, rank, w))
+                out.extend(share.taken(sum(sizes[:done])))
     return normalise(out)
 
 
@@ -421,10 +295,13 @@ class EpochPlan:
         if segments and segments[-1].batches == 0:
             segments = segments[:-1]  # an unused segment leaves no trace
         prior = EpochPlan(self.order, self.global_batch, self.train, segments)
-        left = length(prior.remaining())
-        drop = left % self.global_batch if self.train else 0
-        return EpochPlan(self.order, self.global_batch, self.train,
-                         segments + (replace(topology, dropped=drop),))
+        left = prior.remaining()
+        drop = length(left) % self.global_batch if self.train else 0
+        out = EpochPlan(self.order, self.global_batch, self.train,
+                        segments + (replace(topology, dropped=drop),))
+        # What the earlier segments consumed is known now: drawn once, not again by `out`.
+        out.__dict__["bases"] = prior.bases + (take(left, 0, length(left) - drop),)
+        return out
 
     @property
     def current(self) -> Segment:

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from resnet.data import augment as A
 from resnet.data import format as fmt
 from resnet.data import iostats
+from resnet.data import order as O
 from resnet.data import plan as P
 from resnet.data import storage
 from resnet.data.augment import AugmentParams
@@ -81,8 +82,8 @@ class _Job:
 
     root: str
     shards: tuple[fmt.ShardInfo, ...]
-    order: P.EpochOrder
-    schedule: tuple[P.WorkerShare, ...]  # per physical worker: its runs, picks and batches
+    order: O.EpochOrder
+    schedule: tuple[O.WorkerShare, ...]  # per physical worker: its runs, picks and batches
     train: bool
     labelled: bool
     num_classes: int
@@ -126,7 +127,7 @@ def _prepare(key: str, files: dict[str, bytes], job: _Job):
         raise CorruptSample(str(exc)) from None
 
 
-def _samples(job: _Job, share: P.WorkerShare,
+def _samples(job: _Job, share: O.WorkerShare,
              log_: RateLimitedLogger) -> Iterator[tuple[str, object]]:
     """(key, (payload, label) or None for a corrupt/missing sample), in the share's emission
     order: each pick takes the next sample of its run, from one open reader per run."""
@@ -207,7 +208,7 @@ class _EpochStream(IterableDataset):
         yield from _batches(self.job, self.job.schedule[info.id if info else 0])
 
 
-def _batches(job: _Job, share: P.WorkerShare) -> Iterator[Batch]:
+def _batches(job: _Job, share: O.WorkerShare) -> Iterator[Batch]:
     log_ = RateLimitedLogger(rank_from_env(), every_s=10.0)  # one key: at most 1 line / 10 s
     items: list = []
     produced = 0
@@ -264,7 +265,7 @@ class ShardLoader:
 
     # ------------------------------------------------------------------ plan bookkeeping
     def _start(self, epoch: int, segments: tuple[P.Segment, ...]) -> None:
-        order = P.EpochOrder(self._sizes, self.seed, epoch, shuffle=self.train)
+        order = O.EpochOrder(self._sizes, self.seed, epoch, shuffle=self.train)
         self._plan = P.EpochPlan(order, self.global_batch, self.train, segments).resume(
             self._topology)
         self.epoch = epoch
@@ -272,7 +273,7 @@ class ShardLoader:
 
     @property
     def batches_per_epoch(self) -> int:
-        order = P.EpochOrder(self._sizes, self.seed, self.epoch, shuffle=self.train)
+        order = O.EpochOrder(self._sizes, self.seed, self.epoch, shuffle=self.train)
         fresh = P.EpochPlan(order, self.global_batch, self.train).resume(self._topology)
         return fresh.batches_total(self.rank)
 
@@ -330,7 +331,7 @@ class ShardLoader:
             "train": self.train,
             "epoch": self.epoch,
             "seed": self.seed,
-            "order": P.ORDER,
+            "order": O.ORDER,
             "fingerprint": self.manifest.fingerprint,
             "global_batch": self.global_batch,
             "samples_consumed": self.samples_consumed,
@@ -358,9 +359,9 @@ class ShardLoader:
         # just below, so every segment that is used carries its accumulation.
         segments = tuple(P.Segment(**s) for s in state["segments"])
         order = state.get("order", "numpy Generator.permutation")  # before it was saved
-        if order != P.ORDER and segments:
+        if order != O.ORDER and segments:
             raise ValueError(f"the loader state was saved mid-epoch with the sample order "
-                             f"{order!r} of an earlier resnet; this one draws {P.ORDER!r}. "
+                             f"{order!r} of an earlier resnet; this one draws {O.ORDER!r}. "
                              f"Resume from a checkpoint at an epoch boundary, or finish the "
                              f"epoch with the earlier version")
         if state["global_batch"] != self.global_batch and segments:
