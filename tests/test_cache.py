@@ -86,8 +86,10 @@ def test_without_cache_s3_reads_are_counted(s3_server, dataset):
 
 
 def _open_in_process(args):
-    directory, url, info, endpoint = args
-    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    directory, url, info, aws = args
+    # The fork server may predate this test's S3 settings (it keeps the environment it
+    # started with): take the test's endpoint and credentials.
+    os.environ.update(aws)
     before = iostats.snapshot()
     with ShardCache(directory).open(url, info) as f:
         data = f.read()
@@ -97,7 +99,9 @@ def _open_in_process(args):
 def test_ranks_of_a_node_share_one_download(s3_server, dataset, tmp_path):
     url = upload(s3_server, dataset)
     info = max(shards(dataset), key=lambda s: s.bytes)
-    args = (str(tmp_path / "cache"), f"{url}/{info.name}", info, s3_server.endpoint)
+    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    args = (str(tmp_path / "cache"), f"{url}/{info.name}", info,
+            {**aws, "AWS_ENDPOINT_URL": s3_server.endpoint})
     with multiprocessing.get_context("forkserver").Pool(4) as pool:
         results = pool.map(_open_in_process, [args] * 4)
     assert [n for n, _ in results] == [info.bytes] * 4

@@ -647,3 +647,23 @@ def test_a_run_starts_reading_at_the_manifests_nearest_offset(tmp_path, monkeypa
         else:
             assert max(opened) > 0  # 3 ranks of 10 over shards of 20 and 10
     assert keys[plain] == keys[indexed]
+
+
+def test_other_children_of_the_fork_server_keep_the_default_stop_signals(tmp_path):
+    """Python has one fork server per process: a Pool started after the loader's server gets
+    its processes from it, and its terminate() (SIGTERM, then wait) must still end them."""
+    import subprocess
+    import sys
+
+    script = ("import time\n"
+              "from resnet.data import workers\n"
+              "context = workers.worker_context()\n"
+              "never_set = context.Event()\n"
+              "process = context.Process(target=never_set.wait)\n"
+              "process.start(); time.sleep(5)\n"  # (past its fork: it is running)
+              "process.terminate(); process.join(60)\n"
+              "print('alive' if process.is_alive() else f'ended {process.exitcode}')\n"
+              "process.kill()\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300)
+    assert result.stdout.strip() == "ended -15", result.stdout + result.stderr

@@ -49,6 +49,16 @@ def ignore_stop_signals() -> None:
         signal.signal(stop, signal.SIG_IGN)
 
 
+def default_stop_signals() -> None:
+    """The fork server runs this in each child it forks. Python has one fork server per
+    process, so a multiprocessing Pool or any library using the "forkserver" context gets its
+    processes from ours too; they must keep the default actions (a Pool's terminate() sends
+    SIGTERM and waits: with SIGTERM ignored it waited forever). The loader's own workers
+    ignore the signals again in init_worker."""
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_DFL)
+
+
 def worker_context():
     context = multiprocessing.get_context(WORKER_START)
     if WORKER_START == "forkserver":
@@ -96,8 +106,9 @@ def named_timeouts(batches: Iterator, workers: int, timeout_s: float, where: str
 
 def init_worker(_: int, environ: dict | None = None, trainer_pid: int | None = None) -> None:
     torch.set_num_threads(1)  # one decode per core; intra-op threads only oversubscribe
-    # Inherited from the server, but torch's worker start installs a SIGTERM handler of its
-    # own (it ends the worker); this runs after that.
+    # Reset to the defaults in every child of the server (default_stop_signals), and torch's
+    # worker start installs a SIGTERM handler of its own (it ends the worker); this runs after
+    # both.
     ignore_stop_signals()
     if environ is not None:  # the forkserver's environment is from when it started: use ours
         os.environ.clear()
