@@ -186,15 +186,29 @@ def _no_real_aws(monkeypatch):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
 
 
+def _logger_state(logger: logging.Logger) -> tuple:
+    return list(logger.handlers), logger.propagate, logger.level
+
+
+# As the process found it, before any test: a module- or session-scoped fixture may run a
+# command in-process too, outside any one test.
+_PRISTINE_LOGGER = _logger_state(logging.getLogger("resnet"))
+
+
 @pytest.fixture(autouse=True)
 def _product_logger_restored():
     """A command run in-process (cli.main) configures the `resnet` logger for a terminal:
-    its own handler, propagation off. Later tests' caplog listens at the root, so each test
-    gets the logger back as it found it."""
+    its own handler, propagation off. caplog listens at the root, so each test starts and
+    ends with the logger as the process found it."""
     logger = logging.getLogger("resnet")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
+
+    def restore() -> None:
+        handlers, logger.propagate, logger.level = _PRISTINE_LOGGER
+        logger.handlers[:] = handlers
+
+    restore()
     yield
-    logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
+    restore()
 
 
 def pytest_collection_modifyitems(config, items):
