@@ -93,7 +93,7 @@ def newest_weights(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     if (run_dir / FINAL_DIR / WEIGHTS_FILE).is_file():
         return run_dir / FINAL_DIR
-    newest = latest_checkpoint(run_dir) if (run_dir / CHECKPOINTS_DIR).is_dir() else None
+    newest = latest_checkpoint(run_dir)
     if newest is None:
         raise FileNotFoundError(f"{run_dir}: a run directory with neither {FINAL_DIR}/"
                                 f"{WEIGHTS_FILE} nor a complete checkpoint")

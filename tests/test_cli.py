@@ -126,3 +126,16 @@ def test_each_product_error_has_its_row():
     assert exit_status(subprocess.CalledProcessError(3, ["resnet", "pack"])) == 1
     assert exit_status(KeyboardInterrupt()) == 130
     assert exit_status(TypeError("a bug")) is None  # not a product error: its traceback shows
+
+
+def test_a_failing_command_reports_without_loading_the_training_stack(tmp_path):
+    """The exit table looks exceptions up among the loaded modules: a failing `resnet report`
+    must not import torch (seconds, and an ImportError there would hide the real error)."""
+    script = ("import sys\n"
+              "from resnet.cli import main\n"
+              f"code = main(['report', {str(tmp_path / 'no-run')!r}])\n"
+              "print(code, 'torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout.split() == ["1", "False"], result.stdout + result.stderr
+    assert "resnet report: error:" in result.stderr

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from resnet.checkpoint import universal
 from resnet.checkpoint.errors import CheckpointError, ResumeError
 from resnet.checkpoint.manager import CheckpointManager
-from resnet.runfolder import CHECKPOINTS_DIR, find_latest, read_state
+from resnet.runfolder import latest_checkpoint, read_state
 
 # The part of trainer_state.json that says which run wrote a checkpoint: fingerprint,
 # global_batch, world_size, zero_stage (the trainer's TrainerState, saved under this name).
@@ -55,7 +55,7 @@ def local_resume_point(run_dir: str | Path, *, resume: bool, fingerprint: str,
     """The newest local checkpoint this run would continue (None: a fresh start), or
     ResumeError saying why it cannot. `global_batch` is the configured one; a checkpoint's
     own wins (the schedule depends on it)."""
-    latest = find_latest(Path(run_dir) / CHECKPOINTS_DIR)
+    latest = latest_checkpoint(run_dir)
     if latest is None:
         return None
     if not resume:

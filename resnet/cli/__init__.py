@@ -27,29 +27,29 @@ BAD_INPUT = 2  # the command line, a config, a data set or a run folder is wrong
 FAILURE = 1  # the work itself failed (storage, training, a checkpoint, a report, a push)
 
 
-def exit_table() -> list[tuple[tuple[type[BaseException], ...], int]]:
-    """Each exception a command may raise and its exit status; the first row that matches
-    decides (README.md, "Exit status"). The types are imported here, once a command has
-    failed: the modules that define them import torch, which `resnet --help` should not."""
-    from resnet.config import ConfigError
-    from resnet.data.format import ManifestError
-    from resnet.data.layouts import LayoutError
-    from resnet.data.pack import PackError
-    from resnet.data.storage import StorageError
-    from resnet.deliver.hub import PushError
-    from resnet.report import ReportError
-    from resnet.checkpoint.diskspace import CheckpointSpaceError
-    from resnet.checkpoint.errors import CheckpointError, ResumeError
-    from resnet.train.engine import SetupError
-    from resnet.train.trainer import TrainingError
+# Each row: the exceptions a command may raise, named by their defining module, and the exit
+# status; the first row that matches decides (README.md, "Exit status"). They are looked up in
+# sys.modules, never imported: an exception whose module was never loaded cannot have been
+# raised, and importing them here would load torch (engine, trainer) on every failing
+# command, where an ImportError would then hide the error being reported.
+EXIT_TABLE = [
+    ((("resnet.config.tree", "ConfigError"), ("resnet.train.engine", "SetupError"),
+      ("resnet.checkpoint.errors", "ResumeError"), ("resnet.data.format", "ManifestError"),
+      ("resnet.data.layouts", "LayoutError"), ("builtins", "FileNotFoundError")),
+     BAD_INPUT),  # (before CheckpointError: a ResumeError is one)
+    ((("resnet.data.remote", "StorageError"), ("resnet.train.trainer", "TrainingError"),
+      ("resnet.checkpoint.errors", "CheckpointError"),
+      ("resnet.checkpoint.diskspace", "CheckpointSpaceError"), ("resnet.report", "ReportError"),
+      ("resnet.data.pack", "PackError"), ("resnet.deliver.hub", "PushError"),
+      ("subprocess", "CalledProcessError")), FAILURE),
+    # A bad argument (after the rows above: some of them are ValueErrors).
+    ((("builtins", "ValueError"),), BAD_INPUT),
+]
 
-    return [
-        ((ConfigError, SetupError, ResumeError, ManifestError, LayoutError, FileNotFoundError),
-         BAD_INPUT),  # (before CheckpointError: a ResumeError is one)
-        ((StorageError, TrainingError, CheckpointError, CheckpointSpaceError, ReportError,
-          PackError, PushError, subprocess.CalledProcessError), FAILURE),
-        ((ValueError,), BAD_INPUT),  # a bad argument (after the rows above: some are ValueErrors)
-    ]
+
+def _loaded(names: tuple[tuple[str, str], ...]) -> tuple[type[BaseException], ...]:
+    return tuple(getattr(sys.modules[module], name) for module, name in names
+                 if module in sys.modules)
 
 
 def exit_status(exc: BaseException) -> int | None:
@@ -57,7 +57,8 @@ def exit_status(exc: BaseException) -> int | None:
     with its traceback)."""
     if isinstance(exc, KeyboardInterrupt):
         return 128 + signal.SIGINT
-    return next((status for types, status in exit_table() if isinstance(exc, types)), None)
+    return next((status for names, status in EXIT_TABLE
+                 if isinstance(exc, _loaded(names))), None)
 
 
 def _message(exc: BaseException) -> str:
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
         parser.print_help()
-        return 2
+        return BAD_INPUT
     try:
         return int(args.run(args) or 0)
     except (Exception, KeyboardInterrupt) as exc:

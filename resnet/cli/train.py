@@ -50,12 +50,13 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from resnet.logs import rank_from_env
     from resnet.train.evaluate import evaluate_weights
 
     result = evaluate_weights(args.weights, args.data, arch=args.arch,
                               image_size=args.image_size, batch_size=args.batch_size,
                               workers=args.workers, split=args.split)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank_from_env() == 0:
         print(json.dumps(result))
     return 0
 
