@@ -1,5 +1,7 @@
 """Elastic across nodes: any world size at the exact global batch, nodes lost, replaced and
-added under launch/elastic.sh, node-local run.dirs with an S3 mirror as the truth.
+added under launch/elastic.sh in one story whose nodes share a run.dir or have their own,
+with an S3 mirror as the truth, and nodes that see different checkpoints without a mirror
+stopping with an error.
 
 Several torchrun agents on localhost play the nodes. Training is held at known steps by the
 test-only gates of tests/fault_shim (RESNET_TEST_FAULT_GATES), so each membership change
@@ -18,6 +20,7 @@ import torch
 
 import trainutil as tu
 from resnet.config import load_config
+from resnet.data import storage
 from resnet.data.format import ClassInfo, Manifest, ShardInfo, SplitInfo, shard_name
 from resnet.data.plan import MicroLayout, split_counts
 from resnet.train.preflight import preflight
@@ -245,46 +248,56 @@ def _check_history(tmp_path: Path, data: Path, run_dirs, joins: dict[str, float]
         print(f"{what}: larger world size {seconds:.1f} s after the agent started")  # times it
 
 
-@pytest.mark.slow
-def test_a_node_lost_replaced_and_added_on_a_shared_run_dir(data, tmp_path):
-    gates = tmp_path / "gates"
-    gates.mkdir()
-    agents = Agents(tmp_path, data, gates, epochs=3)
-    run_dir = tmp_path / "run"
-    try:
-        joins = _lose_replace_grow(agents, dict.fromkeys("ABCD", run_dir))
-    finally:
-        agents.stop()
-    _check_history(tmp_path, data, [run_dir], joins)
-    assert (run_dir / "final" / "model.safetensors").is_file()
+def _rank0_agent(agents: Agents, step: int, world: int) -> str:
+    """The agent whose worker was rank 0 of the round that resumed from `step` at world size
+    `world` (only rank 0 logs the resume)."""
+    line = re.compile(rf"resumed from step-{step:09d}: step {step}, epoch \d+, "
+                      rf"world size {world}\b")
+    names = [name for name, launch in agents.launches.items() if line.search(launch.output())]
+    assert len(names) == 1, (step, world, names)
+    return names[0]
+
+
+def _restores(output: str) -> list[tuple[str, Path]]:
+    """(checkpoint, run.dir) of each restore from the mirror the nodes logged, by step."""
+    found = re.findall(r"\((\S+)\): restored (step-\d+) from s3://", output)
+    return sorted((name, Path(checkpoints).parent) for checkpoints, name in found)
 
 
 @pytest.mark.slow
-def test_nodes_on_their_own_disks_restore_from_the_s3_mirror(data, tmp_path, s3_server):
-    """The same story with a run.dir per node and checkpoint.mirror on S3 (moto): C and D
-    start with empty disks and restore the mirror's newest checkpoint before any rank loads."""
+def test_a_node_lost_replaced_and_added_on_shared_and_own_disks_behind_an_s3_mirror(
+        data, tmp_path, s3_server):
+    """The lose/replace/grow story with checkpoint.mirror on S3 (moto) and both kinds of
+    run.dir: A and B share one (a shared disk, as EFS), C replaces B on its own empty disk and
+    restores the mirror's step 13 before any rank loads, D scales up onto the shared run.dir
+    and resumes from what it holds. Only rank 0's node writes checkpoints, so who restores 23
+    depends on whether A or C was rank 0 (torchrun orders nodes by agent pid): the checks hold
+    for both."""
     gates = tmp_path / "gates"
     gates.mkdir()
     mirror = f"s3://{s3_server.bucket}/runs/elastic"
     agents = Agents(tmp_path, data, gates, epochs=3, more=(f"checkpoint.mirror={mirror}",))
-    run_dirs = {name: tmp_path / f"node-{name}" for name in "ABCD"}
+    shared, own = tmp_path / "shared", tmp_path / "node-C"
+    run_dirs = {"A": shared, "B": shared, "C": own, "D": shared}
     try:
         joins = _lose_replace_grow(agents, run_dirs)
     finally:
         agents.stop()
-    assert agents.empty_disk == dict.fromkeys("ABCD", True)  # every node on an empty disk
-    restored = re.findall(r"restored (step-\d+) from s3://", agents.output())
-    # C's empty disk restored 13 when it joined; when D joined, D and whichever of A and C
-    # had not written 23 (rank 0's node does) restored it.
-    assert restored.count("step-000000013") == 1 and restored.count("step-000000023") == 2, \
-        restored
-    assert re.search(r"restored step-000000013 from", agents.launches["C"].output())
-    assert re.search(r"restored step-000000023 from", agents.launches["D"].output())
-    _check_history(tmp_path, data, list(run_dirs.values()), joins)
-    finals = [d for d in run_dirs.values() if (d / "final" / "model.safetensors").is_file()]
-    assert len(finals) == 1  # written by the node of the last rank 0
-    from resnet.data import storage
-
+    # B started beside A on the same disk, so its emptiness says nothing; D joined a shared
+    # run.dir that already held the run.
+    assert [agents.empty_disk[name] for name in "ACD"] == [True, True, False]
+    # Who restores: A alone resumed from step 2 in the shared run.dir (nothing to restore).
+    # A wrote and mirrored 13; C's empty disk restored it. Rank 0 of A and C wrote 14-23 into
+    # its node's run.dir, so when D joined, the other run.dir restored 23, once: C's (D loaded
+    # 23 from the shared run.dir as it found it), or the shared one (A and D take turns under
+    # the restore lock; the second finds it there).
+    writer = run_dirs[_rank0_agent(agents, 13, 2)]
+    behind = own if writer == shared else shared
+    assert _restores(agents.output()) == [("step-000000013", own), ("step-000000023", behind)]
+    assert re.search(r"restored step-000000013 from s3://", agents.launches["C"].output())
+    _check_history(tmp_path, data, [shared, own], joins)
+    finals = [d for d in (shared, own) if (d / "final" / "model.safetensors").is_file()]
+    assert finals == [run_dirs[_rank0_agent(agents, 23, 3)]]  # the last rank 0's node, once
     assert storage.read_bytes(f"{mirror}/latest") == b"step-000000030"
 
 
