@@ -222,9 +222,8 @@ def test_resnet_eval_on_final_weights_and_on_a_checkpoint(baseline, data, tmp_pa
     trained = [m for m in tu.metrics(baseline) if "val_top1" in m][-1]
     results = []
     for weights in (baseline / "final", baseline / "checkpoints" / "step-000000020"):
-        code, out = tu.run(tu.resnet_cmd("eval", "--weights", str(weights), "--data", str(data),
-                                         "--workers", "0", "--batch-size", "16"),
-                           tmp_path / "eval.log", timeout=120)
+        code, out = tu.in_process("eval", "--weights", weights, "--data", data,
+                                  "--workers", "0", "--batch-size", "16")
         assert code == 0, out[-3000:]
         result = json.loads(out.strip().splitlines()[-1])
         assert result["arch"] == "resnet18" and result["val_samples"] == 32
@@ -396,10 +395,8 @@ def test_ddp_engine_on_two_processes_trains_resumes_and_evaluates(data, tmp_path
     assert code == 0, out[-4000:]
     assert tu.resumed_from(out) == ["step-000000004"]
     assert any("val_top1" in m for m in tu.metrics(run_dir))
-    code, out = tu.run(tu.resnet_cmd("eval", "--weights", str(run_dir / "checkpoints" /
-                                                               "step-000000006"),
-                                     "--data", str(data), "--workers", "0"),
-                       tmp_path / "eval.txt", timeout=120)
+    code, out = tu.in_process("eval", "--weights", run_dir / "checkpoints" / "step-000000006",
+                              "--data", data, "--workers", "0")
     assert code == 0, out[-3000:]
     assert json.loads(out.strip().splitlines()[-1])["val_samples"] == 32
 
