@@ -379,29 +379,6 @@ def test_checkpoints_by_wall_clock(decode_on_device_by_the_clock):
 
 
 @pytest.mark.slow
-def test_ddp_engine_on_two_processes_trains_resumes_and_evaluates(data, tmp_path):
-    """deepspeed.engine=ddp: Accelerate's own DDP (on CPU it must be told cpu=True, or it would
-    leave the two processes undistributed; engine.check_distributed refuses that)."""
-    run_dir = tmp_path / "run"
-    common = ["deepspeed.engine=ddp", "checkpoint.every_steps=2", "audit.sample_keys=false"]
-    code, out = tu.run(tu.torchrun_cmd(2, *tu.overrides(data, run_dir, *common,
-                                                         "train.max_steps=4", val=False)),
-                       tmp_path / "a.txt")
-    assert code == 0, out[-4000:]
-    assert (run_dir / "checkpoints" / "step-000000004" / "model.safetensors").is_file()
-    code, out = tu.run(tu.torchrun_cmd(2, *tu.overrides(data, run_dir, *common,
-                                                         "train.max_steps=6")),
-                       tmp_path / "b.txt")
-    assert code == 0, out[-4000:]
-    assert tu.resumed_from(out) == ["step-000000004"]
-    assert any("val_top1" in m for m in tu.metrics(run_dir))
-    code, out = tu.in_process("eval", "--weights", run_dir / "checkpoints" / "step-000000006",
-                              "--data", data, "--workers", "0")
-    assert code == 0, out[-3000:]
-    assert json.loads(out.strip().splitlines()[-1])["val_samples"] == 32
-
-
-@pytest.mark.slow
 def test_device_decode_trains_and_evaluates(decode_on_device_by_the_clock):
     """data.decode=device: workers hand over JPEG bytes and crop boxes; the trainer decodes
     them on its device (here the CPU; nvJPEG on a GPU) for training and evaluation."""
