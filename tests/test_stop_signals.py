@@ -13,12 +13,18 @@ signal's:
 - held inside step 4 with the fetch after it blocked for good (data that does not come): the
   stop must not need more data; step 4 trains, then the checkpoint.
 
+The DDP case is also the test of `deepspeed.engine=ddp` on two processes: Accelerate's own DDP
+(on CPU it must be told cpu=True, or it would leave the two processes undistributed;
+engine.check_distributed refuses that) trains, saves Accelerate's model.safetensors, resumes,
+evaluates at the epoch's end, and `resnet eval` reads its checkpoint.
+
 The 2-worker DeepSpeed SIGTERM case, bit for bit against the uninterrupted run, is
 tests/test_fault_tolerance.py's test_sigterm_writes_a_checkpoint_and_the_next_start_resumes_from_it;
 the one-process Ctrl-C cases are there too.
 """
 from __future__ import annotations
 
+import json
 import re
 import signal
 import sys
@@ -52,7 +58,7 @@ def test_a_stop_signal_to_torchruns_group_saves_the_step_reached_and_resumes_the
         paused = "paused-at-3-rank-*"
     cmd = tu.torchrun_cmd(2, *tu.overrides(data, run_dir, "train.epochs=1",
                                            f"deepspeed.engine={engine}",
-                                           f"data.workers={workers}", val=False))
+                                           f"data.workers={workers}", val=engine == "ddp"))
     launch = tu.Launch(cmd, tmp_path / "log.txt", RESNET_TEST_FAULT_GATES=str(gates))
     try:
         tu.wait_for(lambda: len(list(gates.glob(paused))) == 2, tu.RUN_TIMEOUT_S,
@@ -77,6 +83,19 @@ def test_a_stop_signal_to_torchruns_group_saves_the_step_reached_and_resumes_the
     assert _steps(second)[0] == REACHED + 1  # ... and the resumed run starts right after it
     assert list(tu.read_audit(run_dir)) == list(range(1, 11))
     tu.assert_each_sample_once(run_dir, epochs=1)
+    if engine == "ddp":
+        _ddp_checkpoints_evaluate(run_dir, data)
+
+
+def _ddp_checkpoints_evaluate(run_dir, data) -> None:
+    """DDP's checkpoints hold Accelerate's model.safetensors; the resumed run evaluated at the
+    epoch's end, and `resnet eval` reads a DDP checkpoint."""
+    step_10 = run_dir / "checkpoints" / "step-000000010"
+    assert (step_10 / "model.safetensors").is_file()
+    assert any("val_top1" in m for m in tu.metrics(run_dir))
+    code, out = tu.in_process("eval", "--weights", step_10, "--data", data, "--workers", "0")
+    assert code == 0, out[-3000:]
+    assert json.loads(out.strip().splitlines()[-1])["val_samples"] == 32
 
 
 def _steps(rank_files: list) -> list[int]:

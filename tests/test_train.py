@@ -222,9 +222,8 @@ def test_resnet_eval_on_final_weights_and_on_a_checkpoint(baseline, data, tmp_pa
     trained = [m for m in tu.metrics(baseline) if "val_top1" in m][-1]
     results = []
     for weights in (baseline / "final", baseline / "checkpoints" / "step-000000020"):
-        code, out = tu.run(tu.resnet_cmd("eval", "--weights", str(weights), "--data", str(data),
-                                         "--workers", "0", "--batch-size", "16"),
-                           tmp_path / "eval.log", timeout=120)
+        code, out = tu.in_process("eval", "--weights", weights, "--data", data,
+                                  "--workers", "0", "--batch-size", "16")
         assert code == 0, out[-3000:]
         result = json.loads(out.strip().splitlines()[-1])
         assert result["arch"] == "resnet18" and result["val_samples"] == 32
@@ -377,31 +376,6 @@ def test_checkpoints_by_wall_clock(decode_on_device_by_the_clock):
     run_dir, code, out = decode_on_device_by_the_clock
     assert code == 0, out[-4000:]
     assert tu.checkpoints(run_dir) == [f"step-00000000{i}" for i in (1, 2, 3)]
-
-
-@pytest.mark.slow
-def test_ddp_engine_on_two_processes_trains_resumes_and_evaluates(data, tmp_path):
-    """deepspeed.engine=ddp: Accelerate's own DDP (on CPU it must be told cpu=True, or it would
-    leave the two processes undistributed; engine.check_distributed refuses that)."""
-    run_dir = tmp_path / "run"
-    common = ["deepspeed.engine=ddp", "checkpoint.every_steps=2", "audit.sample_keys=false"]
-    code, out = tu.run(tu.torchrun_cmd(2, *tu.overrides(data, run_dir, *common,
-                                                         "train.max_steps=4", val=False)),
-                       tmp_path / "a.txt")
-    assert code == 0, out[-4000:]
-    assert (run_dir / "checkpoints" / "step-000000004" / "model.safetensors").is_file()
-    code, out = tu.run(tu.torchrun_cmd(2, *tu.overrides(data, run_dir, *common,
-                                                         "train.max_steps=6")),
-                       tmp_path / "b.txt")
-    assert code == 0, out[-4000:]
-    assert tu.resumed_from(out) == ["step-000000004"]
-    assert any("val_top1" in m for m in tu.metrics(run_dir))
-    code, out = tu.run(tu.resnet_cmd("eval", "--weights", str(run_dir / "checkpoints" /
-                                                               "step-000000006"),
-                                     "--data", str(data), "--workers", "0"),
-                       tmp_path / "eval.txt", timeout=120)
-    assert code == 0, out[-3000:]
-    assert json.loads(out.strip().splitlines()[-1])["val_samples"] == 32
 
 
 @pytest.mark.slow

@@ -241,13 +241,19 @@ def metrics(run_dir: Path) -> list[dict]:
 read_audit = audit.read_audit
 
 
-def audit_command(*run_dirs: Path) -> tuple[int, str]:
-    """`resnet audit RUN_DIR...` through the CLI's entry point in this process (the command's
-    interpreter start is not what the training tests check): exit code and what it printed."""
+def in_process(*args: str) -> tuple[int, str]:
+    """`resnet ARGS...` through the CLI's entry point in this process, for a command whose
+    interpreter start is not what the test checks (an interpreter start costs ~5 CPU-seconds
+    of imports): exit code and what it printed."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
-        code = cli_main(["audit", *map(str, run_dirs)])
+        code = cli_main([*map(str, args)])
     return code, printed.getvalue()
+
+
+def audit_command(*run_dirs: Path) -> tuple[int, str]:
+    """`resnet audit RUN_DIR...` in this process: exit code and what it printed."""
+    return in_process("audit", *run_dirs)
 
 
 def assert_each_sample_once(run_dir: Path, epochs: int) -> None:
