@@ -115,26 +115,24 @@ def test_a_json_batch_size_that_the_run_cannot_use_is_an_error(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, stage", [("zero0", 0), ("zero1", 1)])
-def test_shipped_deepspeed_jsons_run_as_written(name, stage, tmp_path, tmp_path_factory):
-    """Each shipped JSON, run by 2 processes for a step: DeepSpeed itself reports the stage and
-    precision, the checkpoint holds per-rank optimizer shards exactly under ZeRO-1."""
-    data = tu.shared_data(tmp_path_factory)  # packed once per session
-    run_dir = tmp_path / "run"
-    args = [a for a in tu.overrides(data, run_dir, f"deepspeed.config_file=configs/deepspeed/"
-                                    f"{name}.json", "train.max_steps=1", "checkpoint.every_steps=1",
-                                    "audit.sample_keys=false", val=False)
-            if not a.startswith("train.precision=")]
-    code, out = tu.run(tu.torchrun_cmd(2, *args), tmp_path / "log.txt")
-    assert code == 0, out[-4000:]
-    assert f"engine: DeepSpeed ZeRO-{stage}, precision bf16" in out, out[-4000:]
-    step = run_dir / "checkpoints" / "step-000000001"
-    shards = sorted(p.name for p in (step / "pytorch_model").glob("zero_pp_rank_*optim_states.pt"))
-    assert shards == ([] if stage == 0 else ["zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                                             "zero_pp_rank_1_mp_rank_00_optim_states.pt"])
+def test_the_shipped_zero1_json_runs_as_written(tmp_path_factory):
+    """configs/deepspeed/zero1.json as written, on the 2-process ZeRO-1 run that
+    tests/test_zero_resume.py resumes (tests/trainutil.py zero_stopped_run: 7 steps, then a
+    SIGTERM; once per session): DeepSpeed itself reports the stage and precision, and each
+    checkpoint holds exactly the per-rank optimizer shards. configs/deepspeed/zero0.json runs
+    as written in tests/test_stop_signals.py's DeepSpeed case."""
+    run_dir, out = tu.zero_stopped_run(tmp_path_factory, 1)
+    assert "engine: DeepSpeed ZeRO-1, precision bf16" in out, out[-4000:]
+    assert tu.checkpoints(run_dir) == ["step-000000004", tu.ZERO_STOPPED_AT]
+    for name in tu.checkpoints(run_dir):
+        step = run_dir / "checkpoints" / name
+        shards = sorted(p.name for p in
+                        (step / "pytorch_model").glob("zero_pp_rank_*optim_states.pt"))
+        assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                          "zero_pp_rank_1_mp_rank_00_optim_states.pt"], name
+        assert tu.trainer_state(step)["progress"]["zero_stage"] == 1
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert (saved["train"]["precision"], saved["deepspeed"]["zero_stage"]) == ("bf16", stage)
-    assert tu.trainer_state(step)["progress"]["zero_stage"] == stage
+    assert (saved["train"]["precision"], saved["deepspeed"]["zero_stage"]) == ("bf16", 1)
 
 
 def test_fp16_needs_zero0_and_a_missing_json_is_named(tmp_path):

@@ -39,26 +39,6 @@ def _same_as_baseline(run_dir: Path, baseline_dir: Path, resumed_at: int) -> Non
     tu.assert_bit_identical(tu.final_weights(run_dir), tu.final_weights(baseline_dir))
 
 
-def test_sigkill_of_one_worker_mid_epoch_restarts_exactly(baseline, tmp_path):
-    """Rank 1 SIGKILLs itself right after step 6 (checkpoint at 4): torchrun restarts both."""
-    data, reference = baseline
-    run_dir = tmp_path / "run"
-    code, out = tu.run(tu.torchrun_cmd(2, *tu.overrides(data, run_dir, *tu.BASELINE),
-                                       max_restarts=1), tmp_path / "log.txt",
-                       RESNET_TEST_FAULT_AFTER_STEP=6, RESNET_TEST_FAULT_RANK=1)
-    assert code == 0, out[-4000:]
-    assert tu.resumed_from(out) == ["step-000000004"]
-    # The killed attempt got past step 6 on rank 0's side, and the restart redid 5, 6, ...
-    starts = list(audit_files(run_dir).values())
-    assert len(starts) == 2 and all(len(files) == 2 for files in starts)
-    first = [int(line.split('"step": ')[1].split(",")[0]) for line in
-             starts[0][1].read_text().splitlines()]  # rank 1 of the first start
-    assert max(first) == 6
-    again = starts[1][0].read_text().splitlines()  # rank 0 after the restart
-    assert again[0].startswith('{"step": 5, "micro": 0')
-    _same_as_baseline(run_dir, reference, resumed_at=4)
-
-
 def test_sigterm_writes_a_checkpoint_and_the_next_start_resumes_from_it(baseline, tmp_path):
     """SIGTERM to torchrun's whole process group (as srun, systemd or `kill -TERM -PGID` do)
     mid-epoch, off the checkpoint grid, while both ranks wait for step 7's batches from their
@@ -93,26 +73,68 @@ def test_sigterm_writes_a_checkpoint_and_the_next_start_resumes_from_it(baseline
     tu.assert_each_sample_once(run_dir, epochs=2)
 
 
-def test_kill_inside_a_checkpoint_write_keeps_the_previous_one(baseline, tmp_path):
-    """Rank 0 dies after save_state of step 8, before the rename: step 4 stays the newest."""
+def test_a_kill_inside_a_checkpoint_write_then_a_sigkill_mid_epoch_both_restart_exactly(
+        baseline, tmp_path):
+    """One launch, which torchrun restarts after each of two faults (the test shim holds the
+    rank at the fault, the test checks the run folder there, then SIGKILLs the rank):
+
+    - first attempt: rank 0 dies inside step 8's checkpoint write, after save_state into the
+      temporary folder, before trainer_state.json and the rename: step 4 stays the newest
+      complete checkpoint and `latest`;
+    - the restart resumes from step 4 (the half-written step 8 removed at its start), and rank
+      1 dies right after step 6, mid-epoch, off the checkpoint grid: step 4 is still the newest;
+    - the second restart resumes from step 4 again, redoes steps 5, 6, ... and from step 5 on
+      trains record for record and bit for bit as the uninterrupted run."""
     data, reference = baseline
-    run_dir = tmp_path / "run"
-    cmd = tu.torchrun_cmd(2, *tu.overrides(data, run_dir, *tu.BASELINE))
-    code, out = tu.run(cmd, tmp_path / "log.txt", RESNET_TEST_FAULT_AFTER_STEP=8,
-                       RESNET_TEST_FAULT_IN_CHECKPOINT=1, RESNET_TEST_FAULT_RANK=0)
-    assert code != 0
+    run_dir, hold = tmp_path / "run", tmp_path / "hold"
     ckpt = run_dir / "checkpoints"
     partial = ckpt / ".tmp-step-000000008"
-    assert partial.is_dir() and (partial / "pytorch_model").is_dir(), sorted(os.listdir(ckpt))
-    assert not (partial / "trainer_state.json").exists()
-    assert tu.checkpoints(run_dir) == ["step-000000004"]
-    assert tu.latest(run_dir) == "step-000000004"
+    launch = tu.Launch(tu.torchrun_cmd(2, *tu.overrides(data, run_dir, *tu.BASELINE),
+                                       max_restarts=2), tmp_path / "log.txt",
+                       RESNET_TEST_FAULT_AFTER_STEP="8,6", RESNET_TEST_FAULT_IN_CHECKPOINT="1,0",
+                       RESNET_TEST_FAULT_RANK="0,1", RESNET_TEST_FAULT_HOLD=hold)
+    try:
+        tu.wait_for(hold.exists, tu.RUN_TIMEOUT_S, "rank 0 inside step 8's checkpoint write",
+                    [launch])
+        assert partial.is_dir() and (partial / "pytorch_model").is_dir(), sorted(os.listdir(ckpt))
+        assert not (partial / "trainer_state.json").exists()
+        assert tu.checkpoints(run_dir) == ["step-000000004"]
+        assert tu.latest(run_dir) == "step-000000004"
+        _kill_the_held(hold)
 
-    code, out = tu.run(cmd, tmp_path / "log2.txt")
+        tu.wait_for(hold.exists, tu.RUN_TIMEOUT_S, "rank 1 after step 6 of the restart",
+                    [launch])
+        assert not partial.exists()
+        assert tu.checkpoints(run_dir) == ["step-000000004"]
+        assert tu.latest(run_dir) == "step-000000004"
+        _kill_the_held(hold)
+        code = launch.wait()
+    finally:
+        launch.stop()
+    out = launch.output()
     assert code == 0, out[-4000:]
-    assert tu.resumed_from(out) == ["step-000000004"]
+    assert tu.resumed_from(out) == ["step-000000004"] * 2
+    starts = list(audit_files(run_dir).values())
+    assert len(starts) == 3 and all(len(files) == 2 for files in starts)
+    assert max(_steps(starts[0][0])) == 8  # rank 0 of the first attempt trained step 8
+    assert _steps(starts[1][0])[0] == 5  # the restart redid 5, 6, ...
+    assert max(_steps(starts[1][1])) == 6  # ... and rank 1 died after step 6
+    again = starts[2][0].read_text().splitlines()  # rank 0 after the second restart
+    assert again[0].startswith('{"step": 5, "micro": 0')
     assert not partial.exists()
     _same_as_baseline(run_dir, reference, resumed_at=4)
+
+
+def _kill_the_held(hold: Path) -> None:
+    """SIGKILL the rank the shim holds (its id in `hold`), then clear `hold` for the next."""
+    os.kill(int(hold.read_text()), signal.SIGKILL)
+    hold.unlink()
+
+
+def _steps(rank_file: Path) -> list[int]:
+    """The steps of one rank's audit file of one start, in the order it trained them."""
+    return [int(line.split('"step": ')[1].split(",")[0])
+            for line in rank_file.read_text().splitlines()]
 
 
 def test_two_agents_one_killed_the_other_finishes_at_world_size_one(baseline, tmp_path):

@@ -30,6 +30,7 @@ import signal
 import sys
 
 import pytest
+import yaml
 
 import trainutil as tu
 
@@ -46,6 +47,8 @@ REACHED = 4  # held after step 3 and signalled: step 4 trains, then the checkpoi
 ], ids=["ddp-4-workers-SIGTERM-while-fetching", "deepspeed-0-workers-SIGINT-no-more-data"])
 def test_a_stop_signal_to_torchruns_group_saves_the_step_reached_and_resumes_there(
         tmp_path_factory, tmp_path, engine, workers, sig, held):
+    """The DeepSpeed case runs configs/deepspeed/zero0.json as written (bf16): DeepSpeed itself
+    reports ZeRO-0 and bf16, and its checkpoints hold no optimizer shards."""
     data = tu.shared_data(tmp_path_factory)
     run_dir, gates = tmp_path / "run", tmp_path / "gates"
     gates.mkdir()
@@ -56,9 +59,12 @@ def test_a_stop_signal_to_torchruns_group_saves_the_step_reached_and_resumes_the
         (gates / "pause-at-3").touch()
         (gates / f"block-fetch-at-{REACHED}").touch()
         paused = "paused-at-3-rank-*"
-    cmd = tu.torchrun_cmd(2, *tu.overrides(data, run_dir, "train.epochs=1",
-                                           f"deepspeed.engine={engine}",
-                                           f"data.workers={workers}", val=engine == "ddp"))
+    args = ("train.epochs=1", f"deepspeed.engine={engine}", f"data.workers={workers}")
+    if engine == "ddp":
+        cmd = tu.torchrun_cmd(2, *tu.overrides(data, run_dir, *args, val=True))
+    else:
+        cmd = tu.torchrun_cmd(2, *tu.shipped_json_overrides(data, run_dir, "zero0", *args,
+                                                            val=False))
     launch = tu.Launch(cmd, tmp_path / "log.txt", RESNET_TEST_FAULT_GATES=str(gates))
     try:
         tu.wait_for(lambda: len(list(gates.glob(paused))) == 2, tu.RUN_TIMEOUT_S,
@@ -85,6 +91,8 @@ def test_a_stop_signal_to_torchruns_group_saves_the_step_reached_and_resumes_the
     tu.assert_each_sample_once(run_dir, epochs=1)
     if engine == "ddp":
         _ddp_checkpoints_evaluate(run_dir, data)
+    else:
+        _ran_as_written(run_dir, out)
 
 
 def _ddp_checkpoints_evaluate(run_dir, data) -> None:
@@ -96,6 +104,18 @@ def _ddp_checkpoints_evaluate(run_dir, data) -> None:
     code, out = tu.in_process("eval", "--weights", step_10, "--data", data, "--workers", "0")
     assert code == 0, out[-3000:]
     assert json.loads(out.strip().splitlines()[-1])["val_samples"] == 32
+
+
+def _ran_as_written(run_dir, out: str) -> None:
+    """configs/deepspeed/zero0.json ran as written: DeepSpeed ZeRO-0 in bf16, no shards."""
+    assert "engine: DeepSpeed ZeRO-0, precision bf16" in out, out[-4000:]
+    for name in tu.checkpoints(run_dir):
+        step = run_dir / "checkpoints" / name
+        assert (step / "pytorch_model" / "mp_rank_00_model_states.pt").is_file(), name
+        assert not list((step / "pytorch_model").glob("zero_pp_rank_*optim_states.pt")), name
+        assert tu.trainer_state(step)["progress"]["zero_stage"] == 0
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert (saved["train"]["precision"], saved["deepspeed"]["zero_stage"]) == ("bf16", 0)
 
 
 def _steps(rank_files: list) -> list[int]:

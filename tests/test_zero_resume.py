@@ -1,8 +1,10 @@
 """ZeRO-1/2 checkpoints resume on another world size through DeepSpeed's universal checkpoint.
 
-Two processes train under ZeRO-1 (or ZeRO-2) until a SIGTERM mid-epoch (checkpoint at step 7);
-the run resumes on one process (global batch 16 = 8 x 2 accumulation) or on three (micro-batches
-5, 5 and 6), converts the checkpoint once, and finishes the epoch with every sample used once.
+Two processes train under ZeRO-1 (configs/deepspeed/zero1.json as shipped: bf16 autocast) or
+ZeRO-2 (fp32) until a SIGTERM mid-epoch (checkpoint at step 7; tests/trainutil.py
+zero_stopped_run, once per session); the run resumes on one process (global batch 16 = 8 x 2
+accumulation) or on three (micro-batches 5, 5 and 6), converts the checkpoint once, and
+finishes the epoch with every sample used once.
 What the resumed ranks hold right after loading (saved by the test shim's
 RESNET_TEST_SAVE_AFTER_RESUME, before any step) equals the checkpoint: fp32 weights and SGD
 momentum from the ZeRO shards, module weights and BatchNorm statistics. A checkpoint written
@@ -10,10 +12,8 @@ before checkpoints declared DeepSpeed's universal_checkpoint_info is refused, sa
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -23,8 +23,7 @@ import trainutil as tu
 
 pytestmark = pytest.mark.slow
 
-TRAIN = ("train.epochs=1", "checkpoint.every_steps=4")
-STOPPED_AT = "step-000000007"  # rank 0 gets SIGTERM while held after step 6
+STOPPED_AT = tu.ZERO_STOPPED_AT
 
 
 @pytest.fixture(scope="module")
@@ -32,33 +31,8 @@ def data(tmp_path_factory) -> Path:
     return tu.shared_data(tmp_path_factory)
 
 
-def _args(data: Path, run_dir: Path, stage: int, *more: str) -> list[str]:
-    return tu.overrides(data, run_dir, f"deepspeed.zero_stage={stage}", *TRAIN, *more, val=False)
-
-
-def _stopped_run(data: Path, tmp_path_factory, stage: int) -> Path:
-    """2 processes under ZeRO-`stage`, stopped by SIGTERM mid-epoch (once per stage and test
-    session, whichever xdist worker asks first)."""
-    def make(root: Path) -> dict:
-        run_dir, hold = root / "run", root / "hold"
-        launch = tu.Launch(tu.torchrun_cmd(2, *_args(data, run_dir, stage)), root / "log.txt",
-                           RESNET_TEST_FAULT_AFTER_STEP=6, RESNET_TEST_FAULT_RANK=0,
-                           RESNET_TEST_FAULT_HOLD=hold)
-        try:
-            tu.wait_for(lambda: hold.exists() and hold.read_text(), tu.RUN_TIMEOUT_S,
-                        "rank 0 holding after step 6", [launch])
-            os.kill(int(hold.read_text()), signal.SIGTERM)  # as a spot notice to its node
-            hold.unlink()
-            code = launch.wait(120)
-        finally:
-            launch.stop()
-        assert code != 0 and "stopped by signal 15 at step 7" in launch.output(), launch.tail()
-        assert tu.latest(run_dir) == STOPPED_AT
-        shards = run_dir / "checkpoints" / STOPPED_AT / "pytorch_model"
-        assert len(list(shards.glob("zero_pp_rank_*_optim_states.pt"))) == 2
-        return {"run_dir": str(run_dir)}
-
-    return Path(tu.once_per_session(tmp_path_factory, f"zero{stage}", make)["run_dir"])
+def _stopped_run(tmp_path_factory, stage: int) -> Path:
+    return tu.zero_stopped_run(tmp_path_factory, stage)[0]
 
 
 def _zero_state(model_dir: Path) -> dict:
@@ -86,10 +60,10 @@ def _module(model_dir: Path) -> dict:
 def test_zero_checkpoint_resumes_on_another_world_size(data, tmp_path_factory, stage, world):
     root = tmp_path_factory.mktemp(f"resume{stage}-{world}")
     run_dir, probe, mirror = root / "run", root / "after-load", root / "mirror"
-    shutil.copytree(_stopped_run(data, tmp_path_factory, stage), run_dir)
+    shutil.copytree(_stopped_run(tmp_path_factory, stage), run_dir)
     saved = run_dir / "checkpoints" / STOPPED_AT / "pytorch_model"
     more = [f"checkpoint.mirror={mirror}"] if stage == 2 else []
-    args = _args(data, run_dir, stage, *more)
+    args = tu.zero_args(data, run_dir, stage, *more)
     cmd = tu.torchrun_cmd(world, *args) if world > 1 else tu.resnet_cmd("train", *args)
     code, out = tu.run(cmd, root / "log.txt", RESNET_TEST_SAVE_AFTER_RESUME=probe)
     assert code == 0, out[-4000:]
@@ -140,7 +114,7 @@ def test_a_checkpoint_without_universal_info_is_refused_saying_what_works(
     from resnet import cli
 
     run_dir = tmp_path / "run"
-    shutil.copytree(_stopped_run(data, tmp_path_factory, 1), run_dir)
+    shutil.copytree(_stopped_run(tmp_path_factory, 1), run_dir)
     model_dir = run_dir / "checkpoints" / STOPPED_AT / "pytorch_model"
     states_file = model_dir / "mp_rank_00_model_states.pt"
     states = torch.load(states_file, map_location="cpu", weights_only=False)
@@ -148,7 +122,7 @@ def test_a_checkpoint_without_universal_info_is_refused_saying_what_works(
     torch.save(states, states_file)
 
     monkeypatch.setenv("RESNET_IO_TIMEOUT_S", "120")  # train() sets it for its workers
-    assert cli.main(["train", *_args(data, run_dir, 1)]) == 2
+    assert cli.main(["train", *tu.zero_args(data, run_dir, 1)]) == 2
     out = capsys.readouterr().err
     assert ("holds ZeRO-1 optimizer shards for 2 processes, and this run has 1. It was written "
             "before checkpoints carried DeepSpeed's universal_checkpoint_info, so it cannot be "

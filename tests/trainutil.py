@@ -87,6 +87,15 @@ def overrides(data: Path, run_dir: Path, *more: str, val: bool = True) -> list[s
             *TINY, *more]
 
 
+def shipped_json_overrides(data: Path, run_dir: Path, name: str, *more: str,
+                           val: bool = True) -> list[str]:
+    """`overrides` that run configs/deepspeed/NAME.json as written: without TINY's
+    train.precision (the JSON's torch_autocast sets bf16; another value would be an error)."""
+    json_file = REPO / "configs" / "deepspeed" / f"{name}.json"
+    return [a for a in overrides(data, run_dir, f"deepspeed.config_file={json_file}", *more,
+                                 val=val) if not a.startswith("train.precision=")]
+
+
 def torchrun_cmd(nproc: int, *train_args: str, max_restarts: int = 0) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
@@ -349,3 +358,45 @@ def shared_run(tmp_path_factory, name: str, cmd, timeout: float = RUN_TIMEOUT_S,
 
     made = once_per_session(tmp_path_factory, name, make)
     return Path(made["run_dir"]), made["code"], made["out"]
+
+
+# 2 processes under ZeRO-1 or ZeRO-2, stopped mid-epoch by a SIGTERM: tests/test_zero_resume.py
+# resumes them on other world sizes. ZeRO-1 runs configs/deepspeed/zero1.json as written (bf16),
+# so tests/test_engine.py checks that shipped JSON on the same run.
+ZERO_TRAIN = ("train.epochs=1", "checkpoint.every_steps=4")
+ZERO_STOPPED_AT = "step-000000007"  # rank 0 gets SIGTERM while held after step 6
+
+
+def zero_args(data: Path, run_dir: Path, stage: int, *more: str) -> list[str]:
+    """The stopped run's command line, and its resumes' (`more` added)."""
+    if stage == 1:
+        return shipped_json_overrides(data, run_dir, "zero1", *ZERO_TRAIN, *more, val=False)
+    return overrides(data, run_dir, f"deepspeed.zero_stage={stage}", *ZERO_TRAIN, *more,
+                     val=False)
+
+
+def zero_stopped_run(tmp_path_factory, stage: int) -> tuple[Path, str]:
+    """(run_dir, output) of 2 processes under ZeRO-`stage`, stopped by SIGTERM mid-epoch (once
+    per stage and test session, whichever xdist worker asks first)."""
+    data = shared_data(tmp_path_factory)
+
+    def make(root: Path) -> dict:
+        run_dir, hold = root / "run", root / "hold"
+        launch = Launch(torchrun_cmd(2, *zero_args(data, run_dir, stage)), root / "log.txt",
+                        RESNET_TEST_FAULT_AFTER_STEP=6, RESNET_TEST_FAULT_RANK=0,
+                        RESNET_TEST_FAULT_HOLD=hold)
+        try:
+            wait_for(hold.exists, RUN_TIMEOUT_S, "rank 0 holding after step 6", [launch])
+            os.kill(int(hold.read_text()), signal.SIGTERM)  # as a spot notice to its node
+            hold.unlink()
+            code = launch.wait(120)
+        finally:
+            launch.stop()
+        assert code != 0 and "stopped by signal 15 at step 7" in launch.output(), launch.tail()
+        assert latest(run_dir) == ZERO_STOPPED_AT
+        shards = run_dir / "checkpoints" / ZERO_STOPPED_AT / "pytorch_model"
+        assert len(list(shards.glob("zero_pp_rank_*_optim_states.pt"))) == 2
+        return {"run_dir": str(run_dir), "out": launch.output()}
+
+    made = once_per_session(tmp_path_factory, f"zero{stage}", make)
+    return Path(made["run_dir"]), made["out"]

@@ -7,18 +7,24 @@ Modules are patched right after they execute, so a process that never imports th
 launcher) pays nothing.
 
 Training faults (resnet.train.trainer and accelerate's save_state), first attempt only
-(TORCHELASTIC_RESTART_COUNT unset or 0), so an elastic restart runs clean:
+(TORCHELASTIC_RESTART_COUNT unset or 0), so an elastic restart runs clean; AFTER_STEP,
+IN_CHECKPOINT and RANK may instead list one value per attempt (`8,6`: the first attempt's
+fault at step 8, the first restart's at step 6; an empty item or an attempt past the list: no
+fault), so one launch can meet a second fault in its restart:
 
     RESNET_TEST_FAULT_AFTER_STEP=N     once optimizer step N is done (its checkpoint, evaluation
                                        and log written), before step N+1 starts: the process
                                        SIGKILLs itself
     RESNET_TEST_FAULT_IN_CHECKPOINT=1  die inside step N's checkpoint write instead: right
                                        after accelerate's save_state into the temporary
-                                       folder, before the rename that makes it visible
-    RESNET_TEST_FAULT_HOLD=PATH        instead of dying after step N, write this process id to
-                                       PATH and wait (at most 120 s) until PATH is removed, so
-                                       a test can kill or signal the run at a known point
-    RESNET_TEST_FAULT_RANK=R           only on global rank R (default: every rank)
+                                       folder, before trainer_state.json and the rename that
+                                       makes it visible
+    RESNET_TEST_FAULT_HOLD=PATH        instead of dying at that point, write this process id to
+                                       PATH (atomically) and wait (at most 120 s) until PATH is
+                                       removed, so a test can kill or signal the run at a known
+                                       point (every attempt that has a fault)
+    RESNET_TEST_FAULT_RANK=R           only on global rank R (default: every rank); a list
+                                       names the rank of each attempt's training fault
     RESNET_TEST_FAULT_ENOSPC_AT_STEP=N (every attempt) accelerate's save_state into step N's
                                        temporary folder writes, then raises OSError(ENOSPC), as
                                        a full disk would (on RANK, if given)
@@ -84,23 +90,36 @@ from pathlib import Path
 HOLD_LIMIT_S = 120.0
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name, "")
-    if not value:
-        return None
+def _int(name: str, value: str) -> int | None:
     try:
-        return int(value)
+        return int(value) if value else None
     except ValueError:
         raise SystemExit(f"fault shim: {name}={value!r} is not an integer") from None
 
 
+def _env_int(name: str) -> int | None:
+    return _int(name, os.environ.get(name, ""))
+
+
 # ------------------------------------------------------------------------- training faults
 
-AFTER_STEP = _env_int("RESNET_TEST_FAULT_AFTER_STEP")
-FIRST_ATTEMPT = (_env_int("TORCHELASTIC_RESTART_COUNT") or 0) == 0
-IN_CHECKPOINT = os.environ.get("RESNET_TEST_FAULT_IN_CHECKPOINT") == "1"
+ATTEMPT = _env_int("TORCHELASTIC_RESTART_COUNT") or 0
+FIRST_ATTEMPT = ATTEMPT == 0
+
+
+def _this_attempt(name: str) -> str:
+    """A training fault's setting for this attempt: `V` is the first attempt's, `V0,V1,...`
+    one per attempt."""
+    items = os.environ.get(name, "").split(",")
+    return items[ATTEMPT] if ATTEMPT < len(items) else ""
+
+
+AFTER_STEP = _int("RESNET_TEST_FAULT_AFTER_STEP", _this_attempt("RESNET_TEST_FAULT_AFTER_STEP"))
+IN_CHECKPOINT = _this_attempt("RESNET_TEST_FAULT_IN_CHECKPOINT") == "1"
 HOLD = os.environ.get("RESNET_TEST_FAULT_HOLD", "")
-RANK = _env_int("RESNET_TEST_FAULT_RANK")
+_RANKS = os.environ.get("RESNET_TEST_FAULT_RANK", "")  # one for all attempts, or one per attempt
+RANK = _int("RESNET_TEST_FAULT_RANK",
+            _this_attempt("RESNET_TEST_FAULT_RANK") if "," in _RANKS else _RANKS)
 INF_GRAD_AT = _env_int("RESNET_TEST_FAULT_INF_GRAD_AT_STEP")
 ENOSPC_AT = _env_int("RESNET_TEST_FAULT_ENOSPC_AT_STEP")
 DISK_FREE = _env_int("RESNET_TEST_FAULT_DISK_FREE")
@@ -109,13 +128,15 @@ ENOSPC_INSIDE = os.environ.get("RESNET_TEST_FAULT_ENOSPC_INSIDE") == "1"
 
 def _fires(step: int) -> bool:
     rank = int(os.environ.get("RANK", "0"))
-    return FIRST_ATTEMPT and step == AFTER_STEP and (RANK is None or RANK == rank)
+    return step == AFTER_STEP and (RANK is None or RANK == rank)
 
 
 def _hold_or_die() -> None:
     if HOLD:
         hold = Path(HOLD)
-        hold.write_text(str(os.getpid()))
+        written = hold.with_name(f"{hold.name}.{os.getpid()}")
+        written.write_text(str(os.getpid()))
+        os.replace(written, hold)  # the test never reads a half-written id
         deadline = time.monotonic() + HOLD_LIMIT_S
         while hold.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -211,7 +232,7 @@ def _patch_save_state(module) -> None:
         name = Path(str(output_dir)).name  # the checkpoint manager's ".tmp-step-NNNNNNNNN"
         step = name.rsplit("-", 1)[-1]
         if IN_CHECKPOINT and name.startswith(".tmp-step-") and _fires(int(step)):
-            os.kill(os.getpid(), signal.SIGKILL)
+            _hold_or_die()
         rank = int(os.environ.get("RANK", "0"))
         if ENOSPC_AT is not None and not ENOSPC_INSIDE and \
                 name == f".tmp-step-{ENOSPC_AT:09d}" and (RANK is None or RANK == rank):
