@@ -90,18 +90,19 @@ def test_a_stop_signal_to_torchruns_group_saves_the_step_reached_and_resumes_the
     assert list(tu.read_audit(run_dir)) == list(range(1, 11))
     tu.assert_each_sample_once(run_dir, epochs=1)
     if engine == "ddp":
-        _ddp_checkpoints_evaluate(run_dir, data)
+        _ddp_checkpoints_evaluate(run_dir, data, tmp_path)
     else:
         _ran_as_written(run_dir, out)
 
 
-def _ddp_checkpoints_evaluate(run_dir, data) -> None:
+def _ddp_checkpoints_evaluate(run_dir, data, tmp_path) -> None:
     """DDP's checkpoints hold Accelerate's model.safetensors; the resumed run evaluated at the
     epoch's end, and `resnet eval` reads a DDP checkpoint."""
     step_10 = run_dir / "checkpoints" / "step-000000010"
     assert (step_10 / "model.safetensors").is_file()
     assert any("val_top1" in m for m in tu.metrics(run_dir))
-    code, out = tu.in_process("eval", "--weights", step_10, "--data", data, "--workers", "0")
+    code, out = tu.run(tu.resnet_cmd("eval", "--weights", str(step_10), "--data", str(data),
+                                     "--workers", "0"), tmp_path / "eval.txt", timeout=120)
     assert code == 0, out[-3000:]
     assert json.loads(out.strip().splitlines()[-1])["val_samples"] == 32
 

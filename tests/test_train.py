@@ -222,8 +222,9 @@ def test_resnet_eval_on_final_weights_and_on_a_checkpoint(baseline, data, tmp_pa
     trained = [m for m in tu.metrics(baseline) if "val_top1" in m][-1]
     results = []
     for weights in (baseline / "final", baseline / "checkpoints" / "step-000000020"):
-        code, out = tu.in_process("eval", "--weights", weights, "--data", data,
-                                  "--workers", "0", "--batch-size", "16")
+        code, out = tu.run(tu.resnet_cmd("eval", "--weights", str(weights), "--data", str(data),
+                                         "--workers", "0", "--batch-size", "16"),
+                           tmp_path / "eval.log", timeout=120)
         assert code == 0, out[-3000:]
         result = json.loads(out.strip().splitlines()[-1])
         assert result["arch"] == "resnet18" and result["val_samples"] == 32

@@ -253,7 +253,8 @@ read_audit = audit.read_audit
 def in_process(*args: str) -> tuple[int, str]:
     """`resnet ARGS...` through the CLI's entry point in this process, for a command whose
     interpreter start is not what the test checks (an interpreter start costs ~5 CPU-seconds
-    of imports): exit code and what it printed."""
+    of imports) and that starts no process group (`eval` and `train` make one, and set the
+    launcher's variables in os.environ: they run as processes): exit code and output."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
         code = cli_main([*map(str, args)])
