@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     # The helper turns it on only where CUDA is, and says whether it did: this process need
-    # not import torch (2 CPU-s) to find out.
+    # not import torch (1.8 CPU-s) to find out.
     env = dict(os.environ, SYNC_DEBUG_MODE="warn")
     proc = subprocess.run([sys.executable, "-W", "always", str(HELPER), *argv], env=env,
                           capture_output=True, text=True)
