@@ -4,7 +4,8 @@ every call that forces a host-device sync on CUDA: a tensor's value read on the 
 (.item(), .tolist(), .cpu(), bool(), torch.tensor(..., device=...)) and device-wide
 synchronisations (torch.cuda.synchronize, DeepSpeed's accelerator synchronize, which its
 throughput timer calls; on a CPU both are counted although they do nothing there). Prints one
-JSON line: the call sites.
+JSON line: the call sites, the step counted to, and the sync debug mode it ran under (none
+without CUDA).
 
     python tests/sync_count_helper.py RUN_DIR key=value ...
 """
@@ -73,8 +74,8 @@ def main(run_dir: str, *overrides: str) -> None:
 
     T.Trainer.train_step, T.Trainer._log_train = train_step, log_train
     T.train(load_config([], [f"run.dir={run_dir}", *overrides]))
-    print("SYNC_CALLS " + json.dumps({"calls": CALLS, "counted_to": COUNTING.get("counted_to")}),
-          flush=True)
+    print("SYNC_CALLS " + json.dumps({"calls": CALLS, "counted_to": COUNTING.get("counted_to"),
+                                      "sync_debug": SYNC_DEBUG}), flush=True)
 
 
 if __name__ == "__main__":

@@ -3,24 +3,26 @@
 Not a timed test: the figures of a shared 2-core machine mean nothing; the point is that the
 command still builds each configuration (the engine ones through create_engine, the compiled
 ones, the end-to-end ones through the shard loader and DeviceFeed) and reports every figure,
-so the GPU session that finally runs it does not find it broken.
+so the GPU session that finally runs it does not find it broken. Each configuration costs a
+process start, so each runs once in the suite: the tiny GPU check (tests/test_gpu_check.py)
+runs bf16_cl_compile, deepspeed_zero0 and the end-to-end rows, this module the others, and
+both check every row with tests/bench_figures.py.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 import subprocess
 import sys
 
 import pytest
 
-import trainutil as tu
+import bench_figures as bf
+from resnet.cli import build_parser, main
+from resnet.train import bench
 
-SYNTHETIC = ["fp32", "bf16", "bf16_cl", "accelerate_ddp", "deepspeed_zero0", "bf16_cl_compile",
-             "deepspeed_zero0_compile"]
-CONFIGS = SYNTHETIC + ["e2e_cpu", "e2e_device"]
-NUMBER = r"[\d,]+\.\d+"
+HERE = [c for c in bf.CONFIGS if c not in bf.IN_GPU_CHECK]
+TINY = ["--arch", "resnet18", "--batch-size", "8", "--image-size", "32", "--steps", "3",
+        "--warmup", "1", "--repeats", "2", "--compile-backend", "eager"]
 
 
 def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -30,46 +32,29 @@ def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def _positive(text: str) -> float:
-    assert re.fullmatch(NUMBER, text.strip()), text
-    value = float(text.replace(",", ""))
-    assert value > 0, text
-    return value
+def test_the_defaults_with_compile_and_data_choose_every_configuration():
+    """`--compile` adds the compiled ones after the default ones, `--data` the end-to-end
+    ones: the suite's configurations, in the order the table prints them."""
+    args = build_parser().parse_args(["bench", "train", "--data", "shards", *TINY, "--compile"])
+    assert bench.chosen_configs(args) == bf.CONFIGS
+    assert set(bf.IN_GPU_CHECK) < set(bf.CONFIGS)
 
 
 @pytest.mark.slow
-def test_prints_every_figure_for_every_config(tmp_path_factory, tmp_path):
-    data = tu.shared_data(tmp_path_factory)
+def test_prints_every_figure_for_the_configs_the_gpu_check_does_not_run(tmp_path, capsys,
+                                                                         monkeypatch):
+    """The parent in this process (it only prints the header and the table), one child process
+    per configuration, as `resnet bench train` runs them."""
+    for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the children's
+    monkeypatch.setenv("WANDB_MODE", "disabled")
     out = tmp_path / "bench.json"
-    result = _run("--data", str(data), "--arch", "resnet18", "--batch-size", "8",
-                  "--image-size", "32", "--steps", "3", "--warmup", "1", "--repeats", "2",
-                  "--workers", "1", "--compile", "--compile-backend", "eager",
-                  "--json", str(out))
-    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
-    lines = result.stdout.splitlines()
-    assert lines[0].startswith("# bench train")
-    assert any(line.startswith("# device: ") for line in lines)
-    assert any(line.startswith("# CPU: ") and "cores" in line for line in lines)
-    assert any("torch " in line and "deepspeed " in line and "accelerate " in line
-               for line in lines)
-    for name in CONFIGS:
-        row = [line for line in lines if line.startswith(f"| {name} |")]
-        assert len(row) == 1, result.stdout
-        cells = [c.strip() for c in row[0].split("|")[2:-1]]
-        rate, per_device, spread, percentiles, wait, peak, warmup = cells
-        assert _positive(rate) == _positive(per_device)  # one process: one device
-        low, high = (_positive(x) for x in spread.split(".."))
-        assert low <= _positive(rate) <= high
-        p50, p90, p99 = (_positive(x) for x in percentiles.split("/"))
-        assert p50 <= p90 <= p99
-        if name.startswith("e2e_"):
-            assert re.fullmatch(r"\d+\.\d%", wait) and float(wait[:-1]) > 0, row[0]
-        else:
-            assert wait == "-"  # synthetic tensors: no loader
-        _positive(peak), _positive(warmup)
-    results = json.loads(out.read_text())["results"]
-    assert [r["config"] for r in results] == CONFIGS
-    assert all(r["img_per_s"] > 0 and r["device"].split(":")[0] == "cpu" for r in results)
+    code = main(["bench", "train", *TINY, "--configs", ",".join(HERE), "--timeout", "300",
+                 "--json", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.out + printed.err[-4000:]
+    bf.check_output(printed.out, out, HERE)
 
 
 def test_unknown_config_is_refused():
