@@ -37,7 +37,6 @@ def test_the_defaults_with_compile_and_data_choose_every_configuration():
     ones: the suite's configurations, in the order the table prints them."""
     args = build_parser().parse_args(["bench", "train", "--data", "shards", *TINY, "--compile"])
     assert bench.chosen_configs(args) == bf.CONFIGS
-    assert set(bf.IN_GPU_CHECK) < set(bf.CONFIGS)
 
 
 @pytest.mark.slow
@@ -50,7 +49,7 @@ def test_prints_every_figure_for_the_configs_the_gpu_check_does_not_run(tmp_path
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the children's
     monkeypatch.setenv("WANDB_MODE", "disabled")
     out = tmp_path / "bench.json"
-    code = main(["bench", "train", *TINY, "--configs", ",".join(HERE), "--timeout", "300",
+    code = main(["bench", "train", *TINY, "--configs", ",".join(HERE), "--timeout", "150",
                  "--json", str(out)])
     printed = capsys.readouterr()
     assert code == 0, printed.out + printed.err[-4000:]

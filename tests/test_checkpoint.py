@@ -165,7 +165,10 @@ def test_an_s3_outage_never_stops_saving_and_the_newest_is_mirrored_when_it_retu
         tmp_path, s3_server, capsys, monkeypatch):
     import time
 
-    monkeypatch.setenv("RESNET_IO_TIMEOUT_S", "10")  # each upload gives up after 10 s
+    # Each upload gives up after 10 s: long enough that saves waiting for it (30 s) are told
+    # apart from saves that do not (under a second) on a busy machine; it costs the test the
+    # wait for the first failed upload below.
+    monkeypatch.setenv("RESNET_IO_TIMEOUT_S", "10")
     mirror = f"{s3_server.url}/run"
     ckpt, _, _ = _manager(tmp_path, keep=1, mirror=mirror)
     ckpt.prepare()

@@ -3,6 +3,9 @@ added under launch/elastic.sh in one story whose nodes share a run.dir or have t
 with an S3 mirror as the truth, and nodes that see different checkpoints without a mirror
 stopping with an error.
 
+A node joining a shared run.dir without any mirror (the mirror-less path of the checkpoint
+manager's agreement) is tests/test_silent_node.py's rejoin of the thawed node.
+
 Several torchrun agents on localhost play the nodes. Training is held at known steps by the
 test-only gates of tests/fault_shim (RESNET_TEST_FAULT_GATES), so each membership change
 happens mid-epoch at a step the test chose, however slow the machine.

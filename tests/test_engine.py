@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 import trainutil as tu
+import zerorun
 from resnet.config import load_config
 from resnet.data.plan import MicroLayout
 from resnet.train.engine import SetupError, deepspeed_config, micro_layout, settle
@@ -117,13 +118,13 @@ def test_a_json_batch_size_that_the_run_cannot_use_is_an_error(tmp_path):
 @pytest.mark.slow
 def test_the_shipped_zero1_json_runs_as_written(tmp_path_factory):
     """configs/deepspeed/zero1.json as written, on the 2-process ZeRO-1 run that
-    tests/test_zero_resume.py resumes (tests/trainutil.py zero_stopped_run: 7 steps, then a
+    tests/test_zero_resume.py resumes (tests/zerorun.py stopped_run: 7 steps, then a
     SIGTERM; once per session): DeepSpeed itself reports the stage and precision, and each
     checkpoint holds exactly the per-rank optimizer shards. configs/deepspeed/zero0.json runs
     as written in tests/test_stop_signals.py's DeepSpeed case."""
-    run_dir, out = tu.zero_stopped_run(tmp_path_factory, 1)
+    run_dir, out = zerorun.stopped_run(tmp_path_factory, 1)
     assert "engine: DeepSpeed ZeRO-1, precision bf16" in out, out[-4000:]
-    assert tu.checkpoints(run_dir) == ["step-000000004", tu.ZERO_STOPPED_AT]
+    assert tu.checkpoints(run_dir) == ["step-000000004", zerorun.STOPPED_AT]
     for name in tu.checkpoints(run_dir):
         step = run_dir / "checkpoints" / name
         shards = sorted(p.name for p in

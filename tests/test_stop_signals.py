@@ -100,7 +100,8 @@ def _ddp_checkpoints_evaluate(run_dir, data, tmp_path) -> None:
     epoch's end, and `resnet eval` reads a DDP checkpoint."""
     step_10 = run_dir / "checkpoints" / "step-000000010"
     assert (step_10 / "model.safetensors").is_file()
-    assert any("val_top1" in m for m in tu.metrics(run_dir))
+    # The stop at step 4 came before any evaluation: the epoch's end (10) is the resume's.
+    assert [m["step"] for m in tu.metrics(run_dir) if "val_top1" in m] == [10]
     code, out = tu.run(tu.resnet_cmd("eval", "--weights", str(step_10), "--data", str(data),
                                      "--workers", "0"), tmp_path / "eval.txt", timeout=120)
     assert code == 0, out[-3000:]

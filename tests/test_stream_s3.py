@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from resnet.data import shardio, storage
+from resnet.data import remote, shardio, storage
 from resnet.data.stream import AugmentParams, ShardLoader
 from shards_helper import make_shards
 
@@ -135,7 +135,8 @@ def test_a_dead_endpoint_surfaces_within_the_deadline_naming_url_and_cause(
         s3_server, dataset, monkeypatch, endpoint):
     """One retry layer under data.io_timeout_s (3 s here): a port that refuses connections, or
     one that accepts and never answers (read timeout 1 s), fails the shard read with its URL
-    and the last cause within the deadline plus one attempt, not after stacked retries."""
+    and the last cause, said once (no retry layer wraps another) by a client that makes one
+    attempt per call (botocore stacks none underneath). The clock is only a hang guard."""
     url = upload(s3_server, dataset)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -153,8 +154,10 @@ def test_a_dead_endpoint_surfaces_within_the_deadline_naming_url_and_cause(
     try:
         with pytest.raises(shardio.ShardError, match=r"s3://.*/ds/train-000000\.tar.*still "
                                                      r"failing after .*data.io_timeout_s=3.*"
-                                                     r"last cause: \w+"):
+                                                     r"last cause: \w+") as caught:
             list(shardio.read_samples(f"{url}/train-000000.tar", {0}))
     finally:
         listener.close()
+    assert str(caught.value).count("still failing after") == 1, caught.value
+    assert remote.s3_client().meta.config.retries["total_max_attempts"] == 1
     assert time.monotonic() - start < 30  # data.io_timeout_s=3, not 120 s or forever

@@ -1,10 +1,10 @@
 """ZeRO-1/2 checkpoints resume on another world size through DeepSpeed's universal checkpoint.
 
 Two processes train under ZeRO-1 (configs/deepspeed/zero1.json as shipped: bf16 autocast) or
-ZeRO-2 (fp32) until a SIGTERM mid-epoch (checkpoint at step 7; tests/trainutil.py
-zero_stopped_run, once per session); the run resumes on one process (global batch 16 = 8 x 2
-accumulation) or on three (micro-batches 5, 5 and 6), converts the checkpoint once, and
-finishes the epoch with every sample used once.
+ZeRO-2 (fp32) until a SIGTERM mid-epoch (checkpoint at step 7; tests/zerorun.py stopped_run,
+once per session); the run resumes on one process (global batch 16 = 8 x 2 accumulation) or on
+three (micro-batches 5, 5 and 6), converts the checkpoint once, and finishes the epoch with
+every sample used once.
 What the resumed ranks hold right after loading (saved by the test shim's
 RESNET_TEST_SAVE_AFTER_RESUME, before any step) equals the checkpoint: fp32 weights and SGD
 momentum from the ZeRO shards, module weights and BatchNorm statistics. A checkpoint written
@@ -20,10 +20,11 @@ import pytest
 import torch
 
 import trainutil as tu
+import zerorun
 
 pytestmark = pytest.mark.slow
 
-STOPPED_AT = tu.ZERO_STOPPED_AT
+STOPPED_AT = zerorun.STOPPED_AT
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def _stopped_run(tmp_path_factory, stage: int) -> Path:
-    return tu.zero_stopped_run(tmp_path_factory, stage)[0]
+    return zerorun.stopped_run(tmp_path_factory, stage)[0]
 
 
 def _zero_state(model_dir: Path) -> dict:
@@ -63,7 +64,7 @@ def test_zero_checkpoint_resumes_on_another_world_size(data, tmp_path_factory, s
     shutil.copytree(_stopped_run(tmp_path_factory, stage), run_dir)
     saved = run_dir / "checkpoints" / STOPPED_AT / "pytorch_model"
     more = [f"checkpoint.mirror={mirror}"] if stage == 2 else []
-    args = tu.zero_args(data, run_dir, stage, *more)
+    args = zerorun.args(data, run_dir, stage, *more)
     cmd = tu.torchrun_cmd(world, *args) if world > 1 else tu.resnet_cmd("train", *args)
     code, out = tu.run(cmd, root / "log.txt", RESNET_TEST_SAVE_AFTER_RESUME=probe)
     assert code == 0, out[-4000:]
@@ -107,8 +108,8 @@ def test_a_checkpoint_without_universal_info_is_refused_saying_what_works(
         data, tmp_path_factory, tmp_path, monkeypatch, capsys):
     """A ZeRO-1 checkpoint of 2 processes written before checkpoints declared DeepSpeed's
     universal_checkpoint_info cannot be converted: 1 process is refused, naming the cause and
-    the restart at 2 processes, never a conversion advice that fails. (The ZeRO-1 run is the
-    module's; `accelerate launch --use_deepspeed` writing ZeRO-1 on 2 processes is in
+    the restart at 2 processes, never a conversion advice that fails. (The ZeRO-1 run is
+    tests/zerorun.py's; `accelerate launch --use_deepspeed` writing ZeRO-1 on 2 processes is in
     tests/test_accelerate_settings.py.) The refusal comes before any process group, so the
     CLI's entry point runs in this process."""
     from resnet import cli
@@ -122,7 +123,7 @@ def test_a_checkpoint_without_universal_info_is_refused_saying_what_works(
     torch.save(states, states_file)
 
     monkeypatch.setenv("RESNET_IO_TIMEOUT_S", "120")  # train() sets it for its workers
-    assert cli.main(["train", *tu.zero_args(data, run_dir, 1)]) == 2
+    assert cli.main(["train", *zerorun.args(data, run_dir, 1)]) == 2
     out = capsys.readouterr().err
     assert ("holds ZeRO-1 optimizer shards for 2 processes, and this run has 1. It was written "
             "before checkpoints carried DeepSpeed's universal_checkpoint_info, so it cannot be "

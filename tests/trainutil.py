@@ -250,20 +250,13 @@ def metrics(run_dir: Path) -> list[dict]:
 read_audit = audit.read_audit
 
 
-def in_process(*args: str) -> tuple[int, str]:
-    """`resnet ARGS...` through the CLI's entry point in this process, for a command whose
-    interpreter start is not what the test checks (an interpreter start costs ~5 CPU-seconds
-    of imports) and that starts no process group (`eval` and `train` make one, and set the
-    launcher's variables in os.environ: they run as processes): exit code and output."""
+def audit_command(*run_dirs: Path) -> tuple[int, str]:
+    """`resnet audit RUN_DIR...` through the CLI's entry point in this process (the command's
+    interpreter start is not what the training tests check): exit code and what it printed."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
-        code = cli_main([*map(str, args)])
+        code = cli_main(["audit", *map(str, run_dirs)])
     return code, printed.getvalue()
-
-
-def audit_command(*run_dirs: Path) -> tuple[int, str]:
-    """`resnet audit RUN_DIR...` in this process: exit code and what it printed."""
-    return in_process("audit", *run_dirs)
 
 
 def assert_each_sample_once(run_dir: Path, epochs: int) -> None:
@@ -360,44 +353,3 @@ def shared_run(tmp_path_factory, name: str, cmd, timeout: float = RUN_TIMEOUT_S,
     made = once_per_session(tmp_path_factory, name, make)
     return Path(made["run_dir"]), made["code"], made["out"]
 
-
-# 2 processes under ZeRO-1 or ZeRO-2, stopped mid-epoch by a SIGTERM: tests/test_zero_resume.py
-# resumes them on other world sizes. ZeRO-1 runs configs/deepspeed/zero1.json as written (bf16),
-# so tests/test_engine.py checks that shipped JSON on the same run.
-ZERO_TRAIN = ("train.epochs=1", "checkpoint.every_steps=4")
-ZERO_STOPPED_AT = "step-000000007"  # rank 0 gets SIGTERM while held after step 6
-
-
-def zero_args(data: Path, run_dir: Path, stage: int, *more: str) -> list[str]:
-    """The stopped run's command line, and its resumes' (`more` added)."""
-    if stage == 1:
-        return shipped_json_overrides(data, run_dir, "zero1", *ZERO_TRAIN, *more, val=False)
-    return overrides(data, run_dir, f"deepspeed.zero_stage={stage}", *ZERO_TRAIN, *more,
-                     val=False)
-
-
-def zero_stopped_run(tmp_path_factory, stage: int) -> tuple[Path, str]:
-    """(run_dir, output) of 2 processes under ZeRO-`stage`, stopped by SIGTERM mid-epoch (once
-    per stage and test session, whichever xdist worker asks first)."""
-    data = shared_data(tmp_path_factory)
-
-    def make(root: Path) -> dict:
-        run_dir, hold = root / "run", root / "hold"
-        launch = Launch(torchrun_cmd(2, *zero_args(data, run_dir, stage)), root / "log.txt",
-                        RESNET_TEST_FAULT_AFTER_STEP=6, RESNET_TEST_FAULT_RANK=0,
-                        RESNET_TEST_FAULT_HOLD=hold)
-        try:
-            wait_for(hold.exists, RUN_TIMEOUT_S, "rank 0 holding after step 6", [launch])
-            os.kill(int(hold.read_text()), signal.SIGTERM)  # as a spot notice to its node
-            hold.unlink()
-            code = launch.wait(120)
-        finally:
-            launch.stop()
-        assert code != 0 and "stopped by signal 15 at step 7" in launch.output(), launch.tail()
-        assert latest(run_dir) == ZERO_STOPPED_AT
-        shards = run_dir / "checkpoints" / ZERO_STOPPED_AT / "pytorch_model"
-        assert len(list(shards.glob("zero_pp_rank_*_optim_states.pt"))) == 2
-        return {"run_dir": str(run_dir), "out": launch.output()}
-
-    made = once_per_session(tmp_path_factory, f"zero{stage}", make)
-    return Path(made["run_dir"]), made["out"]

@@ -24,7 +24,8 @@ fault), so one launch can meet a second fault in its restart:
                                        removed, so a test can kill or signal the run at a known
                                        point (every attempt that has a fault)
     RESNET_TEST_FAULT_RANK=R           only on global rank R (default: every rank); a list
-                                       names the rank of each attempt's training fault
+                                       names the rank of each attempt's AFTER_STEP fault (and
+                                       is refused beside the faults below, which take one)
     RESNET_TEST_FAULT_ENOSPC_AT_STEP=N (every attempt) accelerate's save_state into step N's
                                        temporary folder writes, then raises OSError(ENOSPC), as
                                        a full disk would (on RANK, if given)
@@ -117,18 +118,25 @@ def _this_attempt(name: str) -> str:
 AFTER_STEP = _int("RESNET_TEST_FAULT_AFTER_STEP", _this_attempt("RESNET_TEST_FAULT_AFTER_STEP"))
 IN_CHECKPOINT = _this_attempt("RESNET_TEST_FAULT_IN_CHECKPOINT") == "1"
 HOLD = os.environ.get("RESNET_TEST_FAULT_HOLD", "")
-_RANKS = os.environ.get("RESNET_TEST_FAULT_RANK", "")  # one for all attempts, or one per attempt
-RANK = _int("RESNET_TEST_FAULT_RANK",
-            _this_attempt("RESNET_TEST_FAULT_RANK") if "," in _RANKS else _RANKS)
+_RANKS = os.environ.get("RESNET_TEST_FAULT_RANK", "")
+PER_ATTEMPT_RANKS = "," in _RANKS
+# A list names the rank of each attempt's AFTER_STEP fault; the other faults take one rank.
+AFTER_STEP_RANK = _int("RESNET_TEST_FAULT_RANK",
+                       _this_attempt("RESNET_TEST_FAULT_RANK") if PER_ATTEMPT_RANKS else _RANKS)
+RANK = None if PER_ATTEMPT_RANKS else AFTER_STEP_RANK
 INF_GRAD_AT = _env_int("RESNET_TEST_FAULT_INF_GRAD_AT_STEP")
 ENOSPC_AT = _env_int("RESNET_TEST_FAULT_ENOSPC_AT_STEP")
 DISK_FREE = _env_int("RESNET_TEST_FAULT_DISK_FREE")
 ENOSPC_INSIDE = os.environ.get("RESNET_TEST_FAULT_ENOSPC_INSIDE") == "1"
+if PER_ATTEMPT_RANKS and (INF_GRAD_AT is not None or ENOSPC_AT is not None
+                          or os.environ.get("RESNET_TEST_FAULT_STOP_AT_FENCE")):
+    raise SystemExit("tests/fault_shim: RESNET_TEST_FAULT_RANK lists ranks per attempt for "
+                     "RESNET_TEST_FAULT_AFTER_STEP only; the other faults take one rank")
 
 
 def _fires(step: int) -> bool:
     rank = int(os.environ.get("RANK", "0"))
-    return step == AFTER_STEP and (RANK is None or RANK == rank)
+    return step == AFTER_STEP and (AFTER_STEP_RANK is None or AFTER_STEP_RANK == rank)
 
 
 def _hold_or_die() -> None:
