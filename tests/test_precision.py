@@ -29,7 +29,7 @@ def _steps(tmp_path, engine: str, precision: str, steps: int) -> dict:
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, str(HELPER), engine, precision, str(steps),
                            str(tmp_path / "run")], env=env, capture_output=True, text=True,
-                          timeout=180)
+                          timeout=480)  # a hang guard for a busy machine, as RUN_TIMEOUT_S
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("PRECISION "))
     return json.loads(line.split(" ", 1)[1])

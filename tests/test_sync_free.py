@@ -107,7 +107,8 @@ def _count_syncs(data: Path, run_dir: Path, *more: str) -> dict:
            "train.batch_size=8", "train.global_batch_size=16", "train.max_steps=8",
            "train.log_every_steps=6", "checkpoint.every_steps=0", "checkpoint.every_minutes=0",
            "wandb.mode=disabled", *more]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                          timeout=tu.RUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("SYNC_CALLS "))
     return json.loads(line.split(" ", 1)[1])
