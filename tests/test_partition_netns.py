@@ -3,8 +3,8 @@
 Two "hosts" (namespaces joined by one veth pair, 10.231.7.1 and .2), one launch/elastic.sh
 agent each with its defaults for the store (node A's agent hosts it), loader workers on.
 While both wait at step 3, B's link goes down: no FIN, no RST, the sockets stay open. A's
-heartbeat names rank 1 silent and A trains alone; B's worker finds the store silent and
-leaves. The link comes back up: B writes nothing over A's run (it rejoins as a new node, or
+heartbeat names rank 1 silent and A trains alone; B's worker finds the store (or rank 0)
+silent and leaves. The link comes back up: B writes nothing over A's run (it rejoins as a new node, or
 its agent gives up), and the run finishes with each sample once per epoch.
 """
 from __future__ import annotations
@@ -88,8 +88,11 @@ def test_a_partitioned_node_is_left_behind_and_the_healed_one_harms_nothing(
         (gates / "pause-at-3").unlink()
         detected = nodes.seconds_until(r"rank 1 \(host \S+\) has been silent for \d+ s", a,
                                        cut, 90)
-        nodes.seconds_until(r"rank 1 \(host \S+\): the job store \S+ has not answered for "
-                            r"\d+ s; leaving the group", b, cut, 90)
+        # B is cut off from the store and from rank 0 at once: it names whichever of the two
+        # its watchdog finds silent first (on a busy machine, rank 0's beats may lag).
+        nodes.seconds_until(r"rank 1 \(host \S+\): (the job store \S+ has not answered|rank 0 "
+                            r"\(host \S+\) has been silent) for \d+ s.*; leaving the group", b,
+                            cut, 90)
         alone = nodes.seconds_until(r"resumed from step-000000002: step 2, epoch 0, world "
                                     r"size 1", a, cut, tu.RUN_TIMEOUT_S)
         print(f"partition: detected after {detected:.0f} s, training alone after {alone:.0f} s")
