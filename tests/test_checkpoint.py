@@ -241,22 +241,28 @@ def test_a_stale_checkpoint_of_an_earlier_run_is_replaced_not_kept(tmp_path):
 
 def test_keep_1_with_a_mirror_does_not_prune_the_checkpoint_being_uploaded(tmp_path,
                                                                         monkeypatch):
-    import time
+    import threading
 
     real, uploaded = storage.upload_dir, []
+    started, release = threading.Event(), threading.Event()
 
-    def slow_upload(local: str, url: str, **options) -> dict:
-        time.sleep(0.5)  # the next checkpoint is saved (and pruning runs) meanwhile
+    def held_upload(local: str, url: str, **options) -> dict:
+        started.set()
+        release.wait(60)  # the next checkpoint is saved (and pruning runs) meanwhile
         files = real(local, url, **options)
         uploaded.append(Path(url).name)
         return files
 
-    monkeypatch.setattr(storage, "upload_dir", slow_upload)
+    monkeypatch.setattr(storage, "upload_dir", held_upload)
     mirror = tmp_path / "mirror"
     ckpt, _, _ = _manager(tmp_path / "run", keep=1, mirror=str(mirror))
     ckpt.prepare()
     ckpt.save(1)
+    # Step 1's upload under way (on a busy machine the uploader could otherwise start later,
+    # find step 2 newer and upload only that, as it should).
+    assert started.wait(60)
     ckpt.save(2)
+    release.set()
     assert ckpt.close() is True
     assert uploaded == ["step-000000001", "step-000000002"]  # step 1 was not pruned mid-upload
     assert (mirror / "latest").read_text() == "step-000000002"
