@@ -116,9 +116,9 @@ def test_a_kill_inside_a_checkpoint_write_then_a_sigkill_mid_epoch_both_restart_
     assert tu.resumed_from(out) == ["step-000000004"] * 2
     starts = list(audit_files(run_dir).values())
     assert len(starts) == 3 and all(len(files) == 2 for files in starts)
-    assert max(_steps(starts[0][0])) == 8  # rank 0 of the first attempt trained step 8
-    assert _steps(starts[1][0])[0] == 5  # the restart redid 5, 6, ...
-    assert max(_steps(starts[1][1])) == 6  # ... and rank 1 died after step 6
+    assert max(tu.steps_of(starts[0][0])) == 8  # rank 0 of the first attempt trained step 8
+    assert tu.steps_of(starts[1][0])[0] == 5  # the restart redid 5, 6, ...
+    assert max(tu.steps_of(starts[1][1])) == 6  # ... and rank 1 died after step 6
     again = starts[2][0].read_text().splitlines()  # rank 0 after the second restart
     assert again[0].startswith('{"step": 5, "micro": 0')
     assert not partial.exists()
@@ -129,12 +129,6 @@ def _kill_the_held(hold: Path) -> None:
     """SIGKILL the rank the shim holds (its id in `hold`), then clear `hold` for the next."""
     os.kill(int(hold.read_text()), signal.SIGKILL)
     hold.unlink()
-
-
-def _steps(rank_file: Path) -> list[int]:
-    """The steps of one rank's audit file of one start, in the order it trained them."""
-    return [int(line.split('"step": ')[1].split(",")[0])
-            for line in rank_file.read_text().splitlines()]
 
 
 def test_two_agents_one_killed_the_other_finishes_at_world_size_one(baseline, tmp_path):

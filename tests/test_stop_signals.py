@@ -30,7 +30,6 @@ import signal
 import sys
 
 import pytest
-import yaml
 
 import trainutil as tu
 
@@ -85,14 +84,15 @@ def test_a_stop_signal_to_torchruns_group_saves_the_step_reached_and_resumes_the
     assert code == 0, out[-4000:]
     assert tu.resumed_from(out) == [name]
     first, second = audit_files(run_dir).values()
-    assert _steps(first) == list(range(1, REACHED + 1))  # nothing trained after the save ...
-    assert _steps(second)[0] == REACHED + 1  # ... and the resumed run starts right after it
+    # Nothing trained after the save, and the resumed run starts right after it.
+    assert tu.steps_of(first[0]) == list(range(1, REACHED + 1))
+    assert tu.steps_of(second[0])[0] == REACHED + 1
     assert list(tu.read_audit(run_dir)) == list(range(1, 11))
     tu.assert_each_sample_once(run_dir, epochs=1)
     if engine == "ddp":
         _ddp_checkpoints_evaluate(run_dir, data, tmp_path)
     else:
-        _ran_as_written(run_dir, out)
+        tu.assert_shipped_json_ran(run_dir, out, stage=0, shards=0)
 
 
 def _ddp_checkpoints_evaluate(run_dir, data, tmp_path) -> None:
@@ -106,24 +106,6 @@ def _ddp_checkpoints_evaluate(run_dir, data, tmp_path) -> None:
                                      "--workers", "0"), tmp_path / "eval.txt")
     assert code == 0, out[-3000:]
     assert json.loads(out.strip().splitlines()[-1])["val_samples"] == 32
-
-
-def _ran_as_written(run_dir, out: str) -> None:
-    """configs/deepspeed/zero0.json ran as written: DeepSpeed ZeRO-0 in bf16, no shards."""
-    assert "engine: DeepSpeed ZeRO-0, precision bf16" in out, out[-4000:]
-    for name in tu.checkpoints(run_dir):
-        step = run_dir / "checkpoints" / name
-        assert (step / "pytorch_model" / "mp_rank_00_model_states.pt").is_file(), name
-        assert not list((step / "pytorch_model").glob("zero_pp_rank_*optim_states.pt")), name
-        assert tu.trainer_state(step)["progress"]["zero_stage"] == 0
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert (saved["train"]["precision"], saved["deepspeed"]["zero_stage"]) == ("bf16", 0)
-
-
-def _steps(rank_files: list) -> list[int]:
-    """The steps one start trained (rank 0's audit file), in order."""
-    lines = rank_files[0].read_text().splitlines()
-    return sorted({int(line.split('"step": ')[1].split(",")[0]) for line in lines})
 
 
 def test_a_process_that_fails_with_its_loader_workers_running_still_exits(tmp_path_factory,

@@ -96,6 +96,24 @@ def shipped_json_overrides(data: Path, run_dir: Path, name: str, *more: str,
                                  val=val) if not a.startswith("train.precision=")]
 
 
+def assert_shipped_json_ran(run_dir: Path, out: str, stage: int, shards: int) -> None:
+    """configs/deepspeed/zeroSTAGE.json ran as written: DeepSpeed itself reports the stage and
+    bf16; every checkpoint holds the model states, `shards` per-rank optimizer shards and the
+    stage; config.yaml says bf16 and the stage."""
+    import yaml
+
+    assert f"engine: DeepSpeed ZeRO-{stage}, precision bf16" in out, out[-4000:]
+    for name in checkpoints(run_dir):
+        step = run_dir / "checkpoints" / name
+        model = step / "pytorch_model"
+        assert (model / "mp_rank_00_model_states.pt").is_file(), name
+        assert sorted(p.name for p in model.glob("zero_pp_rank_*optim_states.pt")) == [
+            f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(shards)], name
+        assert trainer_state(step)["progress"]["zero_stage"] == stage
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert (saved["train"]["precision"], saved["deepspeed"]["zero_stage"]) == ("bf16", stage)
+
+
 def torchrun_cmd(nproc: int, *train_args: str, max_restarts: int = 0) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
@@ -239,6 +257,11 @@ def resumed_from(output: str) -> list[str]:
     return re.findall(r"resumed from (step-\d+)", output)
 
 
+def steps_of(audit_file: Path) -> list[int]:
+    """The steps one rank of one start trained (its audit file), in order."""
+    return sorted({json.loads(line)["step"] for line in audit_file.read_text().splitlines()})
+
+
 def metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -352,4 +375,3 @@ def shared_run(tmp_path_factory, name: str, cmd, timeout: float = RUN_TIMEOUT_S,
 
     made = once_per_session(tmp_path_factory, name, make)
     return Path(made["run_dir"]), made["code"], made["out"]
-
