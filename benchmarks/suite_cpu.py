@@ -55,7 +55,7 @@ def kind(cmdline: list[str], parent_kind: str | None) -> str:
         return "accelerate agent"
     if PYTEST_WORKER in text:
         return "pytest worker (in-process tests)"
-    if "pytest" in cmdline[1:3] or text.startswith("pytest"):
+    if "pytest" in cmdline[1:3] or any(Path(a).name == "pytest" for a in cmdline[:2]):
         return "pytest main"
     for i, arg in enumerate(cmdline):
         if arg in ("resnet", "resnet.cli") and i + 1 < len(cmdline):
@@ -152,9 +152,9 @@ def main() -> int:
     parser.add_argument("pytest_args", nargs="*", help="after --: pytest's arguments (-q)")
     args = parser.parse_args()
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        sys.exit(f"suite_cpu: prctl(PR_SET_CHILD_SUBREAPER) failed: "
-                 f"{os.strerror(ctypes.get_errno())} (Linux only)")
+    if not hasattr(libc, "prctl") or libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        sys.exit(f"suite_cpu: cannot become the child subreaper (prctl, Linux 3.4+): "
+                 f"{os.strerror(ctypes.get_errno()) if hasattr(libc, 'prctl') else 'no prctl'}")
     sampler = Sampler()
     start = time.monotonic()
     pytest = subprocess.Popen([sys.executable, "-m", "pytest", *(args.pytest_args or ["-q"])])
@@ -170,6 +170,9 @@ def main() -> int:
     cores = os.cpu_count() or 1
     print("\n== suite_cpu: python -m pytest " + " ".join(args.pytest_args or ["-q"]))
     print(report(wall, total, rows, left, cores))
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"this benchmark's own sampling: {own.ru_utime + own.ru_stime:.0f} CPU-s (not in the "
+          f"total)")
     if args.json:
         args.json.write_text(json.dumps({
             "pytest_exit": code, "wall_s": wall, "cpu_s": total, "cores": cores,
