@@ -86,13 +86,13 @@ if [[ "${GPU_CHECK_TINY:-0}" == 1 ]]; then
   STEPS=${GPU_CHECK_STEPS:-10}; FAULT_STEP=${GPU_CHECK_FAULT_STEP:-6}
   CKPT_EVERY=${GPU_CHECK_CKPT_EVERY:-4}; LOG_EVERY=2; WORKERS=${GPU_CHECK_WORKERS:-1}
   BATCH=8; WARMUP=1; TIMED=2; REPEATS=2
-  BENCH=(--arch resnet18 --image-size 32 --compile-backend eager --timeout 200)
+  BENCH=(--arch resnet18 --image-size 32 --compile-backend eager --timeout 400)
   CROPS=(--batches 2 --batch-size 8 --image-size 32 --bound 12)
   SYNC_MODEL=(data.image_size=32)
   MODEL=(model.arch=resnet18 data.image_size=32 train.batch_size=8)
   # Hang guards, not a plan: the test suite runs this on a busy 2-core machine (beside
   # another copy of itself, each phase takes several times its ~10-40 s on a quiet one).
-  CAPS=(imports=240 generate=120 pack=120 crops=240 syncs=400 bench_train=600 train_a=400
+  CAPS=(imports=240 generate=120 pack=120 crops=240 syncs=400 bench_train=800 train_a=400
         train_b=500 compare=120)
   BUDGET=${GPU_CHECK_BUDGET_S:-3000}; export OMP_NUM_THREADS=1
 else
