@@ -58,7 +58,7 @@ def kind(cmdline: list[str], parent_kind: str | None) -> str:
     if "pytest" in cmdline[1:3] or any(Path(a).name == "pytest" for a in cmdline[:2]):
         return "pytest main"
     for i, arg in enumerate(cmdline):
-        if arg in ("resnet", "resnet.cli") and i + 1 < len(cmdline):
+        if (arg == "resnet.cli" or Path(arg).name == "resnet") and i + 1 < len(cmdline):
             sub = cmdline[i + 1]
             return "training process" if sub == "train" else f"resnet {sub}"
         if arg.endswith(".py") and i <= 2:

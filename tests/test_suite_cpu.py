@@ -6,10 +6,13 @@ the total and in its own row, and the benchmark waits for it.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "suite_cpu.py"
 
@@ -48,3 +51,39 @@ def test_an_orphan_that_outlives_pytest_is_counted_in_its_own_row(tmp_path):
     assert figures["still_running"] == []
     assert "| script burn.py | 1 |" in result.stdout
     assert "still running after pytest: none" in result.stdout
+
+
+def _suite_cpu():
+    spec = importlib.util.spec_from_file_location("suite_cpu", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PY = "/usr/bin/python3"
+
+
+@pytest.mark.parametrize("cmdline, parent, expected", [
+    ([PY, "-m", "resnet", "train", "run.dir=x"], None, "training process"),
+    ([PY, "-u", "-m", "resnet.cli", "train"], "torchrun agent", "training process"),
+    ([PY, "/venv/bin/resnet", "eval", "--weights", "w"], None, "resnet eval"),
+    ([PY, "-m", "torch.distributed.run", "--nnodes", "1:2", "-m", "resnet", "train"], None,
+     "torchrun agent"),
+    ([PY, "/venv/bin/torchrun", "--standalone", "-m", "resnet", "train"], None,
+     "torchrun agent"),
+    ([PY, "-m", "accelerate.commands.launch", "-m", "resnet", "train"], None,
+     "accelerate agent"),
+    ([PY, "-c", "from multiprocessing.forkserver import main; main(3, 4, ['x'])"],
+     "training process", "loader fork server"),
+    ([PY, "-c", "from multiprocessing.forkserver import main; main(3, 4, ['x'])"],
+     "loader fork server", "loader worker"),
+    ([PY, "-u", "-c", "import sys;exec(eval(sys.stdin.readline()))"], "pytest main",
+     "pytest worker (in-process tests)"),
+    ([PY, "-m", "pytest", "-q"], None, "pytest main"),
+    ([PY, "/work/tests/sync_count_helper.py", "deepspeed"], None,
+     "script sync_count_helper.py"),
+    (["/venv/lib/wandb/bin/wandb-core", "--port-filename", "f"], None, "W&B service"),
+    (["bash", "-c", "true"], None, "other: bash"),
+])
+def test_each_kind_of_process_gets_its_row(cmdline, parent, expected):
+    assert _suite_cpu().kind(cmdline, parent) == expected
