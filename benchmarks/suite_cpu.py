@@ -146,18 +146,28 @@ def report(wall: float, total: float, rows: dict, left: list[str], cores: int) -
     return "\n".join(lines)
 
 
+def become_subreaper() -> None:
+    """Orphaned descendants are reparented to this process instead of init (Linux 3.4+)."""
+    prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+    if prctl is None:
+        sys.exit("suite_cpu: no prctl here: it needs Linux (PR_SET_CHILD_SUBREAPER)")
+    if prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        sys.exit(f"suite_cpu: prctl(PR_SET_CHILD_SUBREAPER) failed: "
+                 f"{os.strerror(ctypes.get_errno())}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("pytest_args", nargs="*", help="after --: pytest's arguments (-q)")
     args = parser.parse_args()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if not hasattr(libc, "prctl") or libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        sys.exit(f"suite_cpu: cannot become the child subreaper (prctl, Linux 3.4+): "
-                 f"{os.strerror(ctypes.get_errno()) if hasattr(libc, 'prctl') else 'no prctl'}")
+    pytest_args = args.pytest_args or ["-q"]
+    if args.json and not args.json.parent.is_dir():  # found out now, not after the suite ran
+        sys.exit(f"suite_cpu: --json {args.json}: no folder {args.json.parent}")
+    become_subreaper()
     sampler = Sampler()
     start = time.monotonic()
-    pytest = subprocess.Popen([sys.executable, "-m", "pytest", *(args.pytest_args or ["-q"])])
+    pytest = subprocess.Popen([sys.executable, "-m", "pytest", *pytest_args])
     sampler.start()
     code = pytest.wait()
     wall = time.monotonic() - start
@@ -168,7 +178,7 @@ def main() -> int:
     total = usage.ru_utime + usage.ru_stime
     rows = sampler.table()
     cores = os.cpu_count() or 1
-    print("\n== suite_cpu: python -m pytest " + " ".join(args.pytest_args or ["-q"]))
+    print("\n== suite_cpu: python -m pytest " + " ".join(pytest_args))
     print(report(wall, total, rows, left, cores))
     own = resource.getrusage(resource.RUSAGE_SELF)
     print(f"this benchmark's own sampling: {own.ru_utime + own.ru_stime:.0f} CPU-s (not in the "

@@ -53,13 +53,14 @@ def test_an_orphan_that_outlives_pytest_is_counted_in_its_own_row(tmp_path):
     assert "still running after pytest: none" in result.stdout
 
 
-def _suite_cpu():
+def _load_suite_cpu():
     spec = importlib.util.spec_from_file_location("suite_cpu", BENCH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+suite_cpu = _load_suite_cpu()
 PY = "/usr/bin/python3"
 
 
@@ -86,4 +87,13 @@ PY = "/usr/bin/python3"
     (["bash", "-c", "true"], None, "other: bash"),
 ])
 def test_each_kind_of_process_gets_its_row(cmdline, parent, expected):
-    assert _suite_cpu().kind(cmdline, parent) == expected
+    assert suite_cpu.kind(cmdline, parent) == expected
+
+
+def test_a_json_path_in_no_folder_is_refused_before_the_suite_runs(tmp_path):
+    result = subprocess.run([sys.executable, str(BENCH), "--json",
+                             str(tmp_path / "missing" / "f.json"), "--", "--co", "-q"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"--json {tmp_path / 'missing' / 'f.json'}: no folder" in result.stderr
+    assert "== suite_cpu" not in result.stdout and not (tmp_path / "missing").exists()
